@@ -1,0 +1,388 @@
+//! Pure session-to-shard assignment: consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam,
+//! "Consistent Hashing with Bounded Loads", 2018), made sticky so that only what must move moves.
+//!
+//! Every shard has a fixed number of virtual nodes on a 64-bit hash ring and every session a position on it.
+//! A session's *walk* is the sequence of shards met going clockwise from its position. No shard may hold more
+//! than `capacity = ceil((1 + eps) * sessions / live_shards)` sessions.
+//!
+//! One call computes the next assignment from the current one, in five steps:
+//! 1. Sessions on a live shard stay there; sessions that are new, or whose shard is gone or draining, wait.
+//! 2. Rebalance: a session moves to a shard that comes earlier on its walk than its current shard while that
+//!    shard holds fewer than the mean load (`ceil(sessions / live_shards)`). This is how an added shard gets
+//!    its fair share: the sessions whose walk now starts at it move there, and nothing else does. Stopping at
+//!    the mean (not the cap) keeps the moves at about `1/(N+1)` and leaves removals nearly untouched.
+//! 3. Shards still above capacity give up their excess, the sessions farthest from the shard on the ring
+//!    first (those that landed there by overflow rather than by their own position).
+//! 4. Waiting sessions, in ring order, take the first shard on their walk below capacity.
+//! 5. Moves are the difference between the old and the new assignment.
+//!
+//! The result is a fixed point: running it again on its own output moves nothing. It depends only on the
+//! sets of shards and sessions, never on input order.
+
+mod ring;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
+
+use ring::{Ring, ShardIndex};
+
+pub use ring::session_position;
+
+/// Default `eps` of the bounded-load cap.
+pub const DEFAULT_EPSILON: f64 = 0.25;
+/// Default virtual nodes per shard: enough that a shard's share of the ring is within about 8% of the
+/// mean, few enough that a ring of 1,000 shards builds in milliseconds.
+pub const DEFAULT_VIRTUAL_NODES_PER_SHARD: u32 = 160;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AssignConfig {
+    /// Load slack: no shard holds more than `ceil((1 + epsilon) * mean)` sessions. Must be finite and >= 0.
+    pub epsilon: f64,
+    /// Virtual nodes per shard on the ring; must be >= 1.
+    pub virtual_nodes_per_shard: u32,
+}
+
+impl Default for AssignConfig {
+    fn default() -> Self {
+        AssignConfig {
+            epsilon: DEFAULT_EPSILON,
+            virtual_nodes_per_shard: DEFAULT_VIRTUAL_NODES_PER_SHARD,
+        }
+    }
+}
+
+/// A session and the shard it is assigned to now, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionState<'a> {
+    pub session: &'a str,
+    pub shard: Option<&'a str>,
+}
+
+/// Why a session changes shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MoveReason {
+    /// The session had no shard.
+    New,
+    /// Its shard is neither live nor draining.
+    ShardGone,
+    /// Its shard is draining.
+    Draining,
+    /// Its shard held more than the capacity.
+    OverCap,
+    /// A shard earlier on the session's walk is below the mean load, typically a shard just added.
+    Rebalance,
+}
+
+impl MoveReason {
+    /// Stable lowercase name, for metric labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveReason::New => "new",
+            MoveReason::ShardGone => "shard_gone",
+            MoveReason::Draining => "draining",
+            MoveReason::OverCap => "over_cap",
+            MoveReason::Rebalance => "rebalance",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Move<'a> {
+    pub session: &'a str,
+    pub from: Option<&'a str>,
+    pub to: &'a str,
+    pub reason: MoveReason,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment<'a> {
+    /// The shard of each session, in the order of the input sessions.
+    pub shards: Vec<&'a str>,
+    /// The sessions whose shard changed, sorted by session id.
+    pub moves: Vec<Move<'a>>,
+    /// The most sessions any shard may hold.
+    pub capacity: usize,
+    /// Sessions per live shard, sorted by shard id; shards with no session included.
+    pub loads: Vec<(&'a str, usize)>,
+}
+
+impl Assignment<'_> {
+    /// Largest shard load divided by the mean load; 0 when there is no session.
+    pub fn max_over_mean_load(&self) -> f64 {
+        let total: usize = self.loads.iter().map(|&(_, load)| load).sum();
+        let max = self.loads.iter().map(|&(_, load)| load).max().unwrap_or(0);
+        if total == 0 {
+            0.0
+        } else {
+            max as f64 * self.loads.len() as f64 / total as f64
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AssignError {
+    #[error("{sessions} sessions but no live shard to assign them to")]
+    NoLiveShards { sessions: usize },
+    #[error("session {0:?} appears more than once")]
+    DuplicateSession(String),
+    #[error("epsilon must be finite and >= 0, got {0}")]
+    InvalidEpsilon(f64),
+    #[error("virtual_nodes_per_shard must be >= 1")]
+    NoVirtualNodes,
+}
+
+/// `ceil((1 + epsilon) * sessions / shards)`, never below `ceil(sessions / shards)`.
+pub fn capacity(sessions: usize, shards: usize, epsilon: f64) -> usize {
+    if sessions == 0 || shards == 0 {
+        return 0;
+    }
+    let mean_ceiling = sessions.div_ceil(shards);
+    // Shave a relative 1e-12 so that float noise (1.1 * 1000 / 10 = 110.00000000000001) does not round up.
+    let bounded =
+        ((1.0 + epsilon) * sessions as f64 / shards as f64 * (1.0 - 1e-12)).ceil() as usize;
+    bounded.max(mean_ceiling)
+}
+
+/// No shard yet.
+const UNASSIGNED: ShardIndex = ShardIndex::MAX;
+
+/// Computes the next assignment.
+///
+/// `live` are the shards that may receive sessions; `draining` are shards that still run but hand their
+/// sessions off (a shard in both lists counts as draining). Any other shard a session names is gone.
+pub fn assign<'a>(
+    live: &[&'a str],
+    draining: &[&'a str],
+    sessions: &[SessionState<'a>],
+    config: &AssignConfig,
+) -> Result<Assignment<'a>, AssignError> {
+    if !config.epsilon.is_finite() || config.epsilon < 0.0 {
+        return Err(AssignError::InvalidEpsilon(config.epsilon));
+    }
+    if config.virtual_nodes_per_shard == 0 {
+        return Err(AssignError::NoVirtualNodes);
+    }
+    let draining: HashSet<&str> = draining.iter().copied().collect();
+    let mut live: Vec<&'a str> = live
+        .iter()
+        .copied()
+        .filter(|shard| !draining.contains(shard))
+        .collect();
+    live.sort_unstable();
+    live.dedup();
+    if live.is_empty() && !sessions.is_empty() {
+        return Err(AssignError::NoLiveShards {
+            sessions: sessions.len(),
+        });
+    }
+    let index_of: HashMap<&str, ShardIndex> = live
+        .iter()
+        .enumerate()
+        .map(|(index, &shard)| (shard, index as ShardIndex))
+        .collect();
+
+    let positions: Vec<u64> = sessions
+        .iter()
+        .map(|state| session_position(state.session))
+        .collect();
+    let ring_order = ring_order(sessions, &positions)?;
+
+    let capacity = capacity(sessions.len(), live.len(), config.epsilon);
+    let mean_load = sessions.len().div_ceil(live.len().max(1));
+    let ring = Ring::new(&live, config.virtual_nodes_per_shard);
+
+    let mut state = State {
+        ring: &ring,
+        positions: &positions,
+        shard_of: vec![UNASSIGNED; sessions.len()],
+        loads: vec![0; live.len()],
+        reasons: vec![None; sessions.len()],
+    };
+
+    // Step 1: keep what sits on a live shard.
+    let mut previous = vec![UNASSIGNED; sessions.len()];
+    for (session, current) in sessions.iter().enumerate() {
+        match current.shard {
+            Some(shard) => match index_of.get(shard) {
+                Some(&index) => {
+                    previous[session] = index;
+                    state.shard_of[session] = index;
+                    state.loads[index as usize] += 1;
+                }
+                None if draining.contains(shard) => {
+                    state.reasons[session] = Some(MoveReason::Draining)
+                }
+                None => state.reasons[session] = Some(MoveReason::ShardGone),
+            },
+            None => state.reasons[session] = Some(MoveReason::New),
+        }
+    }
+
+    state.rebalance_towards_preferred_shards(&ring_order, mean_load);
+    state.shed_load_above(capacity, &ring_order);
+    state.place_waiting_sessions(&ring_order, capacity);
+
+    let mut moves: Vec<Move<'a>> = (0..sessions.len())
+        .filter(|&session| state.shard_of[session] != previous[session])
+        .map(|session| Move {
+            session: sessions[session].session,
+            from: sessions[session].shard,
+            to: live[state.shard_of[session] as usize],
+            reason: state.reasons[session]
+                .expect("a session that changed shard was displaced for a reason"),
+        })
+        .collect();
+    moves.sort_unstable_by(|a, b| a.session.cmp(b.session));
+
+    Ok(Assignment {
+        shards: state
+            .shard_of
+            .iter()
+            .map(|&index| live[index as usize])
+            .collect(),
+        moves,
+        capacity,
+        loads: live
+            .iter()
+            .copied()
+            .zip(state.loads.iter().map(|&load| load as usize))
+            .collect(),
+    })
+}
+
+/// Session indexes sorted by ring position, ties by id, so that every pass visits sessions in an order that
+/// does not depend on the input order. Fails on a repeated session id (equal ids end up adjacent).
+fn ring_order(sessions: &[SessionState<'_>], positions: &[u64]) -> Result<Vec<u32>, AssignError> {
+    let mut keyed: Vec<(u64, u32)> = positions
+        .iter()
+        .enumerate()
+        .map(|(session, &position)| (position, session as u32))
+        .collect();
+    keyed.sort_unstable();
+    let mut order: Vec<u32> = keyed.iter().map(|&(_, session)| session).collect();
+    let mut start = 0;
+    while start < keyed.len() {
+        let end = start
+            + keyed[start..]
+                .iter()
+                .take_while(|&&(position, _)| position == keyed[start].0)
+                .count();
+        if end - start > 1 {
+            let group = &mut order[start..end];
+            group.sort_unstable_by_key(|&session| sessions[session as usize].session);
+            if let Some(pair) = group.windows(2).find(|pair| {
+                sessions[pair[0] as usize].session == sessions[pair[1] as usize].session
+            }) {
+                return Err(AssignError::DuplicateSession(
+                    sessions[pair[0] as usize].session.to_owned(),
+                ));
+            }
+        }
+        start = end;
+    }
+    Ok(order)
+}
+
+struct State<'r> {
+    ring: &'r Ring,
+    positions: &'r [u64],
+    shard_of: Vec<ShardIndex>,
+    loads: Vec<u32>,
+    /// Why each session left (or never had) its shard; the first reason wins.
+    reasons: Vec<Option<MoveReason>>,
+}
+
+impl State<'_> {
+    fn move_session(&mut self, session: usize, to: ShardIndex, reason: MoveReason) {
+        let from = self.shard_of[session];
+        if from != UNASSIGNED {
+            self.loads[from as usize] -= 1;
+        }
+        self.loads[to as usize] += 1;
+        self.shard_of[session] = to;
+        self.reasons[session].get_or_insert(reason);
+    }
+
+    /// Step 2. Only sessions not on the first shard of their walk can move, so only those are visited. Each
+    /// move takes a session strictly earlier on its walk, so the loop ends; it repeats because a move frees
+    /// room that a session visited earlier may now take.
+    fn rebalance_towards_preferred_shards(&mut self, ring_order: &[u32], mean_load: usize) {
+        let mut candidates: Vec<(usize, usize)> = ring_order
+            .iter()
+            .map(|&session| session as usize)
+            .filter(|&session| self.shard_of[session] != UNASSIGNED)
+            .map(|session| (session, self.ring.first_node_from(self.positions[session])))
+            .filter(|&(session, node)| self.ring.owner(node) != self.shard_of[session])
+            .collect();
+        loop {
+            let mut moved_any = false;
+            candidates.retain(|&(session, node)| {
+                let current = self.shard_of[session];
+                let preferred = self
+                    .ring
+                    .walk_from(node)
+                    .take_while(|&shard| shard != current)
+                    .find(|&shard| (self.loads[shard as usize] as usize) < mean_load);
+                if let Some(shard) = preferred {
+                    self.move_session(session, shard, MoveReason::Rebalance);
+                    moved_any = true;
+                }
+                self.ring.owner(node) != self.shard_of[session]
+            });
+            if !moved_any {
+                break;
+            }
+        }
+    }
+
+    /// Step 3: shards above capacity keep the sessions nearest to them on the ring.
+    fn shed_load_above(&mut self, capacity: usize, ring_order: &[u32]) {
+        let over: Vec<bool> = self
+            .loads
+            .iter()
+            .map(|&load| load as usize > capacity)
+            .collect();
+        if !over.contains(&true) {
+            return;
+        }
+        let mut residents: Vec<Vec<(u64, usize)>> = vec![Vec::new(); self.loads.len()];
+        for &session in ring_order {
+            let session = session as usize;
+            let shard = self.shard_of[session];
+            if shard != UNASSIGNED && over[shard as usize] {
+                let distance = self.ring.clockwise_distance(shard, self.positions[session]);
+                residents[shard as usize].push((distance, session));
+            }
+        }
+        for (shard, mut residents) in residents.into_iter().enumerate() {
+            let excess = (self.loads[shard] as usize).saturating_sub(capacity);
+            // Stable sort: equal distances keep ring order, so the choice is deterministic.
+            residents.sort_by(|a, b| b.0.cmp(&a.0));
+            for &(_, session) in &residents[..excess] {
+                self.loads[shard] -= 1;
+                self.shard_of[session] = UNASSIGNED;
+                self.reasons[session].get_or_insert(MoveReason::OverCap);
+            }
+        }
+    }
+
+    /// Step 4: bounded-load placement. Capacity times shards is at least the session count, so some shard
+    /// always has room and the walk finds it.
+    fn place_waiting_sessions(&mut self, ring_order: &[u32], capacity: usize) {
+        for &session in ring_order {
+            let session = session as usize;
+            if self.shard_of[session] != UNASSIGNED {
+                continue;
+            }
+            let node = self.ring.first_node_from(self.positions[session]);
+            let shard = self
+                .ring
+                .walk_from(node)
+                .find(|&shard| (self.loads[shard as usize] as usize) < capacity)
+                .expect("capacity * shards >= sessions, so some shard has room");
+            let reason = self.reasons[session].unwrap_or(MoveReason::New);
+            self.move_session(session, shard, reason);
+        }
+    }
+}
