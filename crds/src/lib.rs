@@ -209,7 +209,17 @@ mod tests {
         let on_disk = std::fs::read_to_string(path).unwrap_or_default();
         assert!(
             on_disk == crd_yaml(),
-            "crds/whatsappsession.yaml is stale: run `cargo run -p crds --bin crdgen > crds/whatsappsession.yaml`"
+            "crds/whatsappsession.yaml is stale: run `scripts/gen.sh`"
+        );
+    }
+
+    #[test]
+    fn chart_crd_copy_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/whatsapp-gateway/crds/whatsappsession.yaml");
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            on_disk == crd_yaml(),
+            "charts/whatsapp-gateway/crds/whatsappsession.yaml is stale: run `scripts/gen.sh`"
         );
     }
 

@@ -1,0 +1,296 @@
+//! Command line and environment, validated once into typed settings with named defaults.
+//! Every invalid value stops start-up with a message that names the flag and the variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::batch::{BatchConfig, BatchPolicy};
+use crate::delivery::{BackendSettings, DeliverySettings, QrFormat, RetryPolicy};
+use crate::{Error, Result};
+
+pub const DEFAULT_PORT: u16 = 4000;
+
+#[derive(Parser, Debug)]
+#[command(name = "gateway", version, about = "Runs WhatsApp sessions and pushes their QR codes and status to your backend")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub mode: Mode,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Mode {
+    /// One gateway, no Kubernetes: sessions from the simulator; Redis and backend optional.
+    Standalone(StandaloneArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StandaloneArgs {
+    /// Run this many simulated sessions (the `sim` driver).
+    #[arg(long, env = "WA_SIMULATE", default_value_t = 0)]
+    pub simulate: usize,
+    /// Seed of the simulator (same seed, same event sequence).
+    #[arg(long, env = "WA_SIM_SEED", default_value_t = 1)]
+    pub sim_seed: u64,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Port of the HTTP server (/metrics, /healthz, /readyz, /v1).
+    #[arg(long, env = "WA_PORT", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// Address to bind the HTTP server to.
+    #[arg(long, env = "WA_BIND", default_value = "0.0.0.0")]
+    pub bind: String,
+    /// Redis URL (`redis://host:6379`); without it everything is kept in memory.
+    #[arg(long, env = "WA_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Base URL of the backend (e.g. `https://app.example.com/api`); without it batches are logged.
+    #[arg(long, env = "WA_BACKEND_URL")]
+    pub backend_url: Option<String>,
+    /// HMAC-SHA256 secret to sign backend requests with.
+    #[arg(long, env = "WA_BACKEND_SECRET", hide_env_values = true)]
+    pub backend_secret: Option<String>,
+    #[arg(long, env = "WA_QR_BATCH_PATH", default_value = "/qr/batch")]
+    pub qr_batch_path: String,
+    #[arg(long, env = "WA_STATUS_BATCH_PATH", default_value = "/whatsapp/status/batch")]
+    pub status_batch_path: String,
+    /// Use the legacy one-item endpoints instead of the batch endpoints.
+    #[arg(long, env = "WA_LEGACY_ENDPOINTS", default_value_t = false)]
+    pub legacy_endpoints: bool,
+    #[arg(long, env = "WA_QR_PATH", default_value = "/qr")]
+    pub qr_path: String,
+    #[arg(long, env = "WA_STATUS_PATH", default_value = "/whatsapp/status")]
+    pub status_path: String,
+    /// How QR codes are sent: a PNG data URL (as the Node.js gateway) or the raw string.
+    #[arg(long, env = "WA_QR_FORMAT", value_enum, default_value_t = QrFormat::Png)]
+    pub qr_format: QrFormat,
+    /// Batching policy: adaptive (default), seed (fixed 50 / 5 s / 500 ms) or naive (one request per event).
+    #[arg(long, env = "WA_BATCH_POLICY", default_value = "adaptive")]
+    pub batch_policy: String,
+    /// Seed policy: items per batch.
+    #[arg(long, env = "WA_BATCH_SIZE", default_value_t = 50)]
+    pub batch_size: usize,
+    /// Seed policy: flush interval of the QR and normal status lanes (ms).
+    #[arg(long, env = "WA_BATCH_INTERVAL_MS", default_value_t = 5_000)]
+    pub batch_interval_ms: u64,
+    /// Seed policy: flush interval of the high-priority status lane (ms).
+    #[arg(long, env = "WA_PRIORITY_INTERVAL_MS", default_value_t = 500)]
+    pub priority_interval_ms: u64,
+    /// Adaptive policy: longest a QR code waits before it is sent (ms).
+    #[arg(long, env = "WA_QR_MAX_DELAY_MS")]
+    pub qr_max_delay_ms: Option<u64>,
+    /// Adaptive policy: most items in one request.
+    #[arg(long, env = "WA_MAX_BATCH_ITEMS")]
+    pub max_batch_items: Option<usize>,
+    #[arg(long, env = "WA_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+    #[arg(long, env = "WA_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
+    pub connect_timeout_ms: u64,
+    /// Quick attempts before a failing batch is spilled to the retry stream.
+    #[arg(long, env = "WA_RETRY_ATTEMPTS", default_value_t = 3)]
+    pub retry_attempts: usize,
+    /// Token bucket toward the backend: requests per second.
+    #[arg(long, env = "WA_RATE_LIMIT_RPS", default_value_t = 200)]
+    pub rate_limit_rps: u32,
+    /// Token bucket toward the backend: burst.
+    #[arg(long, env = "WA_RATE_LIMIT_BURST", default_value_t = 50)]
+    pub rate_limit_burst: u32,
+    /// Every session's current status is re-sent this often (level-triggered repair), seconds; 0 = off.
+    #[arg(long, env = "WA_RESYNC_INTERVAL_S", default_value_t = 300)]
+    pub resync_interval_s: u64,
+    /// Name of this gateway (its spill streams are keyed by it). In Kubernetes, the pod name.
+    #[arg(long, env = "POD_NAME", default_value = "standalone")]
+    pub identity: String,
+    /// Log format: json (default) or text.
+    #[arg(long, env = "WA_LOG_FORMAT", default_value = "json")]
+    pub log_format: String,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub redis_url: Option<String>,
+    pub backend: Option<BackendSettings>,
+    pub delivery: DeliverySettings,
+    pub batch: BatchConfig,
+    pub resync_interval: Option<Duration>,
+    pub identity: String,
+    pub log_json: bool,
+}
+
+fn positive_ms(field: &'static str, ms: u64) -> Result<Duration> {
+    if ms == 0 {
+        return Err(Error::config(field, "must be greater than 0"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn path(field: &'static str, value: &str) -> Result<String> {
+    if !value.starts_with('/') {
+        return Err(Error::config(field, format!("`{value}` must start with `/`")));
+    }
+    Ok(value.to_string())
+}
+
+impl CommonArgs {
+    pub fn validate(&self) -> Result<Settings> {
+        let ip: std::net::IpAddr = self
+            .bind
+            .parse()
+            .map_err(|e| Error::config("--bind / WA_BIND", format!("`{}`: {e}", self.bind)))?;
+        let redis_url = match &self.redis_url {
+            Some(url) if url.trim().is_empty() => None,
+            Some(url) => {
+                let scheme = url.split("://").next().unwrap_or_default();
+                if !matches!(scheme, "redis" | "rediss" | "redis-cluster" | "redis-sentinel") {
+                    return Err(Error::config(
+                        "--redis-url / WA_REDIS_URL",
+                        format!("`{url}` must start with redis://, rediss://, redis-cluster:// or redis-sentinel://"),
+                    ));
+                }
+                fred::prelude::Config::from_url(url)
+                    .map_err(|e| Error::config("--redis-url / WA_REDIS_URL", format!("`{url}`: {e}")))?;
+                Some(url.clone())
+            }
+            None => None,
+        };
+        let backend = match &self.backend_url {
+            Some(url) if url.trim().is_empty() => None,
+            Some(url) => {
+                let base_url = reqwest::Url::parse(url)
+                    .map_err(|e| Error::config("--backend-url / WA_BACKEND_URL", format!("`{url}`: {e}")))?;
+                if !matches!(base_url.scheme(), "http" | "https") {
+                    return Err(Error::config("--backend-url / WA_BACKEND_URL", format!("`{url}` must be http or https")));
+                }
+                Some(BackendSettings {
+                    base_url,
+                    qr_batch_path: path("--qr-batch-path / WA_QR_BATCH_PATH", &self.qr_batch_path)?,
+                    status_batch_path: path("--status-batch-path / WA_STATUS_BATCH_PATH", &self.status_batch_path)?,
+                    legacy: self.legacy_endpoints,
+                    qr_path: path("--qr-path / WA_QR_PATH", &self.qr_path)?,
+                    status_path: path("--status-path / WA_STATUS_PATH", &self.status_path)?,
+                    secret: self.backend_secret.clone().filter(|s| !s.is_empty()),
+                    request_timeout: positive_ms("--request-timeout-ms / WA_REQUEST_TIMEOUT_MS", self.request_timeout_ms)?,
+                    connect_timeout: positive_ms("--connect-timeout-ms / WA_CONNECT_TIMEOUT_MS", self.connect_timeout_ms)?,
+                })
+            }
+            None => None,
+        };
+        let policy = match self.batch_policy.as_str() {
+            "adaptive" => BatchPolicy::Adaptive,
+            "seed" => BatchPolicy::Seed,
+            "naive" => BatchPolicy::Naive,
+            other => {
+                return Err(Error::config(
+                    "--batch-policy / WA_BATCH_POLICY",
+                    format!("`{other}` is not one of adaptive, seed, naive"),
+                ));
+            }
+        };
+        let mut batch = BatchConfig::for_policy(policy);
+        if !(1..=10_000).contains(&self.batch_size) {
+            return Err(Error::config("--batch-size / WA_BATCH_SIZE", "must be between 1 and 10000"));
+        }
+        batch.batch_size = self.batch_size;
+        batch.batch_interval = positive_ms("--batch-interval-ms / WA_BATCH_INTERVAL_MS", self.batch_interval_ms)?;
+        batch.priority_interval = positive_ms("--priority-interval-ms / WA_PRIORITY_INTERVAL_MS", self.priority_interval_ms)?;
+        if let Some(ms) = self.qr_max_delay_ms {
+            batch.qr_max_delay = positive_ms("--qr-max-delay-ms / WA_QR_MAX_DELAY_MS", ms)?;
+        }
+        if let Some(n) = self.max_batch_items {
+            if !(1..=10_000).contains(&n) {
+                return Err(Error::config("--max-batch-items / WA_MAX_BATCH_ITEMS", "must be between 1 and 10000"));
+            }
+            batch.max_batch_items = n;
+        }
+        batch.validate().map_err(|e| match e {
+            crate::batch::BatchError::InvalidConfig { field, reason } => Error::config(field, reason),
+            other => Error::config("batch", other.to_string()),
+        })?;
+        if self.retry_attempts == 0 || self.retry_attempts > 20 {
+            return Err(Error::config("--retry-attempts / WA_RETRY_ATTEMPTS", "must be between 1 and 20"));
+        }
+        if self.rate_limit_rps == 0 {
+            return Err(Error::config("--rate-limit-rps / WA_RATE_LIMIT_RPS", "must be greater than 0"));
+        }
+        if self.rate_limit_burst == 0 {
+            return Err(Error::config("--rate-limit-burst / WA_RATE_LIMIT_BURST", "must be greater than 0"));
+        }
+        if self.identity.is_empty() || self.identity.contains(['{', '}', ' ']) {
+            return Err(Error::config("--identity / POD_NAME", "must be non-empty without spaces or braces"));
+        }
+        let log_json = match self.log_format.as_str() {
+            "json" => true,
+            "text" => false,
+            other => return Err(Error::config("--log-format / WA_LOG_FORMAT", format!("`{other}` is not json or text"))),
+        };
+        Ok(Settings {
+            listen: SocketAddr::new(ip, self.port),
+            redis_url,
+            backend,
+            delivery: DeliverySettings {
+                qr_format: self.qr_format,
+                retry: RetryPolicy { hot_attempts: self.retry_attempts, ..RetryPolicy::default() },
+                rate_limit_per_second: self.rate_limit_rps,
+                rate_limit_burst: self.rate_limit_burst,
+                ..DeliverySettings::default()
+            },
+            batch,
+            resync_interval: (self.resync_interval_s > 0).then(|| Duration::from_secs(self.resync_interval_s)),
+            identity: self.identity.clone(),
+            log_json,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<Settings, String> {
+        let cli = Cli::try_parse_from(["gateway", "standalone"].iter().chain(args)).map_err(|e| e.to_string())?;
+        let Mode::Standalone(a) = cli.mode;
+        a.common.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_standalone_setup() {
+        let s = parse(&[]).unwrap();
+        assert_eq!(s.listen.port(), DEFAULT_PORT);
+        assert!(s.redis_url.is_none() && s.backend.is_none());
+        assert_eq!(s.batch.policy, BatchPolicy::Adaptive);
+        assert_eq!(s.batch.batch_size, 50);
+        assert_eq!(s.resync_interval, Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        for (args, field) in [
+            (&["--backend-url", "not a url"][..], "WA_BACKEND_URL"),
+            (&["--backend-url", "ftp://x"][..], "WA_BACKEND_URL"),
+            (&["--redis-url", "mysql://x"][..], "WA_REDIS_URL"),
+            (&["--batch-policy", "fast"][..], "WA_BATCH_POLICY"),
+            (&["--batch-size", "0"][..], "WA_BATCH_SIZE"),
+            (&["--priority-interval-ms", "0"][..], "WA_PRIORITY_INTERVAL_MS"),
+            (&["--backend-url", "http://x", "--qr-batch-path", "qr"][..], "WA_QR_BATCH_PATH"),
+            (&["--bind", "localhost:80"][..], "WA_BIND"),
+            (&["--log-format", "xml"][..], "WA_LOG_FORMAT"),
+        ] {
+            let err = parse(args).expect_err(&format!("{args:?} must be refused"));
+            assert!(err.contains(field), "{args:?}: `{err}` should name {field}");
+        }
+    }
+
+    #[test]
+    fn seed_knobs_are_applied() {
+        let s = parse(&["--batch-policy", "seed", "--batch-size", "100", "--batch-interval-ms", "3000"]).unwrap();
+        assert_eq!(s.batch.policy, BatchPolicy::Seed);
+        assert_eq!(s.batch.batch_size, 100);
+        assert_eq!(s.batch.batch_interval, Duration::from_secs(3));
+    }
+}

@@ -1,0 +1,498 @@
+//! Delivery of batches to the backend: rate limit, quick retries, spill to a Redis stream when the
+//! backend fails (retried in order by a drainer task), dead letters for permanent 4xx answers, and
+//! the metrics of all that. `Delivery` is the batcher's [`BatchSink`].
+
+pub mod client;
+pub mod render;
+pub mod retry;
+pub mod spill;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{Batch, BatchSink};
+pub use client::{BackendClient, BackendSettings};
+pub use render::{Endpoint, QrFormat, WireBatch, unix_ms_now};
+pub use retry::{Outcome, RetryPolicy};
+use spill::{MemorySpill, RedisSpill};
+
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    pub qr_format: QrFormat,
+    pub retry: RetryPolicy,
+    /// Token bucket toward the backend: sustained requests per second and burst.
+    pub rate_limit_per_second: u32,
+    pub rate_limit_burst: u32,
+    /// Batches held in memory per endpoint when Redis cannot take them; beyond it, senders wait.
+    pub memory_spill_capacity: usize,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        DeliverySettings {
+            qr_format: QrFormat::Png,
+            retry: RetryPolicy::default(),
+            rate_limit_per_second: 200,
+            rate_limit_burst: 50,
+            memory_spill_capacity: 10_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: &'static str,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabel {
+    endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LaneLabel {
+    lane: String,
+}
+
+#[derive(Debug, Clone)]
+struct DeliveryMetrics {
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<EndpointLabel, Histogram>,
+    batch_size: Family<LaneLabel, Histogram>,
+    delivery_latency: Family<LaneLabel, Histogram>,
+    spill_backlog: Family<EndpointLabel, Gauge>,
+    dead_letters: Family<EndpointLabel, Counter>,
+    delivered_items: Family<LaneLabel, Counter>,
+    expired_items: Counter,
+}
+
+impl DeliveryMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = DeliveryMetrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.002, 2.0, 14))),
+            batch_size: Family::new_with_constructor(|| Histogram::new(exponential_buckets(1.0, 2.0, 12))),
+            delivery_latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 14))),
+            spill_backlog: Family::default(),
+            dead_letters: Family::default(),
+            delivered_items: Family::default(),
+            expired_items: Counter::default(),
+        };
+        registry.register(
+            "whatsapp_gateway_backend_requests",
+            "Requests to the backend by endpoint and HTTP status code (`error` when no answer)",
+            m.requests.clone(),
+        );
+        registry.register(
+            "whatsapp_gateway_backend_request_duration_seconds",
+            "Duration of backend requests",
+            m.request_duration.clone(),
+        );
+        registry.register("whatsapp_gateway_batch_size", "Items per batch sent, by lane", m.batch_size.clone());
+        registry.register(
+            "whatsapp_gateway_delivery_latency_seconds",
+            "Time from an event to the backend's 2xx for it, by lane",
+            m.delivery_latency.clone(),
+        );
+        registry.register(
+            "whatsapp_gateway_spill_backlog",
+            "Batches waiting in the retry (spill) stream, by endpoint",
+            m.spill_backlog.clone(),
+        );
+        registry.register(
+            "whatsapp_gateway_dead_letters",
+            "Batches moved to the dead-letter stream after a permanent 4xx",
+            m.dead_letters.clone(),
+        );
+        registry.register("whatsapp_gateway_delivered_items", "Items the backend accepted, by lane", m.delivered_items.clone());
+        registry.register(
+            "whatsapp_gateway_expired_items",
+            "QR items dropped from the spill because they expired before the backend took them",
+            m.expired_items.clone(),
+        );
+        m
+    }
+}
+
+/// Called for every item the backend accepted, with the batch id (for tests and benches).
+pub type DeliveredHook = Arc<dyn Fn(&WireBatch) + Send + Sync>;
+
+struct Inner {
+    backend: Option<BackendClient>,
+    settings: DeliverySettings,
+    redis: Option<RedisSpill>,
+    memory: MemorySpill,
+    limiter: DefaultDirectRateLimiter,
+    metrics: DeliveryMetrics,
+    /// Batches spilled and not yet delivered, per endpoint; while non-zero, new batches of that
+    /// endpoint join the spill so the backend sees them in order.
+    backlog: [AtomicI64; 2],
+    wake_drainer: Notify,
+    dead_letters: AtomicU64,
+    last_backend_ok: AtomicI64,
+    last_backend_error: AtomicI64,
+    on_delivered: Option<DeliveredHook>,
+}
+
+/// The batcher's sink. Cheap to clone.
+#[derive(Clone)]
+pub struct Delivery {
+    inner: Arc<Inner>,
+}
+
+fn slot(endpoint: Endpoint) -> usize {
+    match endpoint {
+        Endpoint::Qr => 0,
+        Endpoint::Status => 1,
+    }
+}
+
+impl Delivery {
+    /// `backend` None: batches are logged instead of sent (standalone demo without a backend).
+    /// `redis` None: the spill lives in memory only.
+    pub fn new(
+        backend: Option<BackendClient>,
+        redis: Option<RedisSpill>,
+        settings: DeliverySettings,
+        registry: &mut Registry,
+    ) -> Self {
+        let per_second = NonZeroU32::new(settings.rate_limit_per_second.max(1)).expect("non-zero");
+        let burst = NonZeroU32::new(settings.rate_limit_burst.max(1)).expect("non-zero");
+        let limiter = RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst));
+        Delivery {
+            inner: Arc::new(Inner {
+                backend,
+                memory: MemorySpill::new(settings.memory_spill_capacity),
+                settings,
+                redis,
+                limiter,
+                metrics: DeliveryMetrics::register(registry),
+                backlog: [AtomicI64::new(0), AtomicI64::new(0)],
+                wake_drainer: Notify::new(),
+                dead_letters: AtomicU64::new(0),
+                last_backend_ok: AtomicI64::new(0),
+                last_backend_error: AtomicI64::new(0),
+                on_delivered: None,
+            }),
+        }
+    }
+
+    /// Installs a hook called with each batch the backend accepted. Must be called before the
+    /// delivery is shared.
+    pub fn with_delivered_hook(mut self, hook: DeliveredHook) -> Self {
+        Arc::get_mut(&mut self.inner).expect("hook installed before sharing").on_delivered = Some(hook);
+        self
+    }
+
+    /// Batches waiting in the spill (both endpoints).
+    pub fn backlog(&self) -> i64 {
+        self.inner.backlog.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn dead_letters(&self) -> u64 {
+        self.inner.dead_letters.load(Ordering::Relaxed)
+    }
+
+    /// True unless the last backend answer was a failure (no backend configured counts as healthy).
+    pub fn backend_healthy(&self) -> bool {
+        self.inner.last_backend_ok.load(Ordering::Relaxed) >= self.inner.last_backend_error.load(Ordering::Relaxed)
+    }
+
+    /// Counts what a previous run of this gateway left in the Redis spill, so it drains first.
+    pub async fn recover_backlog(&self) {
+        if let Some(redis) = &self.inner.redis {
+            for endpoint in Endpoint::ALL {
+                match redis.len(endpoint).await {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(endpoint = endpoint.as_str(), batches = n, "resuming spilled batches from Redis");
+                        self.inner.backlog[slot(endpoint)].fetch_add(n as i64, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(%err, "could not read the spill backlog from Redis"),
+                }
+            }
+            self.update_backlog_gauge();
+        }
+    }
+
+    /// Spawns the drainers that retry spilled batches in order until `shutdown` resolves.
+    pub fn spawn_drainers(&self, shutdown: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+        Endpoint::ALL
+            .into_iter()
+            .map(|endpoint| {
+                let this = self.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { this.drain(endpoint, shutdown).await })
+            })
+            .collect()
+    }
+
+    fn update_backlog_gauge(&self) {
+        for endpoint in Endpoint::ALL {
+            self.inner.metrics.spill_backlog.get_or_create(&EndpointLabel { endpoint: endpoint.as_str() }).set(
+                self.inner.backlog[slot(endpoint)].load(Ordering::Relaxed),
+            );
+        }
+    }
+
+    /// One attempt: rate limit, send, metrics.
+    async fn attempt(&self, batch: &WireBatch) -> Outcome {
+        let Some(backend) = &self.inner.backend else {
+            tracing::info!(
+                endpoint = batch.endpoint.as_str(),
+                batch_id = %batch.batch_id,
+                items = batch.items.len(),
+                "no backend configured: batch logged instead of sent"
+            );
+            return Outcome::Delivered { code: 200 };
+        };
+        self.inner.limiter.until_ready().await;
+        let endpoint = backend.endpoint_label(batch.endpoint);
+        let started = std::time::Instant::now();
+        let outcome = backend.send(batch).await;
+        self.inner
+            .metrics
+            .request_duration
+            .get_or_create(&EndpointLabel { endpoint })
+            .observe(started.elapsed().as_secs_f64());
+        self.inner.metrics.requests.get_or_create(&RequestLabels { endpoint, code: outcome.code_label() }).inc();
+        let now = unix_ms_now();
+        match &outcome {
+            Outcome::Delivered { .. } => self.inner.last_backend_ok.store(now, Ordering::Relaxed),
+            Outcome::Transient { .. } => self.inner.last_backend_error.store(now, Ordering::Relaxed),
+            _ => {}
+        }
+        outcome
+    }
+
+    fn on_delivered(&self, batch: &WireBatch) {
+        let now = unix_ms_now();
+        let lane = LaneLabel { lane: batch.lane.clone() };
+        let latency = self.inner.metrics.delivery_latency.get_or_create(&lane);
+        for item in &batch.items {
+            latency.observe(((now - item.created_unix_ms).max(0) as f64) / 1000.0);
+        }
+        self.inner.metrics.batch_size.get_or_create(&lane).observe(batch.items.len() as f64);
+        self.inner.metrics.delivered_items.get_or_create(&lane).inc_by(batch.items.len() as u64);
+        if let Some(hook) = &self.inner.on_delivered {
+            hook(batch);
+        }
+    }
+
+    async fn dead_letter(&self, batch: &WireBatch, code: u16, body: &str) {
+        tracing::error!(
+            endpoint = batch.endpoint.as_str(),
+            batch_id = %batch.batch_id,
+            items = batch.items.len(),
+            code,
+            body,
+            "backend refused the batch permanently: moved to the dead-letter stream"
+        );
+        self.inner.dead_letters.fetch_add(1, Ordering::Relaxed);
+        self.inner.metrics.dead_letters.get_or_create(&EndpointLabel { endpoint: batch.endpoint.as_str() }).inc();
+        if let Some(redis) = &self.inner.redis
+            && let Err(err) = redis.dead_letter(batch, code, body).await
+        {
+            tracing::error!(%err, batch_id = %batch.batch_id, "could not write the dead letter to Redis; it is only logged");
+        }
+    }
+
+    /// Sends with splitting on 413; returns the parts that still need a retry (transient failure).
+    /// Delivered parts are recorded, permanent failures dead-lettered.
+    async fn send_splitting(&self, batch: WireBatch) -> Option<Vec<WireBatch>> {
+        let mut todo = vec![batch];
+        let mut retry_later = Vec::new();
+        while let Some(batch) = todo.pop() {
+            if batch.items.is_empty() {
+                continue;
+            }
+            match self.attempt(&batch).await {
+                Outcome::Delivered { .. } => self.on_delivered(&batch),
+                Outcome::TooLarge if batch.items.len() > 1 => {
+                    let (a, b) = batch.split();
+                    // Keep order: `a` is popped first.
+                    todo.push(b);
+                    todo.push(a);
+                }
+                Outcome::TooLarge => self.dead_letter(&batch, 413, "single item too large").await,
+                Outcome::Permanent { code, body } => self.dead_letter(&batch, code, &body).await,
+                Outcome::Transient { code, error } => {
+                    tracing::warn!(
+                        endpoint = batch.endpoint.as_str(),
+                        batch_id = %batch.batch_id,
+                        code = code.map(|c| c.to_string()).unwrap_or_else(|| "none".into()),
+                        error = %error,
+                        "backend request failed"
+                    );
+                    retry_later.push(batch);
+                    // Whatever was not tried yet keeps its place behind the failed part.
+                    while let Some(rest) = todo.pop() {
+                        retry_later.push(rest);
+                    }
+                }
+            }
+        }
+        if retry_later.is_empty() { None } else { Some(retry_later) }
+    }
+
+    /// Puts a batch into the spill (Redis, or memory when Redis is absent or failing; when memory
+    /// is full too, waits: backpressure up to the batcher).
+    async fn spill(&self, batch: WireBatch) {
+        let endpoint = batch.endpoint;
+        if let Some(redis) = &self.inner.redis {
+            match redis.append(&batch).await {
+                Ok(()) => {
+                    self.inner.backlog[slot(endpoint)].fetch_add(1, Ordering::Relaxed);
+                    self.update_backlog_gauge();
+                    self.inner.wake_drainer.notify_waiters();
+                    return;
+                }
+                Err(err) => tracing::warn!(%err, "Redis spill failed; keeping the batch in memory"),
+            }
+        }
+        let mut batch = batch;
+        loop {
+            match self.inner.memory.try_append(batch) {
+                Ok(()) => break,
+                Err(back) => {
+                    batch = back;
+                    tracing::warn!("in-memory spill is full: waiting for the backend (backpressure)");
+                    self.inner.wake_drainer.notify_waiters();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        self.inner.backlog[slot(endpoint)].fetch_add(1, Ordering::Relaxed);
+        self.update_backlog_gauge();
+        self.inner.wake_drainer.notify_waiters();
+    }
+
+    /// Hot path for a rendered batch: quick retries, then the spill.
+    pub async fn deliver_wire(&self, batch: WireBatch) {
+        if self.inner.backlog[slot(batch.endpoint)].load(Ordering::Relaxed) > 0 {
+            // Older batches are waiting: queue behind them so the backend sees events in order.
+            self.spill(batch).await;
+            return;
+        }
+        let mut pending = vec![batch];
+        let mut backoff = self.inner.settings.retry.backoff();
+        for attempt in 1..=self.inner.settings.retry.hot_attempts.max(1) {
+            let mut failed = Vec::new();
+            for batch in pending {
+                if let Some(parts) = self.send_splitting(batch).await {
+                    failed.extend(parts);
+                }
+            }
+            if failed.is_empty() {
+                return;
+            }
+            pending = failed;
+            if attempt < self.inner.settings.retry.hot_attempts {
+                tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))).await;
+            }
+        }
+        for batch in pending {
+            self.spill(batch).await;
+        }
+    }
+
+    /// Retries spilled batches of one endpoint, oldest first, until shutdown.
+    async fn drain(&self, endpoint: Endpoint, shutdown: CancellationToken) {
+        let mut backoff = self.inner.settings.retry.backoff();
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if self.inner.backlog[slot(endpoint)].load(Ordering::Relaxed) <= 0 {
+                tokio::select! {
+                    _ = self.inner.wake_drainer.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                continue;
+            }
+            // Memory first: it only holds batches that could not reach Redis, which are older
+            // than anything appended to Redis after Redis came back.
+            let (from_memory, entries) = {
+                let mem = self.inner.memory.oldest(endpoint, 16);
+                if !mem.is_empty() {
+                    (true, mem)
+                } else if let Some(redis) = &self.inner.redis {
+                    match redis.oldest(endpoint, 16).await {
+                        Ok(entries) => (false, entries),
+                        Err(err) => {
+                            tracing::warn!(%err, "reading the spill stream failed");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    }
+                } else {
+                    (true, Vec::new())
+                }
+            };
+            if entries.is_empty() {
+                // Counter drifted (e.g. a stream emptied by hand): resynchronise.
+                let actual = match &self.inner.redis {
+                    Some(redis) => redis.len(endpoint).await.unwrap_or(0) as i64,
+                    None => 0,
+                } + self.inner.memory.len(endpoint) as i64;
+                self.inner.backlog[slot(endpoint)].store(actual, Ordering::Relaxed);
+                self.update_backlog_gauge();
+                continue;
+            }
+            for entry in entries {
+                let mut batch = entry.batch;
+                let expired = batch.drop_expired(unix_ms_now());
+                if expired > 0 {
+                    self.inner.metrics.expired_items.inc_by(expired as u64);
+                }
+                let outcome = self.send_splitting(batch).await;
+                if let Some(parts) = outcome {
+                    // Still failing: keep it (unchanged order) and back off.
+                    let _ = parts;
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    break;
+                }
+                backoff = self.inner.settings.retry.backoff();
+                if from_memory {
+                    self.inner.memory.ack(endpoint, &entry.id);
+                } else if let Some(redis) = &self.inner.redis
+                    && let Err(err) = redis.ack(endpoint, &entry.id).await
+                {
+                    // Delivered but not acknowledged: it will be sent again; the batch id lets the
+                    // backend ignore the duplicate.
+                    tracing::warn!(%err, "could not acknowledge a delivered spill entry");
+                    break;
+                }
+                self.inner.backlog[slot(endpoint)].fetch_sub(1, Ordering::Relaxed);
+                self.update_backlog_gauge();
+            }
+        }
+    }
+}
+
+impl BatchSink for Delivery {
+    async fn deliver(&self, batch: Batch) {
+        match WireBatch::render(&batch, self.inner.settings.qr_format) {
+            Ok(wire) => self.deliver_wire(wire).await,
+            Err(err) => tracing::error!(%err, lane = batch.lane.as_str(), "could not render a batch; it is dropped"),
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! The Redis connection (fred): reconnects forever in the background, and commands fail fast
+//! while Redis is away so callers can degrade instead of hanging.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+
+use crate::Result;
+
+/// Builds a client for `url` and starts connecting; does not wait for the first connection (a
+/// gateway starts and serves while Redis is still unreachable).
+pub async fn connect(url: &str) -> Result<fred::clients::Client> {
+    let config = Config::from_url(url)?;
+    let client = Builder::from_config(config)
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(2);
+            c.internal_command_timeout = Duration::from_secs(2);
+            c.max_command_attempts = 2;
+        })
+        .with_performance_config(|c| {
+            c.default_command_timeout = Duration::from_secs(2);
+        })
+        // 0 = retry forever, 100 ms .. 2 s apart.
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+        .build()?;
+    client.init().await.map(|_| ()).or_else(|err| {
+        tracing::warn!(%err, "Redis not reachable yet; continuing and reconnecting in the background");
+        Ok::<(), fred::error::Error>(())
+    })?;
+    Ok(client)
+}
+
+/// True when Redis answers a PING now.
+pub async fn is_up(client: &fred::clients::Client) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), client.ping::<String>(None)).await,
+        Ok(Ok(_))
+    )
+}
