@@ -148,6 +148,12 @@ impl PendingQueue {
             stats.on_sent(Lane::of(&event));
             items.push(event);
         }
+        if self.live == 0 {
+            // Only tombstones left: drop them so they cannot hold the queue "full".
+            self.first_index += self.slots.len() as u64;
+            self.slots.clear();
+            self.tombstones = 0;
+        }
         self.earliest_deadline = self.slots.iter().filter_map(|slot| slot.deadline).min();
         items
     }

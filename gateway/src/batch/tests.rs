@@ -4,27 +4,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::time::sleep;
+use tokio::time::{Instant, sleep};
 
 use super::*;
 use crate::events::{QrEvent, SessionStatus, StatusEvent};
 
 /// Records every batch with the virtual time it left the batcher; can be made slow per lane to
 /// keep a request in flight.
-#[derive(Default)]
 struct RecordingSink {
     batches: Mutex<Vec<(Duration, Batch)>>,
     delay_ms: [AtomicU64; 3],
-    start: Mutex<Option<Instant>>,
+    start: Instant,
 }
-
-use tokio::time::Instant;
 
 impl RecordingSink {
     fn new() -> Arc<Self> {
-        let sink = Arc::new(RecordingSink::default());
-        *sink.start.lock().unwrap() = Some(Instant::now());
-        sink
+        Arc::new(RecordingSink {
+            batches: Mutex::default(),
+            delay_ms: Default::default(),
+            start: Instant::now(),
+        })
     }
 
     fn set_delay(&self, lane: Lane, delay: Duration) {
@@ -51,9 +50,11 @@ impl RecordingSink {
 
 impl BatchSink for RecordingSink {
     async fn deliver(&self, batch: Batch) {
-        let start = self.start.lock().unwrap().expect("start set");
         let delay = Duration::from_millis(self.delay_ms[batch.lane.index()].load(Ordering::SeqCst));
-        self.batches.lock().unwrap().push((start.elapsed(), batch));
+        self.batches
+            .lock()
+            .unwrap()
+            .push((self.start.elapsed(), batch));
         sleep(delay).await;
     }
 }
