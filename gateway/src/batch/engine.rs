@@ -305,10 +305,9 @@ impl<S: BatchSink> Batcher<S> {
             self.on_delivered(done);
         }
         self.shutting_down = true;
-        let now = Instant::now();
         for index in 0..self.streams.len() {
             while self.streams[index].queue.live() > 0 {
-                self.dispatch(now);
+                self.dispatch(Instant::now());
                 while let Some(done) = self.deliveries.join_next_with_id().await {
                     self.on_delivered(done);
                 }

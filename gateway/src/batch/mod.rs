@@ -3,6 +3,16 @@
 //! Events come in through a bounded channel ([`BatcherHandle`]); batches go out through a
 //! [`BatchSink`], which owns retries and spilling. The batcher only decides *when* and *what* to send;
 //! it takes time only from `tokio::time`, so tests run it on a paused clock.
+//!
+//! Choices of the adaptive policy:
+//! - Both status lanes share one queue and one request in flight, so a session's statuses reach
+//!   the backend in the order they happened; normal items ride along with the next high one.
+//! - High-priority status is never superseded: every transition (drop, reconnect, logout) is
+//!   delivered, in order. A newer normal-priority status of a session drops its unsent older one
+//!   and queues at the back, unless the older one is `logged_out` or `banned`.
+//! - A newer QR of a session takes its unsent older one's place and keeps the earlier deadline.
+//! - QR codes that expired before they could be sent are dropped and counted (all policies).
+//! - Queues are bounded per stream; when one is full the batcher stops reading its input.
 
 mod engine;
 mod queue;
