@@ -37,7 +37,10 @@ fi
 command -v go >/dev/null || { log "go is required (it ships with this machine kind)"; exit 1; }
 
 build_k8s() {
-  [ -x "$K8S_BIN/kube-apiserver" ] && [ -x "$K8S_BIN/kubectl" ] && return 0
+  if [ -x "$K8S_BIN/kube-apiserver" ] && [ -x "$K8S_BIN/kubectl" ] &&
+    "$K8S_BIN/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes $K8S_VERSION"; then
+    return 0
+  fi
   log "building kube-apiserver and kubectl $K8S_VERSION from the Go module proxy (first run only)"
   local mod="$CACHE/k8s/$K8S_VERSION/module"
   mkdir -p "$mod" "$K8S_BIN"
@@ -67,9 +70,17 @@ import (
 	_ "k8s.io/kubernetes/cmd/kubectl"
 )
 GO
+  # The version is stamped at link time in Kubernetes' own build; without it the binaries call
+  # themselves v0.0.0-master and /version has no major/minor.
+  local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+  local x=""
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    x+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    x+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
   (cd "$mod" && go mod tidy >/dev/null 2>&1 || true
-   cd "$mod" && go build -trimpath -ldflags='-s -w' -o "$K8S_BIN/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
-   cd "$mod" && go build -trimpath -ldflags='-s -w' -o "$K8S_BIN/kubectl" k8s.io/kubernetes/cmd/kubectl)
+   cd "$mod" && go build -trimpath -ldflags="-s -w$x" -o "$K8S_BIN/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+   cd "$mod" && go build -trimpath -ldflags="-s -w$x" -o "$K8S_BIN/kubectl" k8s.io/kubernetes/cmd/kubectl)
 }
 
 build_etcd() {

@@ -2,3 +2,11 @@
 pub mod batch;
 pub mod events;
 pub mod session;
+pub mod config;
+pub mod delivery;
+mod error;
+pub mod http;
+pub mod metrics;
+pub mod redis;
+
+pub use error::{Error, Result};

@@ -89,6 +89,9 @@ impl ControlPlane {
             format!("--etcd-prefix=/registry-{api_port}"),
             "--bind-address=127.0.0.1".into(),
             "--advertise-address=127.0.0.1".into(),
+            // The endpoint reconciler refuses loopback addresses; nothing here needs the
+            // `kubernetes` Service endpoints.
+            "--endpoint-reconciler-type=none".into(),
             format!("--secure-port={api_port}"),
             format!("--cert-dir={}", dir.path().join("certs").display()),
             format!("--token-auth-file={}", token_file.display()),
@@ -124,7 +127,13 @@ impl ControlPlane {
         wait_until("kube-apiserver /readyz", Duration::from_secs(90), || {
             let running = apiserver.check_running().map_err(|e| {
                 let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                let tail: String = tail.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                // The lines that say why it stopped, not the last (informational) ones.
+                let tail: String = tail
+                    .lines()
+                    .filter(|l| l.starts_with('E') || l.starts_with('F'))
+                    .take(10)
+                    .collect::<Vec<_>>()
+                    .join("\n");
                 format!("{e}\n{tail}")
             });
             let kubeconfig = kubeconfig.clone();

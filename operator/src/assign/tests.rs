@@ -451,3 +451,27 @@ fn ring_positions_are_stable() {
     .unwrap();
     assert_eq!(assignment.shards, ["0", "0", "0", "1", "2", "0", "2", "0"]);
 }
+
+#[test]
+#[ignore]
+fn stress_random_state() {
+    for (m, n) in [(100_000usize, 100usize), (1_000_000, 1000)] {
+        let shards_owned = shard_ids(n, false);
+        let shards = as_strs(&shards_owned);
+        let owned = session_ids("r", m);
+        for pending_percent in [0usize, 10] {
+            let input: Vec<SessionState<'_>> = owned
+                .iter()
+                .enumerate()
+                .map(|(i, s)| SessionState {
+                    session: s,
+                    shard: if (session_position(s) % 100) < pending_percent as u64 { None } else { Some(shards[(session_position(s) >> 20) as usize % n]) },
+                })
+                .collect();
+            let started = std::time::Instant::now();
+            let a = assign(&shards, &[], &input, &AssignConfig::default()).unwrap();
+            let _ = i32::default();
+            eprintln!("m={m} n={n} pending={pending_percent}% secs={:.2} moves={} maxmean={:.3}", started.elapsed().as_secs_f64(), a.moves.len(), a.max_over_mean_load());
+        }
+    }
+}
