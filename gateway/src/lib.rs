@@ -2,6 +2,7 @@
 pub mod batch;
 pub mod events;
 pub mod session;
+pub mod app;
 pub mod config;
 pub mod delivery;
 mod error;

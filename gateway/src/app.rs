@@ -1,0 +1,289 @@
+//! Wiring: drivers -> event router (session state) -> batcher -> delivery -> backend, plus the
+//! periodic re-sync, the HTTP server and graceful shutdown. Used by standalone mode and by the
+//! delivery benchmark, so what is measured is what runs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{BatcherHandle, BatcherTask, spawn_batcher};
+use crate::config::{Settings, StandaloneArgs};
+use crate::delivery::spill::{RedisSpill, SpillKeys};
+use crate::delivery::{BackendClient, DeliveredHook, Delivery};
+use crate::events::{GatewayEvent, SessionStatus};
+use crate::metrics::BatchStatsCollector;
+use crate::session::sim::{SimConfig, SimDriver};
+use crate::session::{EventSink, RunningSession, SessionDriver, SessionState};
+use crate::{Error, Result};
+
+/// Longest a graceful shutdown may take before the process gives up waiting.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+
+/// The latest known state of every session this process runs.
+#[derive(Debug, Default)]
+pub struct SessionStates {
+    inner: Mutex<HashMap<String, SessionState>>,
+}
+
+impl SessionStates {
+    fn apply(&self, event: &GatewayEvent) {
+        let mut map = self.inner.lock().expect("session states lock");
+        match map.get_mut(event.session_id()) {
+            Some(state) => state.apply(event),
+            None => {
+                let mut state = SessionState::new(SessionStatus::Connecting);
+                state.apply(event);
+                map.insert(event.session_id().to_string(), state);
+            }
+        }
+    }
+
+    pub fn get(&self, session_id: &str) -> Option<SessionState> {
+        self.inner.lock().expect("session states lock").get(session_id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("session states lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn remove(&self, session_id: &str) {
+        self.inner.lock().expect("session states lock").remove(session_id);
+    }
+
+    /// Sessions per status (for the `whatsapp_gateway_sessions{state}` gauge).
+    pub fn count_by_status(&self) -> HashMap<SessionStatus, usize> {
+        let map = self.inner.lock().expect("session states lock");
+        let mut counts = HashMap::new();
+        for state in map.values() {
+            *counts.entry(state.status).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// What re-sync sends: every session's current status (and QR on display).
+    fn resync_events(&self) -> Vec<GatewayEvent> {
+        let now = tokio::time::Instant::now();
+        let map = self.inner.lock().expect("session states lock");
+        map.iter().flat_map(|(id, state)| state.resync_events(id, now)).collect()
+    }
+}
+
+#[derive(Debug)]
+struct SessionsCollector(Arc<SessionStates>);
+
+impl Collector for SessionsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::result::Result<(), std::fmt::Error> {
+        let counts = self.0.count_by_status();
+        let mut family = encoder.encode_descriptor(
+            "whatsapp_gateway_sessions",
+            "Sessions run by this gateway, by state",
+            None,
+            MetricType::Gauge,
+        )?;
+        for status in SessionStatus::ALL {
+            let labels = vec![("state", status.as_str())];
+            ConstGauge::new(counts.get(&status).copied().unwrap_or(0) as i64).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The running delivery pipeline.
+pub struct Pipeline {
+    pub delivery: Delivery,
+    pub states: Arc<SessionStates>,
+    events: EventSink,
+    batcher: BatcherTask,
+    router: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+    cancel: CancellationToken,
+}
+
+impl Pipeline {
+    pub async fn start(
+        settings: &Settings,
+        redis: Option<fred::clients::Client>,
+        registry: &mut Registry,
+        on_delivered: Option<DeliveredHook>,
+    ) -> Result<Self> {
+        let backend = settings.backend.clone().map(BackendClient::new).transpose()?;
+        let spill = redis.map(|client| RedisSpill::new(client, SpillKeys::new(&settings.identity)));
+        let mut delivery = Delivery::new(backend, spill, settings.delivery.clone(), registry);
+        if let Some(hook) = on_delivered {
+            delivery = delivery.with_delivered_hook(hook);
+        }
+        delivery.recover_backlog().await;
+        let cancel = CancellationToken::new();
+        let mut background = delivery.spawn_drainers(cancel.clone());
+
+        let (handle, batcher) = spawn_batcher(settings.batch.clone(), Arc::new(delivery.clone()))?;
+        registry.register_collector(Box::new(BatchStatsCollector(batcher.stats().clone())));
+        let states = Arc::new(SessionStates::default());
+        registry.register_collector(Box::new(SessionsCollector(states.clone())));
+
+        let (events, rx) = EventSink::channel(settings.batch.input_capacity);
+        let router = tokio::spawn(route_events(rx, handle.clone(), states.clone()));
+        if let Some(interval) = settings.resync_interval {
+            background.push(tokio::spawn(resync_loop(interval, handle.clone(), states.clone(), cancel.clone())));
+        }
+        drop(handle);
+        Ok(Pipeline { delivery, states, events, batcher, router, background, cancel })
+    }
+
+    /// Where drivers report events.
+    pub fn event_sink(&self) -> EventSink {
+        self.events.clone()
+    }
+
+    pub fn batch_stats(&self) -> &Arc<crate::batch::BatchStats> {
+        self.batcher.stats()
+    }
+
+    /// Stops the given sessions, flushes every pending event and waits (up to `grace`) for the
+    /// backend or the spill to take them.
+    pub async fn shutdown(self, sessions: Vec<RunningSession>, grace: Duration) {
+        let Pipeline { delivery, events, batcher, router, background, cancel, .. } = self;
+        let work = async move {
+            futures::future::join_all(sessions.into_iter().map(RunningSession::stop)).await;
+            drop(events);
+            // The router ends once every sink clone is gone; then the batcher's last handle drops
+            // and it flushes with reason `shutdown`.
+            let _ = router.await;
+            cancel.cancel();
+            batcher.join().await;
+            for task in background {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(grace, work).await.is_err() {
+            tracing::warn!(backlog = delivery.backlog(), "graceful shutdown timed out; spilled batches resume on next start");
+        }
+    }
+}
+
+async fn route_events(mut rx: mpsc::Receiver<GatewayEvent>, batcher: BatcherHandle, states: Arc<SessionStates>) {
+    while let Some(event) = rx.recv().await {
+        states.apply(&event);
+        if batcher.submit(event).await.is_err() {
+            tracing::error!("batcher stopped while sessions still report events");
+            return;
+        }
+    }
+}
+
+async fn resync_loop(interval: Duration, batcher: BatcherHandle, states: Arc<SessionStates>, cancel: CancellationToken) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        let events = states.resync_events();
+        tracing::debug!(events = events.len(), "level-triggered re-sync of every session's status");
+        for event in events {
+            if batcher.submit(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Logging: JSON lines (default) or human-readable text, filtered by `RUST_LOG` (default info).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Standalone mode: one gateway, no Kubernetes.
+pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
+    let settings = args.common.validate()?;
+    init_logging(settings.log_json);
+    let sim = SimDriver::new(SimConfig { seed: args.sim_seed, ..SimConfig::default() })
+        .map_err(|e| Error::config("--simulate", e.to_string()))?;
+
+    let redis = match &settings.redis_url {
+        Some(url) => {
+            tracing::info!(redis = %url, "using Redis for the retry spill and dead letters");
+            Some(crate::redis::connect(url).await?)
+        }
+        None => {
+            tracing::warn!("no Redis configured (--redis-url / WA_REDIS_URL): spill and state are kept in memory and lost on restart");
+            None
+        }
+    };
+    match &settings.backend {
+        Some(backend) => tracing::info!(backend = %backend.base_url, "sending batches to the backend"),
+        None => tracing::warn!("no backend configured (--backend-url / WA_BACKEND_URL): batches are logged instead of sent"),
+    }
+    let mut registry = crate::metrics::new_registry();
+    let pipeline = Pipeline::start(&settings, redis.clone(), &mut registry, None).await?;
+
+    let mut sessions = Vec::with_capacity(args.simulate);
+    for i in 0..args.simulate {
+        let id = format!("sim-{i:05}");
+        match sim.start(&id, pipeline.event_sink()).await {
+            Ok(session) => sessions.push(session),
+            Err(err) => tracing::error!(session_id = %id, %err, "session did not start"),
+        }
+    }
+    if args.simulate > 0 {
+        tracing::info!(sessions = sessions.len(), "simulated sessions started");
+    }
+
+    let state = crate::http::HttpState { registry: Arc::new(registry), redis, delivery: pipeline.delivery.clone() };
+    let listener = tokio::net::TcpListener::bind(settings.listen).await?;
+    tracing::info!(listen = %listener.local_addr()?, policy = settings.batch.policy.as_str(), "gateway listening (/metrics, /healthz, /readyz)");
+    let stop = CancellationToken::new();
+    let server = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, crate::http::router(state))
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+    shutdown_signal().await;
+    tracing::info!("shutting down: stopping sessions and flushing events");
+    pipeline.shutdown(sessions, SHUTDOWN_GRACE).await;
+    stop.cancel();
+    let _ = server.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Entry point of the binary.
+pub async fn run(cli: crate::config::Cli) -> Result<()> {
+    match cli.mode {
+        crate::config::Mode::Standalone(args) => run_standalone(args).await,
+    }
+}
