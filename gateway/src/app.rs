@@ -228,8 +228,13 @@ async fn shutdown_signal() {
 pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     let settings = args.common.validate()?;
     init_logging(settings.log_json);
-    let sim = SimDriver::new(SimConfig { seed: args.sim_seed, ..SimConfig::default() })
-        .map_err(|e| Error::config("--simulate", e.to_string()))?;
+    let sim = SimDriver::new(SimConfig {
+        seed: args.sim_seed,
+        mean_connected: Duration::from_secs(args.sim_mean_connected_s.max(1)),
+        unpaired_share: args.sim_unpaired_share,
+        ..SimConfig::default()
+    })
+    .map_err(|e| Error::config("--sim-* / WA_SIM_*", e.to_string()))?;
 
     let redis = match &settings.redis_url {
         Some(url) => {

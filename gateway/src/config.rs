@@ -33,6 +33,12 @@ pub struct StandaloneArgs {
     /// Seed of the simulator (same seed, same event sequence).
     #[arg(long, env = "WA_SIM_SEED", default_value_t = 1)]
     pub sim_seed: u64,
+    /// Simulator: mean time a connected session stays up before it drops, seconds.
+    #[arg(long, env = "WA_SIM_MEAN_CONNECTED_S", default_value_t = 1800)]
+    pub sim_mean_connected_s: u64,
+    /// Simulator: share of sessions that start awaiting a QR scan.
+    #[arg(long, env = "WA_SIM_UNPAIRED_SHARE", default_value_t = 0.2)]
+    pub sim_unpaired_share: f64,
     #[command(flatten)]
     pub common: CommonArgs,
 }

@@ -5,7 +5,9 @@
 //! test process dies (panic, abort, `kill -9`): see [`process`].
 
 pub mod control_plane;
+pub mod gateway;
 pub mod process;
+pub mod receiver;
 pub mod redis;
 pub mod tools;
 

@@ -142,6 +142,10 @@ struct Inner {
     backlog: [AtomicI64; 2],
     wake_drainer: Notify,
     dead_letters: AtomicU64,
+    /// Items counted for reconciliation: accepted by the backend, dead-lettered, expired in the spill.
+    delivered_items: AtomicU64,
+    dead_letter_items: AtomicU64,
+    expired_items: AtomicU64,
     last_backend_ok: AtomicI64,
     last_backend_error: AtomicI64,
     on_delivered: Option<DeliveredHook>,
@@ -183,6 +187,9 @@ impl Delivery {
                 backlog: [AtomicI64::new(0), AtomicI64::new(0)],
                 wake_drainer: Notify::new(),
                 dead_letters: AtomicU64::new(0),
+                delivered_items: AtomicU64::new(0),
+                dead_letter_items: AtomicU64::new(0),
+                expired_items: AtomicU64::new(0),
                 last_backend_ok: AtomicI64::new(0),
                 last_backend_error: AtomicI64::new(0),
                 on_delivered: None,
@@ -204,6 +211,21 @@ impl Delivery {
 
     pub fn dead_letters(&self) -> u64 {
         self.inner.dead_letters.load(Ordering::Relaxed)
+    }
+
+    /// Items the backend accepted with a 2xx.
+    pub fn delivered_items(&self) -> u64 {
+        self.inner.delivered_items.load(Ordering::Relaxed)
+    }
+
+    /// Items in dead-lettered batches.
+    pub fn dead_letter_items(&self) -> u64 {
+        self.inner.dead_letter_items.load(Ordering::Relaxed)
+    }
+
+    /// QR items that expired while waiting in the spill.
+    pub fn expired_items(&self) -> u64 {
+        self.inner.expired_items.load(Ordering::Relaxed)
     }
 
     /// True unless the last backend answer was a failure (no backend configured counts as healthy).
@@ -287,6 +309,7 @@ impl Delivery {
         }
         self.inner.metrics.batch_size.get_or_create(&lane).observe(batch.items.len() as f64);
         self.inner.metrics.delivered_items.get_or_create(&lane).inc_by(batch.items.len() as u64);
+        self.inner.delivered_items.fetch_add(batch.items.len() as u64, Ordering::Relaxed);
         if let Some(hook) = &self.inner.on_delivered {
             hook(batch);
         }
@@ -302,6 +325,7 @@ impl Delivery {
             "backend refused the batch permanently: moved to the dead-letter stream"
         );
         self.inner.dead_letters.fetch_add(1, Ordering::Relaxed);
+        self.inner.dead_letter_items.fetch_add(batch.items.len() as u64, Ordering::Relaxed);
         self.inner.metrics.dead_letters.get_or_create(&EndpointLabel { endpoint: batch.endpoint.as_str() }).inc();
         if let Some(redis) = &self.inner.redis
             && let Err(err) = redis.dead_letter(batch, code, body).await
@@ -458,6 +482,7 @@ impl Delivery {
                 let expired = batch.drop_expired(unix_ms_now());
                 if expired > 0 {
                     self.inner.metrics.expired_items.inc_by(expired as u64);
+                    self.inner.expired_items.fetch_add(expired as u64, Ordering::Relaxed);
                 }
                 let outcome = self.send_splitting(batch).await;
                 if let Some(parts) = outcome {

@@ -1,0 +1,118 @@
+//! The gateway binary as a separate process (for tests where processes, not threads, matter:
+//! `kill -9`, SIGSTOP, restarts).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::process::{ChildGuard, pdeath_command};
+use crate::{Error, Result, free_port, wait_until};
+
+/// Path of the gateway binary of this workspace, built once per test binary if needed.
+pub fn gateway_binary() -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // target/<profile>/deps/<test-binary> -> target/<profile>/gateway
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let profile_dir = exe.parent().and_then(|p| p.parent()).ok_or("no target dir")?.to_path_buf();
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = std::process::Command::new(cargo);
+            cmd.args(["build", "-q", "-p", "gateway", "--bin", "gateway"]).current_dir(crate::tools::workspace_root());
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            if let Some(target_dir) = profile_dir.parent() {
+                cmd.env("CARGO_TARGET_DIR", target_dir);
+            }
+            let status = cmd.status().map_err(|e| e.to_string())?;
+            if !status.success() {
+                return Err(format!("cargo build -p gateway failed: {status}"));
+            }
+            Ok(profile_dir.join("gateway"))
+        })
+        .clone()
+        .map_err(|e| Error::Command { cmd: "cargo build -p gateway".into(), output: e })
+}
+
+/// A running gateway process with its HTTP port.
+pub struct GatewayProcess {
+    pub child: ChildGuard,
+    pub port: u16,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    /// Starts `gateway <args...> --port <free>` with extra environment, and waits for `/healthz`.
+    pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let bin = gateway_binary()?;
+        let dir = tempfile::Builder::new().prefix("wa-gateway-").tempdir()?;
+        let port = free_port();
+        let log = dir.path().join("gateway.log");
+        let file = std::fs::File::create(&log)?;
+        let mut cmd = pdeath_command(&bin);
+        cmd.args(args).arg("--port").arg(port.to_string()).arg("--bind").arg("127.0.0.1");
+        cmd.env("WA_LOG_FORMAT", "json").env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdout(file.try_clone()?).stderr(file);
+        let mut child = ChildGuard::spawn_command("gateway", cmd)?;
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        let log_path = log.clone();
+        wait_until("gateway /healthz", Duration::from_secs(30), || {
+            let running = child
+                .check_running()
+                .map_err(|e| format!("{e}: {}", std::fs::read_to_string(&log_path).unwrap_or_default()));
+            let url = url.clone();
+            async move {
+                running?;
+                http_get(&url).await.map(|_| ())
+            }
+        })
+        .await?;
+        Ok(GatewayProcess { child, port, log, _dir: dir })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// GET a path; returns (status, body).
+    pub async fn get(&self, path: &str) -> std::result::Result<(u16, String), String> {
+        http_get(&self.url(path)).await
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection (no client library needed in tests).
+pub async fn http_get(url: &str) -> std::result::Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").ok_or("only http:// URLs")?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(host))
+        .await
+        .map_err(|_| "connect timeout".to_string())?
+        .map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .map_err(|_| "read timeout".to_string())?
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status: u16 = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("bad response: {text}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    // Bodies may be chunked; the JSON we read is small: strip chunk-size lines.
+    let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body.lines().filter(|l| !l.chars().all(|c| c.is_ascii_hexdigit()) || l.is_empty()).collect::<Vec<_>>().join("\n")
+    } else {
+        body
+    };
+    Ok((status, body))
+}
