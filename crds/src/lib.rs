@@ -215,7 +215,10 @@ mod tests {
 
     #[test]
     fn chart_crd_copy_is_current() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/whatsapp-gateway/crds/whatsappsession.yaml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../charts/whatsapp-gateway/crds/whatsappsession.yaml"
+        );
         let on_disk = std::fs::read_to_string(path).unwrap_or_default();
         assert!(
             on_disk == crd_yaml(),
@@ -237,7 +240,13 @@ mod tests {
         assert_eq!(crd.spec.names.short_names, Some(vec!["wasession".to_string()]));
         assert_eq!(crd.spec.names.categories, Some(vec!["whatsapp".to_string()]));
         let yaml = crd_yaml();
-        for needle in ["spec.sessionId is immutable", "login.phoneNumber is required", "Phase", "Shard", "Connected"] {
+        for needle in [
+            "spec.sessionId is immutable",
+            "login.phoneNumber is required",
+            "Phase",
+            "Shard",
+            "Connected",
+        ] {
             assert!(yaml.contains(needle), "CRD lacks {needle}");
         }
     }

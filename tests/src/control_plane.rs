@@ -54,7 +54,10 @@ impl ControlPlane {
             let running = etcd.check_running().map_err(|e| e.to_string());
             async move {
                 running?;
-                tokio::net::TcpStream::connect(("127.0.0.1", etcd_port)).await.map(|_| ()).map_err(|e| e.to_string())
+                tokio::net::TcpStream::connect(("127.0.0.1", etcd_port))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             }
         })
         .await?;
@@ -112,7 +115,15 @@ impl ControlPlane {
             &apiserver_args,
             Some(&dir.path().join("kube-apiserver.log")),
         )?;
-        let mut plane = Self { dir, _etcd: etcd, apiserver, apiserver_args, api_port, etcd_port, tokens };
+        let mut plane = Self {
+            dir,
+            _etcd: etcd,
+            apiserver,
+            apiserver_args,
+            api_port,
+            etcd_port,
+            tokens,
+        };
         for user in std::iter::once(ADMIN_USER).chain(PLAIN_USERS.iter().copied()) {
             plane.write_kubeconfig(user)?;
         }
@@ -140,7 +151,9 @@ impl ControlPlane {
             async move {
                 running?;
                 let client = client_from(&kubeconfig).await.map_err(|e| e.to_string())?;
-                let req = http::Request::get("/readyz").body(Vec::new()).map_err(|e| e.to_string())?;
+                let req = http::Request::get("/readyz")
+                    .body(Vec::new())
+                    .map_err(|e| e.to_string())?;
                 let text = client.request_text(req).await.map_err(|e| e.to_string())?;
                 if text.trim() == "ok" { Ok(()) } else { Err(text) }
             }
@@ -222,9 +235,16 @@ impl ControlPlane {
             .env("HELM_CONFIG_HOME", helm_home.join("config"))
             .env("HELM_DATA_HOME", helm_home.join("data"));
         let out = cmd.output()?;
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         if !out.status.success() {
-            return Err(Error::Command { cmd: format!("helm {}", args.join(" ")), output: text });
+            return Err(Error::Command {
+                cmd: format!("helm {}", args.join(" ")),
+                output: text,
+            });
         }
         Ok(text)
     }
@@ -242,7 +262,12 @@ fn random_token() -> String {
     let mut out = String::new();
     for _ in 0..4 {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
         out.push_str(&format!("{:016x}", h.finish()));
     }
     out
@@ -256,7 +281,10 @@ pub fn shared() -> &'static ControlPlane {
     SHARED.get_or_init(|| {
         // Start from a thread with its own runtime: the caller may be inside a runtime already.
         std::thread::spawn(|| {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(ControlPlane::start())
         })
         .join()
@@ -267,6 +295,9 @@ pub fn shared() -> &'static ControlPlane {
 
 impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControlPlane").field("server", &self.server_url()).field("dir", &self.dir.path()).finish()
+        f.debug_struct("ControlPlane")
+            .field("server", &self.server_url())
+            .field("dir", &self.dir.path())
+            .finish()
     }
 }

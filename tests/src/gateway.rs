@@ -15,10 +15,15 @@ pub fn gateway_binary() -> Result<PathBuf> {
         .get_or_init(|| {
             // target/<profile>/deps/<test-binary> -> target/<profile>/gateway
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let profile_dir = exe.parent().and_then(|p| p.parent()).ok_or("no target dir")?.to_path_buf();
+            let profile_dir = exe
+                .parent()
+                .and_then(|p| p.parent())
+                .ok_or("no target dir")?
+                .to_path_buf();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = std::process::Command::new(cargo);
-            cmd.args(["build", "-q", "-p", "gateway", "--bin", "gateway"]).current_dir(crate::tools::workspace_root());
+            cmd.args(["build", "-q", "-p", "gateway", "--bin", "gateway"])
+                .current_dir(crate::tools::workspace_root());
             if profile_dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }
@@ -32,7 +37,10 @@ pub fn gateway_binary() -> Result<PathBuf> {
             Ok(profile_dir.join("gateway"))
         })
         .clone()
-        .map_err(|e| Error::Command { cmd: "cargo build -p gateway".into(), output: e })
+        .map_err(|e| Error::Command {
+            cmd: "cargo build -p gateway".into(),
+            output: e,
+        })
 }
 
 /// A running gateway process with its HTTP port.
@@ -52,7 +60,11 @@ impl GatewayProcess {
         let log = dir.path().join("gateway.log");
         let file = std::fs::File::create(&log)?;
         let mut cmd = pdeath_command(&bin);
-        cmd.args(args).arg("--port").arg(port.to_string()).arg("--bind").arg("127.0.0.1");
+        cmd.args(args)
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1");
         cmd.env("WA_LOG_FORMAT", "json").env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
@@ -72,7 +84,12 @@ impl GatewayProcess {
             }
         })
         .await?;
-        Ok(GatewayProcess { child, port, log, _dir: dir })
+        Ok(GatewayProcess {
+            child,
+            port,
+            log,
+            _dir: dir,
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -93,7 +110,10 @@ impl GatewayProcess {
 pub async fn http_get(url: &str) -> std::result::Result<(u16, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").ok_or("only http:// URLs")?;
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
     let mut stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(host))
         .await
         .map_err(|_| "connect timeout".to_string())?
@@ -106,11 +126,21 @@ pub async fn http_get(url: &str) -> std::result::Result<(u16, String), String> {
         .map_err(|_| "read timeout".to_string())?
         .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status: u16 = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("bad response: {text}"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or(format!("bad response: {text}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     // Bodies may be chunked; the JSON we read is small: strip chunk-size lines.
     let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        body.lines().filter(|l| !l.chars().all(|c| c.is_ascii_hexdigit()) || l.is_empty()).collect::<Vec<_>>().join("\n")
+        body.lines()
+            .filter(|l| !l.chars().all(|c| c.is_ascii_hexdigit()) || l.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n")
     } else {
         body
     };

@@ -60,5 +60,9 @@ where
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    Err(Error::NotReady { what: what.to_string(), secs: timeout.as_secs(), last })
+    Err(Error::NotReady {
+        what: what.to_string(),
+        secs: timeout.as_secs(),
+        last,
+    })
 }

@@ -43,7 +43,12 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     /// Starts `program args...` with stdout/stderr appended to `log` (if given).
-    pub fn spawn(name: &str, program: &std::path::Path, args: &[String], log: Option<&std::path::Path>) -> Result<Self> {
+    pub fn spawn(
+        name: &str,
+        program: &std::path::Path,
+        args: &[String],
+        log: Option<&std::path::Path>,
+    ) -> Result<Self> {
         let mut cmd = Command::new("setpriv");
         cmd.arg("--pdeathsig").arg("KILL").arg("--").arg(program).args(args);
         cmd.stdin(Stdio::null());
@@ -63,12 +68,19 @@ impl ChildGuard {
     /// see [`pdeath_command`]).
     pub fn spawn_command(name: &str, cmd: Command) -> Result<Self> {
         let (tx, rx) = mpsc::channel();
-        spawner().lock().expect("spawner lock").send((cmd, tx)).expect("spawner thread alive");
-        let child = rx
-            .recv()
-            .expect("spawner replies")
-            .map_err(|source| Error::Spawn { what: name.to_string(), source })?;
-        Ok(Self { name: name.to_string(), child: Some(child) })
+        spawner()
+            .lock()
+            .expect("spawner lock")
+            .send((cmd, tx))
+            .expect("spawner thread alive");
+        let child = rx.recv().expect("spawner replies").map_err(|source| Error::Spawn {
+            what: name.to_string(),
+            source,
+        })?;
+        Ok(Self {
+            name: name.to_string(),
+            child: Some(child),
+        })
     }
 
     pub fn id(&self) -> u32 {
@@ -136,8 +148,15 @@ pub fn run(program: impl AsRef<std::ffi::OsStr>, args: &[String]) -> Result<Stri
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| Error::Spawn { what: program.to_string_lossy().into_owned(), source })?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        .map_err(|source| Error::Spawn {
+            what: program.to_string_lossy().into_owned(),
+            source,
+        })?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     if !out.status.success() {
         return Err(Error::Command {
             cmd: format!("{} {}", program.to_string_lossy(), args.join(" ")),

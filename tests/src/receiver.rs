@@ -63,7 +63,10 @@ pub struct Receiver {
 }
 
 pub fn unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Receiver {
@@ -86,7 +89,9 @@ impl Receiver {
         let front_shared = shared.clone();
         let proxy = tokio::spawn(async move {
             loop {
-                let Ok((mut conn, _)) = front.accept().await else { continue };
+                let Ok((mut conn, _)) = front.accept().await else {
+                    continue;
+                };
                 let mode = front_shared.mode.lock().unwrap().clone().unwrap_or(Mode::Ok);
                 let mut changed = front_shared.generation.subscribe();
                 tokio::spawn(async move {
@@ -108,7 +113,11 @@ impl Receiver {
                 });
             }
         });
-        Ok(Receiver { addr, shared, tasks: vec![server, proxy] })
+        Ok(Receiver {
+            addr,
+            shared,
+            tasks: vec![server, proxy],
+        })
     }
 
     /// Base URL to give the gateway as `--backend-url`.
@@ -137,13 +146,21 @@ impl Receiver {
 
     /// Items received on endpoints whose path ends with `suffix`.
     pub fn items(&self, suffix: &str) -> Vec<serde_json::Value> {
-        self.received().into_iter().filter(|r| r.path.ends_with(suffix)).flat_map(|r| r.items).collect()
+        self.received()
+            .into_iter()
+            .filter(|r| r.path.ends_with(suffix))
+            .flat_map(|r| r.items)
+            .collect()
     }
 
     /// The last status each session reported, in arrival order.
     pub fn last_status_by_session(&self) -> HashMap<String, String> {
         let mut out = HashMap::new();
-        for item in self.items("/status/batch").into_iter().chain(self.items("/whatsapp/status")) {
+        for item in self
+            .items("/status/batch")
+            .into_iter()
+            .chain(self.items("/whatsapp/status"))
+        {
             if let (Some(id), Some(status)) = (item["sessionId"].as_str(), item["status"].as_str()) {
                 out.insert(id.to_string(), status.to_string());
             }
@@ -176,7 +193,9 @@ async fn handle(State(shared): State<Arc<Shared>>, uri: Uri, headers: HeaderMap,
             unreachable!()
         }
         Mode::Status(code) => return (StatusCode::from_u16(code).unwrap(), "refused").into_response(),
-        Mode::MaxItems(max) if items.len() > max => return (StatusCode::PAYLOAD_TOO_LARGE, "too large").into_response(),
+        Mode::MaxItems(max) if items.len() > max => {
+            return (StatusCode::PAYLOAD_TOO_LARGE, "too large").into_response();
+        }
         _ => {}
     }
     let delay = *shared.processing_delay.lock().unwrap();

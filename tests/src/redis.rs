@@ -16,7 +16,11 @@ pub struct RedisServer {
 impl RedisServer {
     pub async fn start() -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("wa-redis-").tempdir()?;
-        let mut server = Self { port: free_port(), dir, child: None };
+        let mut server = Self {
+            port: free_port(),
+            dir,
+            child: None,
+        };
         server.spawn().await?;
         Ok(server)
     }
@@ -83,9 +87,15 @@ impl RedisServer {
 }
 
 async fn ping(port: u16) -> std::result::Result<(), String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
     stream.write_all(b"PING\r\n").await.map_err(|e| e.to_string())?;
     let mut buf = [0u8; 16];
     let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
-    if buf[..n].starts_with(b"+PONG") { Ok(()) } else { Err(String::from_utf8_lossy(&buf[..n]).into_owned()) }
+    if buf[..n].starts_with(b"+PONG") {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
 }

@@ -11,9 +11,9 @@ pub const ETCD_VERSION: &str = "v3.6.16";
 pub const HELM_VERSION: &str = "v3.22.0";
 
 fn cache_root() -> PathBuf {
-    std::env::var_os("WA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/wa-gateway"))
+    std::env::var_os("WA_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/wa-gateway")
+    })
 }
 
 fn find(name: &str, env: &'static str, default: PathBuf) -> Result<PathBuf> {
@@ -36,26 +36,49 @@ fn find(name: &str, env: &'static str, default: PathBuf) -> Result<PathBuf> {
 }
 
 pub fn kube_apiserver() -> Result<PathBuf> {
-    find("kube-apiserver", "WA_KUBE_APISERVER", cache_root().join(format!("k8s/{K8S_VERSION}/bin/kube-apiserver")))
+    find(
+        "kube-apiserver",
+        "WA_KUBE_APISERVER",
+        cache_root().join(format!("k8s/{K8S_VERSION}/bin/kube-apiserver")),
+    )
 }
 
 pub fn kubectl() -> Result<PathBuf> {
-    find("kubectl", "WA_KUBECTL", cache_root().join(format!("k8s/{K8S_VERSION}/bin/kubectl")))
+    find(
+        "kubectl",
+        "WA_KUBECTL",
+        cache_root().join(format!("k8s/{K8S_VERSION}/bin/kubectl")),
+    )
 }
 
 pub fn etcd() -> Result<PathBuf> {
-    find("etcd", "WA_ETCD", cache_root().join(format!("etcd/{ETCD_VERSION}/bin/etcd")))
+    find(
+        "etcd",
+        "WA_ETCD",
+        cache_root().join(format!("etcd/{ETCD_VERSION}/bin/etcd")),
+    )
 }
 
 pub fn helm() -> Result<PathBuf> {
-    find("helm", "WA_HELM", cache_root().join(format!("helm/{HELM_VERSION}/bin/helm")))
+    find(
+        "helm",
+        "WA_HELM",
+        cache_root().join(format!("helm/{HELM_VERSION}/bin/helm")),
+    )
 }
 
 pub fn redis_server() -> Result<PathBuf> {
-    find("redis-server", "WA_REDIS_SERVER", PathBuf::from("/usr/bin/redis-server"))
+    find(
+        "redis-server",
+        "WA_REDIS_SERVER",
+        PathBuf::from("/usr/bin/redis-server"),
+    )
 }
 
 /// The workspace root (for examples/, charts/, crds/).
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }

@@ -56,7 +56,10 @@ fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0)))
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+        })
         .unwrap_or(0)
 }
 
@@ -66,7 +69,9 @@ async fn receiver_down_for_30s_loses_nothing_and_every_final_status_arrives() {
     let receiver = Receiver::start().await.unwrap();
     let settings = settings(&receiver, &redis, "gw-outage", &[]);
     let mut registry = gateway::metrics::new_registry();
-    let pipeline = Pipeline::start(&settings, Some(redis_client(&redis).await), &mut registry, None).await.unwrap();
+    let pipeline = Pipeline::start(&settings, Some(redis_client(&redis).await), &mut registry, None)
+        .await
+        .unwrap();
     let states = pipeline.states.clone();
     let stats = pipeline.batch_stats().clone();
     let delivery = pipeline.delivery.clone();
@@ -86,14 +91,24 @@ async fn receiver_down_for_30s_loses_nothing_and_every_final_status_arrives() {
         max_backlog = max_backlog.max(delivery.backlog());
     }
     assert!(max_backlog > 0, "batches spilled during the outage");
-    let spill_len: u64 = redis_client(&redis).await.xlen("wa:{gw:gw-outage}:spill:status").await.unwrap();
+    let spill_len: u64 = redis_client(&redis)
+        .await
+        .xlen("wa:{gw:gw-outage}:spill:status")
+        .await
+        .unwrap();
     assert!(spill_len > 0, "the spill lives in Redis");
     assert!(!delivery.backend_healthy());
 
     receiver.set_mode(Mode::Ok);
     wait_until("spill drained", Duration::from_secs(90), || {
         let backlog = delivery.backlog();
-        async move { if backlog == 0 { Ok(()) } else { Err(format!("backlog {backlog}")) } }
+        async move {
+            if backlog == 0 {
+                Ok(())
+            } else {
+                Err(format!("backlog {backlog}"))
+            }
+        }
     })
     .await
     .unwrap();
@@ -113,7 +128,11 @@ async fn receiver_down_for_30s_loses_nothing_and_every_final_status_arrives() {
     }
     // Counts reconcile: every event was delivered, superseded by a newer one, or expired (QR).
     let accounted = delivery.delivered_items() + stats.total_superseded() + stats.expired() + delivery.expired_items();
-    assert_eq!(stats.total_received(), accounted, "lost = received - delivered - superseded - expired");
+    assert_eq!(
+        stats.total_received(),
+        accounted,
+        "lost = received - delivered - superseded - expired"
+    );
     assert_eq!(delivery.dead_letters(), 0);
     let at_receiver: usize = receiver.received().iter().map(|r| r.items.len()).sum();
     assert!(at_receiver as u64 >= delivery.delivered_items());
@@ -125,7 +144,9 @@ async fn misbehaving_receiver_is_retried_split_and_dead_lettered_without_crash()
     let receiver = Receiver::start().await.unwrap();
     let settings = settings(&receiver, &redis, "gw-misbehave", &[]);
     let mut registry = gateway::metrics::new_registry();
-    let pipeline = Pipeline::start(&settings, Some(redis_client(&redis).await), &mut registry, None).await.unwrap();
+    let pipeline = Pipeline::start(&settings, Some(redis_client(&redis).await), &mut registry, None)
+        .await
+        .unwrap();
     let stats = pipeline.batch_stats().clone();
     let delivery = pipeline.delivery.clone();
     let sim = churny_sim(11);
@@ -149,25 +170,46 @@ async fn misbehaving_receiver_is_retried_split_and_dead_lettered_without_crash()
     receiver.set_mode(Mode::Ok);
     wait_until("spill drained", Duration::from_secs(90), || {
         let backlog = delivery.backlog();
-        async move { if backlog == 0 { Ok(()) } else { Err(format!("backlog {backlog}")) } }
+        async move {
+            if backlog == 0 {
+                Ok(())
+            } else {
+                Err(format!("backlog {backlog}"))
+            }
+        }
     })
     .await
     .unwrap();
     pipeline.shutdown(sessions, Duration::from_secs(30)).await;
 
-    assert!(receiver.attempts() > receiver.received().len() as u64, "failed requests were retried");
+    assert!(
+        receiver.attempts() > receiver.received().len() as u64,
+        "failed requests were retried"
+    );
     assert!(delivery.dead_letters() > 0, "422 answers are dead-lettered");
-    let dead: u64 = redis_client(&redis).await.xlen("wa:{gw:gw-misbehave}:dead").await.unwrap();
+    let dead: u64 = redis_client(&redis)
+        .await
+        .xlen("wa:{gw:gw-misbehave}:dead")
+        .await
+        .unwrap();
     assert_eq!(dead, delivery.dead_letters(), "dead letters are in the Redis stream");
     // 413 made the gateway split batches down to what the receiver takes.
-    let under_413: Vec<_> = receiver.received().into_iter().filter(|r| r.batch_id.ends_with("-a") || r.batch_id.ends_with("-b")).collect();
+    let under_413: Vec<_> = receiver
+        .received()
+        .into_iter()
+        .filter(|r| r.batch_id.ends_with("-a") || r.batch_id.ends_with("-b"))
+        .collect();
     assert!(!under_413.is_empty(), "split halves were delivered");
     let accounted = delivery.delivered_items()
         + delivery.dead_letter_items()
         + stats.total_superseded()
         + stats.expired()
         + delivery.expired_items();
-    assert!(accounted >= stats.total_received(), "nothing lost: {accounted} accounted of {}", stats.total_received());
+    assert!(
+        accounted >= stats.total_received(),
+        "nothing lost: {accounted} accounted of {}",
+        stats.total_received()
+    );
     let growth = rss_kib().saturating_sub(rss_before);
     assert!(growth < 200 * 1024, "memory stays bounded: grew {growth} KiB");
 }
@@ -177,10 +219,22 @@ async fn gateway_killed_mid_outage_delivers_the_spill_after_restart() {
     let redis = RedisServer::start().await.unwrap();
     let receiver = Receiver::start().await.unwrap();
     receiver.set_mode(Mode::Down);
-    let env = [("WA_BACKEND_URL", receiver.url()), ("WA_REDIS_URL", redis.url()), ("POD_NAME", "gw-kill".into())];
+    let env = [
+        ("WA_BACKEND_URL", receiver.url()),
+        ("WA_REDIS_URL", redis.url()),
+        ("POD_NAME", "gw-kill".into()),
+    ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut first = GatewayProcess::start(
-        &["standalone", "--simulate", "200", "--sim-mean-connected-s", "20", "--retry-attempts", "1"],
+        &[
+            "standalone",
+            "--simulate",
+            "200",
+            "--sim-mean-connected-s",
+            "20",
+            "--retry-attempts",
+            "1",
+        ],
         &env,
     )
     .await
@@ -189,36 +243,62 @@ async fn gateway_killed_mid_outage_delivers_the_spill_after_restart() {
     let spilled = wait_until("batches spilled to Redis", Duration::from_secs(30), || {
         let client = client.clone();
         async move {
-            let n: u64 = client.xlen("wa:{gw:gw-kill}:spill:status").await.map_err(|e| e.to_string())?;
+            let n: u64 = client
+                .xlen("wa:{gw:gw-kill}:spill:status")
+                .await
+                .map_err(|e| e.to_string())?;
             if n >= 3 { Ok(n) } else { Err(format!("{n} spilled")) }
         }
     })
     .await
     .unwrap();
     first.child.signal("KILL").unwrap();
-    first.child.wait_timeout(Duration::from_secs(5)).unwrap().expect("killed");
-    let entries: Vec<(String, std::collections::HashMap<String, String>)> =
-        client.xrange("wa:{gw:gw-kill}:spill:status", "-", "+", None).await.unwrap();
+    first
+        .child
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap()
+        .expect("killed");
+    let entries: Vec<(String, std::collections::HashMap<String, String>)> = client
+        .xrange("wa:{gw:gw-kill}:spill:status", "-", "+", None)
+        .await
+        .unwrap();
     assert!(entries.len() as u64 >= spilled);
     let batch_ids: Vec<String> = entries
         .iter()
-        .map(|(_, f)| serde_json::from_str::<serde_json::Value>(&f["batch"]).unwrap()["batch_id"].as_str().unwrap().to_string())
+        .map(|(_, f)| {
+            serde_json::from_str::<serde_json::Value>(&f["batch"]).unwrap()["batch_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
 
     receiver.set_mode(Mode::Ok);
-    let second = GatewayProcess::start(&["standalone", "--simulate", "0"], &env).await.unwrap();
+    let second = GatewayProcess::start(&["standalone", "--simulate", "0"], &env)
+        .await
+        .unwrap();
     wait_until("spill delivered after restart", Duration::from_secs(60), || {
         let client = client.clone();
         async move {
-            let n: u64 = client.xlen("wa:{gw:gw-kill}:spill:status").await.map_err(|e| e.to_string())?;
-            if n == 0 { Ok(()) } else { Err(format!("{n} still spilled")) }
+            let n: u64 = client
+                .xlen("wa:{gw:gw-kill}:spill:status")
+                .await
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                Ok(())
+            } else {
+                Err(format!("{n} still spilled"))
+            }
         }
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", second.log()));
     let received: std::collections::HashSet<String> = receiver.received().into_iter().map(|r| r.batch_id).collect();
     for id in &batch_ids {
-        assert!(received.contains(id), "spilled batch {id} delivered by the restarted gateway");
+        assert!(
+            received.contains(id),
+            "spilled batch {id} delivered by the restarted gateway"
+        );
     }
 }
 
@@ -226,27 +306,47 @@ async fn gateway_killed_mid_outage_delivers_the_spill_after_restart() {
 async fn redis_going_away_degrades_readiness_and_recovers() {
     let mut redis = RedisServer::start().await.unwrap();
     let receiver = Receiver::start().await.unwrap();
-    let env = [("WA_BACKEND_URL", receiver.url()), ("WA_REDIS_URL", redis.url()), ("POD_NAME", "gw-redis".into())];
+    let env = [
+        ("WA_BACKEND_URL", receiver.url()),
+        ("WA_REDIS_URL", redis.url()),
+        ("POD_NAME", "gw-redis".into()),
+    ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut gw = GatewayProcess::start(&["standalone", "--simulate", "100", "--sim-mean-connected-s", "10"], &env).await.unwrap();
+    let mut gw = GatewayProcess::start(
+        &["standalone", "--simulate", "100", "--sim-mean-connected-s", "10"],
+        &env,
+    )
+    .await
+    .unwrap();
     let ready = |code: u16| {
         let gw = &gw;
         move || async move {
             let (status, body) = gw.get("/readyz").await?;
-            if status == code { Ok(body) } else { Err(format!("{status} {body}")) }
+            if status == code {
+                Ok(body)
+            } else {
+                Err(format!("{status} {body}"))
+            }
         }
     };
     wait_until("ready", Duration::from_secs(20), ready(200)).await.unwrap();
 
     redis.stop();
-    let body = wait_until("degraded", Duration::from_secs(20), ready(503)).await.unwrap();
+    let body = wait_until("degraded", Duration::from_secs(20), ready(503))
+        .await
+        .unwrap();
     assert!(body.contains("unreachable"), "{body}");
     assert_eq!(gw.get("/healthz").await.unwrap().0, 200, "alive while degraded");
     let before = receiver.received().len();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(receiver.received().len() > before, "still delivering while Redis is away");
+    assert!(
+        receiver.received().len() > before,
+        "still delivering while Redis is away"
+    );
 
     redis.restart().await.unwrap();
-    wait_until("ready again", Duration::from_secs(30), ready(200)).await.unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
+    wait_until("ready again", Duration::from_secs(30), ready(200))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
     gw.child.check_running().expect("never crashed");
 }

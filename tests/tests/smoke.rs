@@ -12,20 +12,31 @@ use test_support::{ControlPlane, RedisServer, control_plane, tools, wait_until};
 async fn install_crd(client: &kube::Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = WhatsappSession::crd();
-    crds.patch(&crd.name_any(), &PatchParams::apply("smoke-test").force(), &Patch::Apply(&crd))
-        .await
-        .expect("apply CRD");
+    crds.patch(
+        &crd.name_any(),
+        &PatchParams::apply("smoke-test").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply CRD");
     wait_until("CRD established", Duration::from_secs(30), || {
         let crds = crds.clone();
         async move {
-            let crd = crds.get("whatsappsessions.whatsapp.gateway.dev").await.map_err(|e| e.to_string())?;
+            let crd = crds
+                .get("whatsappsessions.whatsapp.gateway.dev")
+                .await
+                .map_err(|e| e.to_string())?;
             let established = crd
                 .status
                 .and_then(|s| s.conditions)
                 .unwrap_or_default()
                 .iter()
                 .any(|c| c.type_ == "Established" && c.status == "True");
-            if established { Ok(()) } else { Err("not established".into()) }
+            if established {
+                Ok(())
+            } else {
+                Err("not established".into())
+            }
         }
     })
     .await
@@ -46,8 +57,15 @@ async fn namespace(client: &kube::Client, name: &str) {
 async fn apiserver_version_is_pinned() {
     let client = control_plane::shared().client().await.unwrap();
     let version = client.apiserver_version().await.unwrap();
-    eprintln!("kube-apiserver under test: {} ({})", version.git_version, version.platform);
-    assert_eq!((version.major.as_str(), version.minor.as_str()), ("1", "37"), "{version:?}");
+    eprintln!(
+        "kube-apiserver under test: {} ({})",
+        version.git_version, version.platform
+    );
+    assert_eq!(
+        (version.major.as_str(), version.minor.as_str()),
+        ("1", "37"),
+        "{version:?}"
+    );
 }
 
 #[tokio::test]
@@ -61,11 +79,16 @@ async fn crd_installs_and_sessions_round_trip_and_invalid_ones_are_rejected() {
         "alice",
         WhatsappSessionSpec {
             session_id: Some("alice-1".into()),
-            login: Login { method: LoginMethod::PairingCode, phone_number: Some("+5215512345678".into()) },
+            login: Login {
+                method: LoginMethod::PairingCode,
+                phone_number: Some("+5215512345678".into()),
+            },
             ..Default::default()
         },
     );
-    api.create(&PostParams::default(), &session).await.expect("create valid session");
+    api.create(&PostParams::default(), &session)
+        .await
+        .expect("create valid session");
     let read = api.get("alice").await.unwrap();
     assert_eq!(read.spec, session.spec);
     assert_eq!(read.session_id(), "alice-1");
@@ -83,20 +106,35 @@ async fn crd_installs_and_sessions_round_trip_and_invalid_ones_are_rejected() {
     // pairingCode without a phone number: rejected by the CEL rule, with its message.
     let bad = WhatsappSession::new(
         "carol",
-        WhatsappSessionSpec { login: Login { method: LoginMethod::PairingCode, phone_number: None }, ..Default::default() },
+        WhatsappSessionSpec {
+            login: Login {
+                method: LoginMethod::PairingCode,
+                phone_number: None,
+            },
+            ..Default::default()
+        },
     );
-    let err = api.create(&PostParams::default(), &bad).await.expect_err("pairingCode without phone is invalid");
+    let err = api
+        .create(&PostParams::default(), &bad)
+        .await
+        .expect_err("pairingCode without phone is invalid");
     assert!(err.to_string().contains("login.phoneNumber is required"), "{err}");
 
     // Malformed phone number: rejected by the schema pattern.
     let bad = WhatsappSession::new(
         "dave",
         WhatsappSessionSpec {
-            login: Login { method: LoginMethod::PairingCode, phone_number: Some("12-34".into()) },
+            login: Login {
+                method: LoginMethod::PairingCode,
+                phone_number: Some("12-34".into()),
+            },
             ..Default::default()
         },
     );
-    let err = api.create(&PostParams::default(), &bad).await.expect_err("bad phone is invalid");
+    let err = api
+        .create(&PostParams::default(), &bad)
+        .await
+        .expect_err("bad phone is invalid");
     assert!(err.to_string().contains("phoneNumber"), "{err}");
 
     // sessionId is immutable.
@@ -119,11 +157,18 @@ async fn kubectl_apply_of_the_examples_works() {
     namespace(&client, "smoke-kubectl").await;
     for example in ["session-qr.yaml", "session-pairing-code.yaml"] {
         let path = tools::workspace_root().join("examples").join(example);
-        let out = plane.kubectl(&["apply", "-n", "smoke-kubectl", "-f", &path.display().to_string()]).unwrap();
+        let out = plane
+            .kubectl(&["apply", "-n", "smoke-kubectl", "-f", &path.display().to_string()])
+            .unwrap();
         assert!(out.contains("created") || out.contains("configured"), "{out}");
     }
-    let out = plane.kubectl(&["get", "wasession", "-n", "smoke-kubectl", "-o", "name"]).unwrap();
-    assert!(out.contains("whatsappsession.whatsapp.gateway.dev/shop-support"), "{out}");
+    let out = plane
+        .kubectl(&["get", "wasession", "-n", "smoke-kubectl", "-o", "name"])
+        .unwrap();
+    assert!(
+        out.contains("whatsappsession.whatsapp.gateway.dev/shop-support"),
+        "{out}"
+    );
     assert!(out.contains("whatsappsession.whatsapp.gateway.dev/sales-line"), "{out}");
     let table = plane.kubectl(&["get", "wasession", "-n", "smoke-kubectl"]).unwrap();
     let header = table.lines().next().unwrap_or_default();
@@ -138,12 +183,22 @@ async fn helm_install_of_the_chart_installs_the_crd() {
     let plane = ControlPlane::start().await.expect("start control plane");
     let chart = tools::workspace_root().join("charts/whatsapp-gateway");
     let out = plane
-        .helm(&["install", "wa", &chart.display().to_string(), "--namespace", "wa-system", "--create-namespace", "--wait=false"])
+        .helm(&[
+            "install",
+            "wa",
+            &chart.display().to_string(),
+            "--namespace",
+            "wa-system",
+            "--create-namespace",
+            "--wait=false",
+        ])
         .expect("helm install");
     assert!(out.contains("STATUS: deployed"), "{out}");
     let client = plane.client().await.unwrap();
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.get("whatsappsessions.whatsapp.gateway.dev").await.expect("chart installed the CRD");
+    crds.get("whatsappsessions.whatsapp.gateway.dev")
+        .await
+        .expect("chart installed the CRD");
     let statefulsets: Api<k8s_openapi::api::apps::v1::StatefulSet> = Api::namespaced(client.clone(), "wa-system");
     let sts = statefulsets.get("wa-gateway").await.expect("gateway StatefulSet");
     assert_eq!(sts.spec.replicas, Some(2));
@@ -158,7 +213,10 @@ async fn fred_round_trips_a_value_through_redis() {
     let config = Config::from_url(&redis.url()).unwrap();
     let client = Builder::from_config(config).build().unwrap();
     client.init().await.expect("connect");
-    let _: () = client.set("wa:{smoke}:key", "value", Some(Expiration::EX(60)), None, false).await.unwrap();
+    let _: () = client
+        .set("wa:{smoke}:key", "value", Some(Expiration::EX(60)), None, false)
+        .await
+        .unwrap();
     let value: Option<String> = client.get("wa:{smoke}:key").await.unwrap();
     assert_eq!(value.as_deref(), Some("value"));
     client.quit().await.unwrap();

@@ -51,6 +51,8 @@ impl BackendClient {
             .timeout(settings.request_timeout)
             .connect_timeout(settings.connect_timeout)
             .pool_max_idle_per_host(32)
+            // A followed 301/302 would turn the POST into a body-less GET: surface it instead.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("whatsapp-gateway/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(Error::Http)?;
@@ -96,7 +98,9 @@ impl BackendClient {
             let key = format!("{}-{i}", batch.batch_id);
             let mut body = item.body.clone();
             body["batchId"] = serde_json::Value::String(key.clone());
-            last = self.post(path, &key, serde_json::to_vec(&body).expect("item serializes")).await;
+            last = self
+                .post(path, &key, serde_json::to_vec(&body).expect("item serializes"))
+                .await;
             if !matches!(last, Outcome::Delivered { .. }) {
                 return last;
             }
@@ -111,8 +115,13 @@ impl BackendClient {
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(IDEMPOTENCY_HEADER, idempotency_key);
         if let Some(secret) = &self.settings.secret {
-            let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            request = request.header(TIMESTAMP_HEADER, timestamp).header(SIGNATURE_HEADER, sign(secret, timestamp, &body));
+            let timestamp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            request = request
+                .header(TIMESTAMP_HEADER, timestamp)
+                .header(SIGNATURE_HEADER, sign(secret, timestamp, &body));
         }
         match request.body(body).send().await {
             Ok(response) => {
@@ -126,7 +135,10 @@ impl BackendClient {
                 };
                 Outcome::from_status(code, text)
             }
-            Err(err) => Outcome::Transient { code: None, error: error_chain(&err) },
+            Err(err) => Outcome::Transient {
+                code: None,
+                error: error_chain(&err),
+            },
         }
     }
 }
@@ -154,6 +166,9 @@ mod tests {
             sign("s3cret", 1_700_000_000, br#"{"a":1}"#),
             "sha256=1698a50bc74d1ff1db85c4e0a5297c2ad9fdba245d5737cdb789e4cc6e098940"
         );
-        assert_ne!(sign("s3cret", 1_700_000_001, br#"{"a":1}"#), sign("s3cret", 1_700_000_000, br#"{"a":1}"#));
+        assert_ne!(
+            sign("s3cret", 1_700_000_001, br#"{"a":1}"#),
+            sign("s3cret", 1_700_000_000, br#"{"a":1}"#)
+        );
     }
 }

@@ -101,7 +101,11 @@ impl DeliveryMetrics {
             "Duration of backend requests",
             m.request_duration.clone(),
         );
-        registry.register("whatsapp_gateway_batch_size", "Items per batch sent, by lane", m.batch_size.clone());
+        registry.register(
+            "whatsapp_gateway_batch_size",
+            "Items per batch sent, by lane",
+            m.batch_size.clone(),
+        );
         registry.register(
             "whatsapp_gateway_delivery_latency_seconds",
             "Time from an event to the backend's 2xx for it, by lane",
@@ -117,7 +121,11 @@ impl DeliveryMetrics {
             "Batches moved to the dead-letter stream after a permanent 4xx",
             m.dead_letters.clone(),
         );
-        registry.register("whatsapp_gateway_delivered_items", "Items the backend accepted, by lane", m.delivered_items.clone());
+        registry.register(
+            "whatsapp_gateway_delivered_items",
+            "Items the backend accepted, by lane",
+            m.delivered_items.clone(),
+        );
         registry.register(
             "whatsapp_gateway_expired_items",
             "QR items dropped from the spill because they expired before the backend took them",
@@ -200,7 +208,9 @@ impl Delivery {
     /// Installs a hook called with each batch the backend accepted. Must be called before the
     /// delivery is shared.
     pub fn with_delivered_hook(mut self, hook: DeliveredHook) -> Self {
-        Arc::get_mut(&mut self.inner).expect("hook installed before sharing").on_delivered = Some(hook);
+        Arc::get_mut(&mut self.inner)
+            .expect("hook installed before sharing")
+            .on_delivered = Some(hook);
         self
     }
 
@@ -239,7 +249,11 @@ impl Delivery {
             for endpoint in Endpoint::ALL {
                 match redis.len(endpoint).await {
                     Ok(n) if n > 0 => {
-                        tracing::info!(endpoint = endpoint.as_str(), batches = n, "resuming spilled batches from Redis");
+                        tracing::info!(
+                            endpoint = endpoint.as_str(),
+                            batches = n,
+                            "resuming spilled batches from Redis"
+                        );
                         self.inner.backlog[slot(endpoint)].fetch_add(n as i64, Ordering::Relaxed);
                     }
                     Ok(_) => {}
@@ -264,9 +278,13 @@ impl Delivery {
 
     fn update_backlog_gauge(&self) {
         for endpoint in Endpoint::ALL {
-            self.inner.metrics.spill_backlog.get_or_create(&EndpointLabel { endpoint: endpoint.as_str() }).set(
-                self.inner.backlog[slot(endpoint)].load(Ordering::Relaxed),
-            );
+            self.inner
+                .metrics
+                .spill_backlog
+                .get_or_create(&EndpointLabel {
+                    endpoint: endpoint.as_str(),
+                })
+                .set(self.inner.backlog[slot(endpoint)].load(Ordering::Relaxed));
         }
     }
 
@@ -290,7 +308,14 @@ impl Delivery {
             .request_duration
             .get_or_create(&EndpointLabel { endpoint })
             .observe(started.elapsed().as_secs_f64());
-        self.inner.metrics.requests.get_or_create(&RequestLabels { endpoint, code: outcome.code_label() }).inc();
+        self.inner
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                endpoint,
+                code: outcome.code_label(),
+            })
+            .inc();
         let now = unix_ms_now();
         match &outcome {
             Outcome::Delivered { .. } => self.inner.last_backend_ok.store(now, Ordering::Relaxed),
@@ -302,14 +327,26 @@ impl Delivery {
 
     fn on_delivered(&self, batch: &WireBatch) {
         let now = unix_ms_now();
-        let lane = LaneLabel { lane: batch.lane.clone() };
+        let lane = LaneLabel {
+            lane: batch.lane.clone(),
+        };
         let latency = self.inner.metrics.delivery_latency.get_or_create(&lane);
         for item in &batch.items {
             latency.observe(((now - item.created_unix_ms).max(0) as f64) / 1000.0);
         }
-        self.inner.metrics.batch_size.get_or_create(&lane).observe(batch.items.len() as f64);
-        self.inner.metrics.delivered_items.get_or_create(&lane).inc_by(batch.items.len() as u64);
-        self.inner.delivered_items.fetch_add(batch.items.len() as u64, Ordering::Relaxed);
+        self.inner
+            .metrics
+            .batch_size
+            .get_or_create(&lane)
+            .observe(batch.items.len() as f64);
+        self.inner
+            .metrics
+            .delivered_items
+            .get_or_create(&lane)
+            .inc_by(batch.items.len() as u64);
+        self.inner
+            .delivered_items
+            .fetch_add(batch.items.len() as u64, Ordering::Relaxed);
         if let Some(hook) = &self.inner.on_delivered {
             hook(batch);
         }
@@ -325,8 +362,16 @@ impl Delivery {
             "backend refused the batch permanently: moved to the dead-letter stream"
         );
         self.inner.dead_letters.fetch_add(1, Ordering::Relaxed);
-        self.inner.dead_letter_items.fetch_add(batch.items.len() as u64, Ordering::Relaxed);
-        self.inner.metrics.dead_letters.get_or_create(&EndpointLabel { endpoint: batch.endpoint.as_str() }).inc();
+        self.inner
+            .dead_letter_items
+            .fetch_add(batch.items.len() as u64, Ordering::Relaxed);
+        self.inner
+            .metrics
+            .dead_letters
+            .get_or_create(&EndpointLabel {
+                endpoint: batch.endpoint.as_str(),
+            })
+            .inc();
         if let Some(redis) = &self.inner.redis
             && let Err(err) = redis.dead_letter(batch, code, body).await
         {
@@ -369,7 +414,11 @@ impl Delivery {
                 }
             }
         }
-        if retry_later.is_empty() { None } else { Some(retry_later) }
+        if retry_later.is_empty() {
+            None
+        } else {
+            Some(retry_later)
+        }
     }
 
     /// Puts a batch into the spill (Redis, or memory when Redis is absent or failing; when memory

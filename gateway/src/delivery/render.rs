@@ -77,7 +77,10 @@ struct BatchBody<'a> {
 }
 
 pub fn unix_ms_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl WireBatch {
@@ -93,14 +96,20 @@ impl WireBatch {
                         match qr_png_data_url(&qr.code) {
                             Ok(url) => body["qr"] = serde_json::Value::String(url),
                             // Never lose the code: the backend can still render the raw string.
-                            Err(err) => tracing::warn!(%err, session_id = %qr.session_id, "QR sent raw: PNG rendering failed"),
+                            Err(err) => {
+                                tracing::warn!(%err, session_id = %qr.session_id, "QR sent raw: PNG rendering failed")
+                            }
                         }
                     }
                     (body, Some(qr.expires_at.timestamp_millis()))
                 }
                 GatewayEvent::Status(_) => (serde_json::to_value(event)?, None),
             };
-            items.push(WireItem { body, created_unix_ms, expires_unix_ms });
+            items.push(WireItem {
+                body,
+                created_unix_ms,
+                expires_unix_ms,
+            });
         }
         Ok(WireBatch {
             batch_id: uuid::Uuid::now_v7().to_string(),
@@ -112,14 +121,18 @@ impl WireBatch {
 
     /// The request body.
     pub fn body(&self) -> Vec<u8> {
-        serde_json::to_vec(&BatchBody { batch_id: &self.batch_id, items: self.items.iter().map(|i| &i.body).collect() })
-            .expect("batch body serializes")
+        serde_json::to_vec(&BatchBody {
+            batch_id: &self.batch_id,
+            items: self.items.iter().map(|i| &i.body).collect(),
+        })
+        .expect("batch body serializes")
     }
 
     /// Drops QR items that expired; returns how many.
     pub fn drop_expired(&mut self, now_unix_ms: i64) -> usize {
         let before = self.items.len();
-        self.items.retain(|i| i.expires_unix_ms.is_none_or(|exp| exp > now_unix_ms));
+        self.items
+            .retain(|i| i.expires_unix_ms.is_none_or(|exp| exp > now_unix_ms));
         before - self.items.len()
     }
 
@@ -130,8 +143,18 @@ impl WireBatch {
         let mut first = self.items;
         let second = first.split_off(mid);
         (
-            WireBatch { batch_id: format!("{}-a", self.batch_id), endpoint: self.endpoint, lane: self.lane.clone(), items: first },
-            WireBatch { batch_id: format!("{}-b", self.batch_id), endpoint: self.endpoint, lane: self.lane, items: second },
+            WireBatch {
+                batch_id: format!("{}-a", self.batch_id),
+                endpoint: self.endpoint,
+                lane: self.lane.clone(),
+                items: first,
+            },
+            WireBatch {
+                batch_id: format!("{}-b", self.batch_id),
+                endpoint: self.endpoint,
+                lane: self.lane,
+                items: second,
+            },
         )
     }
 }
@@ -144,7 +167,10 @@ pub fn qr_png_data_url(code: &str) -> Result<String> {
     image::DynamicImage::ImageLuma8(image)
         .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|e| Error::QrRender(e.to_string()))?;
-    Ok(format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png)))
+    Ok(format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    ))
 }
 
 #[cfg(test)]

@@ -12,9 +12,11 @@ pub enum Outcome {
     Delivered { code: u16 },
     /// 413: the batch is too large; split it.
     TooLarge,
-    /// A 4xx that will not get better by retrying (400, 401, 403, 404, 422, ...): dead letter.
+    /// A 4xx that will not get better by retrying (400, 404, 422, ...): dead letter.
     Permanent { code: u16, body: String },
-    /// 5xx, 408, 425, 429, timeouts, connection errors, garbage: retry later.
+    /// 5xx, 3xx, 401, 403, 408, 425, 429, timeouts, connection errors, garbage: retry later.
+    /// 401/403 and 3xx are configuration problems (secret, clock, URL) that an operator fixes;
+    /// dead-lettering would turn a typo into lost data, so they wait in the spill instead.
     Transient { code: Option<u16>, error: String },
 }
 
@@ -23,9 +25,15 @@ impl Outcome {
         match code {
             200..=299 => Outcome::Delivered { code },
             413 => Outcome::TooLarge,
-            408 | 425 | 429 => Outcome::Transient { code: Some(code), error: body },
+            401 | 403 | 408 | 425 | 429 => Outcome::Transient {
+                code: Some(code),
+                error: body,
+            },
             400..=499 => Outcome::Permanent { code, body },
-            _ => Outcome::Transient { code: Some(code), error: body },
+            _ => Outcome::Transient {
+                code: Some(code),
+                error: body,
+            },
         }
     }
 
@@ -80,23 +88,45 @@ mod tests {
 
     #[test]
     fn status_codes_are_classified() {
-        assert!(matches!(Outcome::from_status(200, String::new()), Outcome::Delivered { code: 200 }));
-        assert!(matches!(Outcome::from_status(204, String::new()), Outcome::Delivered { .. }));
+        assert!(matches!(
+            Outcome::from_status(200, String::new()),
+            Outcome::Delivered { code: 200 }
+        ));
+        assert!(matches!(
+            Outcome::from_status(204, String::new()),
+            Outcome::Delivered { .. }
+        ));
         assert_eq!(Outcome::from_status(413, String::new()), Outcome::TooLarge);
-        assert!(matches!(Outcome::from_status(422, String::new()), Outcome::Permanent { code: 422, .. }));
-        assert!(matches!(Outcome::from_status(404, String::new()), Outcome::Permanent { .. }));
-        for code in [408, 425, 429, 500, 502, 503] {
-            assert!(matches!(Outcome::from_status(code, String::new()), Outcome::Transient { .. }), "{code}");
+        assert!(matches!(
+            Outcome::from_status(422, String::new()),
+            Outcome::Permanent { code: 422, .. }
+        ));
+        assert!(matches!(
+            Outcome::from_status(404, String::new()),
+            Outcome::Permanent { .. }
+        ));
+        for code in [301, 401, 403, 408, 425, 429, 500, 502, 503] {
+            assert!(
+                matches!(Outcome::from_status(code, String::new()), Outcome::Transient { .. }),
+                "{code}"
+            );
         }
     }
 
     #[test]
     fn backoff_grows_is_capped_and_never_ends() {
-        let policy = RetryPolicy { min_delay: Duration::from_millis(100), max_delay: Duration::from_secs(2), ..Default::default() };
+        let policy = RetryPolicy {
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+            ..Default::default()
+        };
         let delays: Vec<Duration> = policy.backoff().take(50).collect();
         assert_eq!(delays.len(), 50);
         // Jitter adds at most one more delay's worth on top of the exponential step.
         assert!(delays.iter().all(|d| *d <= Duration::from_secs(4)), "{delays:?}");
-        assert!(delays[10..].iter().any(|d| *d >= Duration::from_secs(1)), "grows: {delays:?}");
+        assert!(
+            delays[10..].iter().any(|d| *d >= Duration::from_secs(1)),
+            "grows: {delays:?}"
+        );
     }
 }

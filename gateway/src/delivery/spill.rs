@@ -30,7 +30,9 @@ pub struct SpillKeys {
 
 impl SpillKeys {
     pub fn new(identity: &str) -> Self {
-        SpillKeys { identity: identity.to_string() }
+        SpillKeys {
+            identity: identity.to_string(),
+        }
     }
     pub fn spill(&self, endpoint: Endpoint) -> String {
         format!("wa:{{gw:{}}}:spill:{}", self.identity, endpoint.as_str())
@@ -56,24 +58,41 @@ impl RedisSpill {
         let data = serde_json::to_string(batch)?;
         let _: String = self
             .client
-            .xadd(self.keys.spill(batch.endpoint), false, None::<()>, "*", vec![("batch", data)])
+            .xadd(
+                self.keys.spill(batch.endpoint),
+                false,
+                None::<()>,
+                "*",
+                vec![("batch", data)],
+            )
             .await?;
         Ok(())
     }
 
     pub async fn oldest(&self, endpoint: Endpoint, count: u64) -> Result<Vec<SpilledBatch>> {
-        let entries: Vec<(String, std::collections::HashMap<String, String>)> =
-            self.client.xrange(self.keys.spill(endpoint), "-", "+", Some(count)).await?;
+        let entries: Vec<(String, std::collections::HashMap<String, String>)> = self
+            .client
+            .xrange(self.keys.spill(endpoint), "-", "+", Some(count))
+            .await?;
         let mut out = Vec::with_capacity(entries.len());
         for (id, mut fields) in entries {
-            match fields.remove("batch").map(|data| serde_json::from_str::<WireBatch>(&data)) {
+            match fields
+                .remove("batch")
+                .map(|data| serde_json::from_str::<WireBatch>(&data))
+            {
                 Some(Ok(batch)) => out.push(SpilledBatch { id, batch }),
                 // An entry we cannot read would block the stream forever: move it aside.
                 other => {
                     tracing::error!(entry = %id, ?other, "unreadable spill entry moved to dead letters");
                     let _: String = self
                         .client
-                        .xadd(self.keys.dead(), false, dead_cap(), "*", vec![("unreadable", id.clone())])
+                        .xadd(
+                            self.keys.dead(),
+                            false,
+                            dead_cap(),
+                            "*",
+                            vec![("unreadable", id.clone())],
+                        )
                         .await?;
                     let _: u64 = self.client.xdel(self.keys.spill(endpoint), id).await?;
                 }
@@ -100,7 +119,11 @@ impl RedisSpill {
                 false,
                 dead_cap(),
                 "*",
-                vec![("batch", data), ("code", code.to_string()), ("body", body.chars().take(512).collect())],
+                vec![
+                    ("batch", data),
+                    ("code", code.to_string()),
+                    ("body", body.chars().take(512).collect()),
+                ],
             )
             .await?;
         Ok(())
@@ -132,7 +155,11 @@ fn slot(endpoint: Endpoint) -> usize {
 
 impl MemorySpill {
     pub fn new(capacity: usize) -> Self {
-        MemorySpill { capacity, queues: Mutex::new([VecDeque::new(), VecDeque::new()]), next_id: 0.into() }
+        MemorySpill {
+            capacity,
+            queues: Mutex::new([VecDeque::new(), VecDeque::new()]),
+            next_id: 0.into(),
+        }
     }
 
     /// Appends unless full; a full queue hands the batch back so the caller can wait (backpressure).
@@ -152,7 +179,10 @@ impl MemorySpill {
         queues[slot(endpoint)]
             .iter()
             .take(count)
-            .map(|(id, batch)| SpilledBatch { id: id.to_string(), batch: batch.clone() })
+            .map(|(id, batch)| SpilledBatch {
+                id: id.to_string(),
+                batch: batch.clone(),
+            })
             .collect()
     }
 
@@ -171,7 +201,12 @@ mod tests {
     use super::*;
 
     fn batch(endpoint: Endpoint, id: &str) -> WireBatch {
-        WireBatch { batch_id: id.into(), endpoint, lane: "qr".into(), items: vec![] }
+        WireBatch {
+            batch_id: id.into(),
+            endpoint,
+            lane: "qr".into(),
+            items: vec![],
+        }
     }
 
     #[test]
@@ -182,7 +217,10 @@ mod tests {
         assert!(spill.try_append(batch(Endpoint::Qr, "c")).is_err(), "bounded");
         spill.try_append(batch(Endpoint::Status, "s")).unwrap();
         let oldest = spill.oldest(Endpoint::Qr, 10);
-        assert_eq!(oldest.iter().map(|s| s.batch.batch_id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            oldest.iter().map(|s| s.batch.batch_id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         spill.ack(Endpoint::Qr, &oldest[0].id);
         assert_eq!(spill.len(Endpoint::Qr), 1);
         assert_eq!(spill.len(Endpoint::Status), 1);
