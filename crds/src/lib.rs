@@ -237,8 +237,14 @@ mod tests {
     #[test]
     fn crd_carries_names_columns_and_rules() {
         let crd = WhatsappSession::crd();
-        assert_eq!(crd.spec.names.short_names, Some(vec!["wasession".to_string()]));
-        assert_eq!(crd.spec.names.categories, Some(vec!["whatsapp".to_string()]));
+        assert_eq!(
+            crd.spec.names.short_names,
+            Some(vec!["wasession".to_string()])
+        );
+        assert_eq!(
+            crd.spec.names.categories,
+            Some(vec!["whatsapp".to_string()])
+        );
         let yaml = crd_yaml();
         for needle in [
             "spec.sessionId is immutable",

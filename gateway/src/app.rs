@@ -48,7 +48,11 @@ impl SessionStates {
     }
 
     pub fn get(&self, session_id: &str) -> Option<SessionState> {
-        self.inner.lock().expect("session states lock").get(session_id).cloned()
+        self.inner
+            .lock()
+            .expect("session states lock")
+            .get(session_id)
+            .cloned()
     }
 
     pub fn len(&self) -> usize {
@@ -60,7 +64,10 @@ impl SessionStates {
     }
 
     pub fn remove(&self, session_id: &str) {
-        self.inner.lock().expect("session states lock").remove(session_id);
+        self.inner
+            .lock()
+            .expect("session states lock")
+            .remove(session_id);
     }
 
     /// Sessions per status (for the `whatsapp_gateway_sessions{state}` gauge).
@@ -77,7 +84,9 @@ impl SessionStates {
     fn resync_events(&self) -> Vec<GatewayEvent> {
         let now = tokio::time::Instant::now();
         let map = self.inner.lock().expect("session states lock");
-        map.iter().flat_map(|(id, state)| state.resync_events(id, now)).collect()
+        map.iter()
+            .flat_map(|(id, state)| state.resync_events(id, now))
+            .collect()
     }
 }
 
@@ -95,7 +104,8 @@ impl Collector for SessionsCollector {
         )?;
         for status in SessionStatus::ALL {
             let labels = vec![("state", status.as_str())];
-            ConstGauge::new(counts.get(&status).copied().unwrap_or(0) as i64).encode(family.encode_family(&labels)?)?;
+            ConstGauge::new(counts.get(&status).copied().unwrap_or(0) as i64)
+                .encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }
@@ -119,7 +129,11 @@ impl Pipeline {
         registry: &mut Registry,
         on_delivered: Option<DeliveredHook>,
     ) -> Result<Self> {
-        let backend = settings.backend.clone().map(BackendClient::new).transpose()?;
+        let backend = settings
+            .backend
+            .clone()
+            .map(BackendClient::new)
+            .transpose()?;
         let spill = redis.map(|client| RedisSpill::new(client, SpillKeys::new(&settings.identity)));
         let mut delivery = Delivery::new(backend, spill, settings.delivery.clone(), registry);
         if let Some(hook) = on_delivered {
@@ -137,10 +151,23 @@ impl Pipeline {
         let (events, rx) = EventSink::channel(settings.batch.input_capacity);
         let router = tokio::spawn(route_events(rx, handle.clone(), states.clone()));
         if let Some(interval) = settings.resync_interval {
-            background.push(tokio::spawn(resync_loop(interval, handle.clone(), states.clone(), cancel.clone())));
+            background.push(tokio::spawn(resync_loop(
+                interval,
+                handle.clone(),
+                states.clone(),
+                cancel.clone(),
+            )));
         }
         drop(handle);
-        Ok(Pipeline { delivery, states, events, batcher, router, background, cancel })
+        Ok(Pipeline {
+            delivery,
+            states,
+            events,
+            batcher,
+            router,
+            background,
+            cancel,
+        })
     }
 
     /// Where drivers report events.
@@ -155,7 +182,15 @@ impl Pipeline {
     /// Stops the given sessions, flushes every pending event and waits (up to `grace`) for the
     /// backend or the spill to take them.
     pub async fn shutdown(self, sessions: Vec<RunningSession>, grace: Duration) {
-        let Pipeline { delivery, events, batcher, router, background, cancel, .. } = self;
+        let Pipeline {
+            delivery,
+            events,
+            batcher,
+            router,
+            background,
+            cancel,
+            ..
+        } = self;
         let work = async move {
             futures::future::join_all(sessions.into_iter().map(RunningSession::stop)).await;
             drop(events);
@@ -169,12 +204,19 @@ impl Pipeline {
             }
         };
         if tokio::time::timeout(grace, work).await.is_err() {
-            tracing::warn!(backlog = delivery.backlog(), "graceful shutdown timed out; spilled batches resume on next start");
+            tracing::warn!(
+                backlog = delivery.backlog(),
+                "graceful shutdown timed out; spilled batches resume on next start"
+            );
         }
     }
 }
 
-async fn route_events(mut rx: mpsc::Receiver<GatewayEvent>, batcher: BatcherHandle, states: Arc<SessionStates>) {
+async fn route_events(
+    mut rx: mpsc::Receiver<GatewayEvent>,
+    batcher: BatcherHandle,
+    states: Arc<SessionStates>,
+) {
     while let Some(event) = rx.recv().await {
         states.apply(&event);
         if batcher.submit(event).await.is_err() {
@@ -184,7 +226,12 @@ async fn route_events(mut rx: mpsc::Receiver<GatewayEvent>, batcher: BatcherHand
     }
 }
 
-async fn resync_loop(interval: Duration, batcher: BatcherHandle, states: Arc<SessionStates>, cancel: CancellationToken) {
+async fn resync_loop(
+    interval: Duration,
+    batcher: BatcherHandle,
+    states: Arc<SessionStates>,
+    cancel: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
     loop {
@@ -193,7 +240,10 @@ async fn resync_loop(interval: Duration, batcher: BatcherHandle, states: Arc<Ses
             _ = cancel.cancelled() => return,
         }
         let events = states.resync_events();
-        tracing::debug!(events = events.len(), "level-triggered re-sync of every session's status");
+        tracing::debug!(
+            events = events.len(),
+            "level-triggered re-sync of every session's status"
+        );
         for event in events {
             if batcher.submit(event).await.is_err() {
                 return;
@@ -206,15 +256,22 @@ async fn resync_loop(interval: Duration, batcher: BatcherHandle, states: Arc<Ses
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -242,13 +299,21 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
             Some(crate::redis::connect(url).await?)
         }
         None => {
-            tracing::warn!("no Redis configured (--redis-url / WA_REDIS_URL): spill and state are kept in memory and lost on restart");
+            tracing::warn!(
+                "no Redis configured (--redis-url / WA_REDIS_URL): spill and state are kept in memory and lost on restart"
+            );
             None
         }
     };
     match &settings.backend {
-        Some(backend) => tracing::info!(backend = %backend.base_url, "sending batches to the backend"),
-        None => tracing::warn!("no backend configured (--backend-url / WA_BACKEND_URL): batches are logged instead of sent"),
+        Some(backend) => {
+            tracing::info!(backend = %backend.base_url, "sending batches to the backend")
+        }
+        None => {
+            tracing::warn!(
+                "no backend configured (--backend-url / WA_BACKEND_URL): batches are logged instead of sent"
+            )
+        }
     }
     let mut registry = crate::metrics::new_registry();
     let pipeline = Pipeline::start(&settings, redis.clone(), &mut registry, None).await?;
@@ -265,7 +330,11 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         tracing::info!(sessions = sessions.len(), "simulated sessions started");
     }
 
-    let state = crate::http::HttpState { registry: Arc::new(registry), redis, delivery: pipeline.delivery.clone() };
+    let state = crate::http::HttpState {
+        registry: Arc::new(registry),
+        redis,
+        delivery: pipeline.delivery.clone(),
+    };
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, policy = settings.batch.policy.as_str(), "gateway listening (/metrics, /healthz, /readyz)");
     let stop = CancellationToken::new();

@@ -13,7 +13,11 @@ use crate::{Error, Result};
 pub const DEFAULT_PORT: u16 = 4000;
 
 #[derive(Parser, Debug)]
-#[command(name = "gateway", version, about = "Runs WhatsApp sessions and pushes their QR codes and status to your backend")]
+#[command(
+    name = "gateway",
+    version,
+    about = "Runs WhatsApp sessions and pushes their QR codes and status to your backend"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub mode: Mode,
@@ -62,7 +66,11 @@ pub struct CommonArgs {
     pub backend_secret: Option<String>,
     #[arg(long, env = "WA_QR_BATCH_PATH", default_value = "/qr/batch")]
     pub qr_batch_path: String,
-    #[arg(long, env = "WA_STATUS_BATCH_PATH", default_value = "/whatsapp/status/batch")]
+    #[arg(
+        long,
+        env = "WA_STATUS_BATCH_PATH",
+        default_value = "/whatsapp/status/batch"
+    )]
     pub status_batch_path: String,
     /// Use the legacy one-item endpoints instead of the batch endpoints.
     #[arg(long, env = "WA_LEGACY_ENDPOINTS", default_value_t = false)]
@@ -138,7 +146,10 @@ fn positive_ms(field: &'static str, ms: u64) -> Result<Duration> {
 
 fn path(field: &'static str, value: &str) -> Result<String> {
     if !value.starts_with('/') {
-        return Err(Error::config(field, format!("`{value}` must start with `/`")));
+        return Err(Error::config(
+            field,
+            format!("`{value}` must start with `/`"),
+        ));
     }
     Ok(value.to_string())
 }
@@ -153,14 +164,20 @@ impl CommonArgs {
             Some(url) if url.trim().is_empty() => None,
             Some(url) => {
                 let scheme = url.split("://").next().unwrap_or_default();
-                if !matches!(scheme, "redis" | "rediss" | "redis-cluster" | "redis-sentinel") {
+                if !matches!(
+                    scheme,
+                    "redis" | "rediss" | "redis-cluster" | "redis-sentinel"
+                ) {
                     return Err(Error::config(
                         "--redis-url / WA_REDIS_URL",
-                        format!("`{url}` must start with redis://, rediss://, redis-cluster:// or redis-sentinel://"),
+                        format!(
+                            "`{url}` must start with redis://, rediss://, redis-cluster:// or redis-sentinel://"
+                        ),
                     ));
                 }
-                fred::prelude::Config::from_url(url)
-                    .map_err(|e| Error::config("--redis-url / WA_REDIS_URL", format!("`{url}`: {e}")))?;
+                fred::prelude::Config::from_url(url).map_err(|e| {
+                    Error::config("--redis-url / WA_REDIS_URL", format!("`{url}`: {e}"))
+                })?;
                 Some(url.clone())
             }
             None => None,
@@ -168,21 +185,34 @@ impl CommonArgs {
         let backend = match &self.backend_url {
             Some(url) if url.trim().is_empty() => None,
             Some(url) => {
-                let base_url = reqwest::Url::parse(url)
-                    .map_err(|e| Error::config("--backend-url / WA_BACKEND_URL", format!("`{url}`: {e}")))?;
+                let base_url = reqwest::Url::parse(url).map_err(|e| {
+                    Error::config("--backend-url / WA_BACKEND_URL", format!("`{url}`: {e}"))
+                })?;
                 if !matches!(base_url.scheme(), "http" | "https") {
-                    return Err(Error::config("--backend-url / WA_BACKEND_URL", format!("`{url}` must be http or https")));
+                    return Err(Error::config(
+                        "--backend-url / WA_BACKEND_URL",
+                        format!("`{url}` must be http or https"),
+                    ));
                 }
                 Some(BackendSettings {
                     base_url,
                     qr_batch_path: path("--qr-batch-path / WA_QR_BATCH_PATH", &self.qr_batch_path)?,
-                    status_batch_path: path("--status-batch-path / WA_STATUS_BATCH_PATH", &self.status_batch_path)?,
+                    status_batch_path: path(
+                        "--status-batch-path / WA_STATUS_BATCH_PATH",
+                        &self.status_batch_path,
+                    )?,
                     legacy: self.legacy_endpoints,
                     qr_path: path("--qr-path / WA_QR_PATH", &self.qr_path)?,
                     status_path: path("--status-path / WA_STATUS_PATH", &self.status_path)?,
                     secret: self.backend_secret.clone().filter(|s| !s.is_empty()),
-                    request_timeout: positive_ms("--request-timeout-ms / WA_REQUEST_TIMEOUT_MS", self.request_timeout_ms)?,
-                    connect_timeout: positive_ms("--connect-timeout-ms / WA_CONNECT_TIMEOUT_MS", self.connect_timeout_ms)?,
+                    request_timeout: positive_ms(
+                        "--request-timeout-ms / WA_REQUEST_TIMEOUT_MS",
+                        self.request_timeout_ms,
+                    )?,
+                    connect_timeout: positive_ms(
+                        "--connect-timeout-ms / WA_CONNECT_TIMEOUT_MS",
+                        self.connect_timeout_ms,
+                    )?,
                 })
             }
             None => None,
@@ -200,40 +230,71 @@ impl CommonArgs {
         };
         let mut batch = BatchConfig::for_policy(policy);
         if !(1..=10_000).contains(&self.batch_size) {
-            return Err(Error::config("--batch-size / WA_BATCH_SIZE", "must be between 1 and 10000"));
+            return Err(Error::config(
+                "--batch-size / WA_BATCH_SIZE",
+                "must be between 1 and 10000",
+            ));
         }
         batch.batch_size = self.batch_size;
-        batch.batch_interval = positive_ms("--batch-interval-ms / WA_BATCH_INTERVAL_MS", self.batch_interval_ms)?;
-        batch.priority_interval = positive_ms("--priority-interval-ms / WA_PRIORITY_INTERVAL_MS", self.priority_interval_ms)?;
+        batch.batch_interval = positive_ms(
+            "--batch-interval-ms / WA_BATCH_INTERVAL_MS",
+            self.batch_interval_ms,
+        )?;
+        batch.priority_interval = positive_ms(
+            "--priority-interval-ms / WA_PRIORITY_INTERVAL_MS",
+            self.priority_interval_ms,
+        )?;
         if let Some(ms) = self.qr_max_delay_ms {
             batch.qr_max_delay = positive_ms("--qr-max-delay-ms / WA_QR_MAX_DELAY_MS", ms)?;
         }
         if let Some(n) = self.max_batch_items {
             if !(1..=10_000).contains(&n) {
-                return Err(Error::config("--max-batch-items / WA_MAX_BATCH_ITEMS", "must be between 1 and 10000"));
+                return Err(Error::config(
+                    "--max-batch-items / WA_MAX_BATCH_ITEMS",
+                    "must be between 1 and 10000",
+                ));
             }
             batch.max_batch_items = n;
         }
         batch.validate().map_err(|e| match e {
-            crate::batch::BatchError::InvalidConfig { field, reason } => Error::config(field, reason),
+            crate::batch::BatchError::InvalidConfig { field, reason } => {
+                Error::config(field, reason)
+            }
             other => Error::config("batch", other.to_string()),
         })?;
         if self.retry_attempts == 0 || self.retry_attempts > 20 {
-            return Err(Error::config("--retry-attempts / WA_RETRY_ATTEMPTS", "must be between 1 and 20"));
+            return Err(Error::config(
+                "--retry-attempts / WA_RETRY_ATTEMPTS",
+                "must be between 1 and 20",
+            ));
         }
         if self.rate_limit_rps == 0 {
-            return Err(Error::config("--rate-limit-rps / WA_RATE_LIMIT_RPS", "must be greater than 0"));
+            return Err(Error::config(
+                "--rate-limit-rps / WA_RATE_LIMIT_RPS",
+                "must be greater than 0",
+            ));
         }
         if self.rate_limit_burst == 0 {
-            return Err(Error::config("--rate-limit-burst / WA_RATE_LIMIT_BURST", "must be greater than 0"));
+            return Err(Error::config(
+                "--rate-limit-burst / WA_RATE_LIMIT_BURST",
+                "must be greater than 0",
+            ));
         }
         if self.identity.is_empty() || self.identity.contains(['{', '}', ' ']) {
-            return Err(Error::config("--identity / POD_NAME", "must be non-empty without spaces or braces"));
+            return Err(Error::config(
+                "--identity / POD_NAME",
+                "must be non-empty without spaces or braces",
+            ));
         }
         let log_json = match self.log_format.as_str() {
             "json" => true,
             "text" => false,
-            other => return Err(Error::config("--log-format / WA_LOG_FORMAT", format!("`{other}` is not json or text"))),
+            other => {
+                return Err(Error::config(
+                    "--log-format / WA_LOG_FORMAT",
+                    format!("`{other}` is not json or text"),
+                ));
+            }
         };
         Ok(Settings {
             listen: SocketAddr::new(ip, self.port),
@@ -241,13 +302,17 @@ impl CommonArgs {
             backend,
             delivery: DeliverySettings {
                 qr_format: self.qr_format,
-                retry: RetryPolicy { hot_attempts: self.retry_attempts, ..RetryPolicy::default() },
+                retry: RetryPolicy {
+                    hot_attempts: self.retry_attempts,
+                    ..RetryPolicy::default()
+                },
                 rate_limit_per_second: self.rate_limit_rps,
                 rate_limit_burst: self.rate_limit_burst,
                 ..DeliverySettings::default()
             },
             batch,
-            resync_interval: (self.resync_interval_s > 0).then(|| Duration::from_secs(self.resync_interval_s)),
+            resync_interval: (self.resync_interval_s > 0)
+                .then(|| Duration::from_secs(self.resync_interval_s)),
             identity: self.identity.clone(),
             log_json,
         })
@@ -259,7 +324,8 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> std::result::Result<Settings, String> {
-        let cli = Cli::try_parse_from(["gateway", "standalone"].iter().chain(args)).map_err(|e| e.to_string())?;
+        let cli = Cli::try_parse_from(["gateway", "standalone"].iter().chain(args))
+            .map_err(|e| e.to_string())?;
         let Mode::Standalone(a) = cli.mode;
         a.common.validate().map_err(|e| e.to_string())
     }
@@ -282,8 +348,14 @@ mod tests {
             (&["--redis-url", "mysql://x"][..], "WA_REDIS_URL"),
             (&["--batch-policy", "fast"][..], "WA_BATCH_POLICY"),
             (&["--batch-size", "0"][..], "WA_BATCH_SIZE"),
-            (&["--priority-interval-ms", "0"][..], "WA_PRIORITY_INTERVAL_MS"),
-            (&["--backend-url", "http://x", "--qr-batch-path", "qr"][..], "WA_QR_BATCH_PATH"),
+            (
+                &["--priority-interval-ms", "0"][..],
+                "WA_PRIORITY_INTERVAL_MS",
+            ),
+            (
+                &["--backend-url", "http://x", "--qr-batch-path", "qr"][..],
+                "WA_QR_BATCH_PATH",
+            ),
             (&["--bind", "localhost:80"][..], "WA_BIND"),
             (&["--log-format", "xml"][..], "WA_LOG_FORMAT"),
         ] {
@@ -294,7 +366,15 @@ mod tests {
 
     #[test]
     fn seed_knobs_are_applied() {
-        let s = parse(&["--batch-policy", "seed", "--batch-size", "100", "--batch-interval-ms", "3000"]).unwrap();
+        let s = parse(&[
+            "--batch-policy",
+            "seed",
+            "--batch-size",
+            "100",
+            "--batch-interval-ms",
+            "3000",
+        ])
+        .unwrap();
         assert_eq!(s.batch.policy, BatchPolicy::Seed);
         assert_eq!(s.batch.batch_size, 100);
         assert_eq!(s.batch.batch_interval, Duration::from_secs(3));

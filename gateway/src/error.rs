@@ -22,6 +22,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::Config { field, reason: reason.into() }
+        Error::Config {
+            field,
+            reason: reason.into(),
+        }
     }
 }

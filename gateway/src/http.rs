@@ -28,7 +28,10 @@ pub fn router(state: HttpState) -> Router {
 
 async fn metrics(State(state): State<HttpState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         crate::metrics::render(&state.registry),
     )
         .into_response()
@@ -42,7 +45,11 @@ async fn readyz(State(state): State<HttpState>) -> Response {
         Some(client) if crate::redis::is_up(client).await => "ok",
         Some(_) => "unreachable",
     };
-    let backend = if state.delivery.backend_healthy() { "ok" } else { "failing" };
+    let backend = if state.delivery.backend_healthy() {
+        "ok"
+    } else {
+        "failing"
+    };
     let ready = redis != "unreachable" && backend == "ok";
     let body = serde_json::json!({
         "status": if ready { "ready" } else { "degraded" },
@@ -51,6 +58,10 @@ async fn readyz(State(state): State<HttpState>) -> Response {
         "spillBacklog": state.delivery.backlog(),
         "deadLetters": state.delivery.dead_letters(),
     });
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, axum::Json(body)).into_response()
 }

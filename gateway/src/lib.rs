@@ -1,13 +1,13 @@
 #![forbid(unsafe_code)]
-pub mod batch;
-pub mod events;
-pub mod session;
 pub mod app;
+pub mod batch;
 pub mod config;
 pub mod delivery;
 mod error;
+pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod redis;
+pub mod session;
 
 pub use error::{Error, Result};

@@ -4,5 +4,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = gateway::config::Cli::parse();
-    gateway::app::run(cli).await.map_err(|e| anyhow::anyhow!("gateway: {e}"))
+    gateway::app::run(cli)
+        .await
+        .map_err(|e| anyhow::anyhow!("gateway: {e}"))
 }

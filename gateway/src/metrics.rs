@@ -21,7 +21,8 @@ pub fn new_registry() -> Registry {
 /// Renders the registry in the Prometheus text format.
 pub fn render(registry: &Registry) -> String {
     let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, registry).expect("encoding metrics into a String");
+    prometheus_client::encoding::text::encode(&mut out, registry)
+        .expect("encoding metrics into a String");
     out
 }
 
@@ -40,7 +41,8 @@ impl Collector for BatchStatsCollector {
             )?;
             for lane in Lane::ALL {
                 let labels = vec![("lane", lane.as_str())];
-                ConstGauge::new(stats.pending(lane) as i64).encode(family.encode_family(&labels)?)?;
+                ConstGauge::new(stats.pending(lane) as i64)
+                    .encode(family.encode_family(&labels)?)?;
             }
         }
         {
@@ -53,7 +55,8 @@ impl Collector for BatchStatsCollector {
             for lane in Lane::ALL {
                 for reason in FlushReason::ALL {
                     let labels = vec![("lane", lane.as_str()), ("reason", reason.as_str())];
-                    ConstCounter::new(stats.flushes(lane, reason)).encode(family.encode_family(&labels)?)?;
+                    ConstCounter::new(stats.flushes(lane, reason))
+                        .encode(family.encode_family(&labels)?)?;
                 }
             }
         }

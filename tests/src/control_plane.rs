@@ -33,7 +33,9 @@ impl ControlPlane {
     pub async fn start() -> Result<Self> {
         let apiserver_bin = tools::kube_apiserver()?;
         let etcd_bin = tools::etcd()?;
-        let dir = tempfile::Builder::new().prefix("wa-control-plane-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("wa-control-plane-")
+            .tempdir()?;
         let etcd_port = free_port();
         let peer_port = free_port();
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -49,7 +51,12 @@ impl ControlPlane {
             "--log-level=warn".to_string(),
         ]
         .into();
-        let mut etcd = ChildGuard::spawn("etcd", &etcd_bin, &etcd_args, Some(&dir.path().join("etcd.log")))?;
+        let mut etcd = ChildGuard::spawn(
+            "etcd",
+            &etcd_bin,
+            &etcd_args,
+            Some(&dir.path().join("etcd.log")),
+        )?;
         wait_until("etcd", Duration::from_secs(30), || {
             let running = etcd.check_running().map_err(|e| e.to_string());
             async move {
@@ -65,11 +72,18 @@ impl ControlPlane {
         let sa_key = dir.path().join("sa.key");
         run(
             "openssl",
-            &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out"]
-                .iter()
-                .map(|s| s.to_string())
-                .chain([sa_key.display().to_string()])
-                .collect::<Vec<_>>(),
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([sa_key.display().to_string()])
+            .collect::<Vec<_>>(),
         )?;
         let mut tokens = vec![(ADMIN_USER.to_string(), random_token())];
         tokens.extend(PLAIN_USERS.iter().map(|u| (u.to_string(), random_token())));
@@ -155,14 +169,23 @@ impl ControlPlane {
                     .body(Vec::new())
                     .map_err(|e| e.to_string())?;
                 let text = client.request_text(req).await.map_err(|e| e.to_string())?;
-                if text.trim() == "ok" { Ok(()) } else { Err(text) }
+                if text.trim() == "ok" {
+                    Ok(())
+                } else {
+                    Err(text)
+                }
             }
         })
         .await
     }
 
     fn write_kubeconfig(&self, user: &str) -> Result<()> {
-        let token = &self.tokens.iter().find(|(u, _)| u == user).expect("known user").1;
+        let token = &self
+            .tokens
+            .iter()
+            .find(|(u, _)| u == user)
+            .expect("known user")
+            .1;
         let yaml = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{port}\n    insecure-skip-tls-verify: true\nusers:\n- name: {user}\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: {user}\n    namespace: default\ncurrent-context: test\n",
             port = self.api_port
@@ -220,7 +243,10 @@ impl ControlPlane {
 
     /// Runs kubectl against this control plane as admin.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
-        let mut full = vec![format!("--kubeconfig={}", self.kubeconfig_for(ADMIN_USER).display())];
+        let mut full = vec![format!(
+            "--kubeconfig={}",
+            self.kubeconfig_for(ADMIN_USER).display()
+        )];
         full.extend(args.iter().map(|s| s.to_string()));
         run(tools::kubectl()?, &full)
     }

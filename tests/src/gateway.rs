@@ -74,9 +74,12 @@ impl GatewayProcess {
         let url = format!("http://127.0.0.1:{port}/healthz");
         let log_path = log.clone();
         wait_until("gateway /healthz", Duration::from_secs(30), || {
-            let running = child
-                .check_running()
-                .map_err(|e| format!("{e}: {}", std::fs::read_to_string(&log_path).unwrap_or_default()));
+            let running = child.check_running().map_err(|e| {
+                format!(
+                    "{e}: {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                )
+            });
             let url = url.clone();
             async move {
                 running?;
@@ -114,12 +117,16 @@ pub async fn http_get(url: &str) -> std::result::Result<(u16, String), String> {
         .split_once('/')
         .map(|(h, p)| (h, format!("/{p}")))
         .unwrap_or((rest, "/".into()));
-    let mut stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(host))
-        .await
-        .map_err(|_| "connect timeout".to_string())?
-        .map_err(|e| e.to_string())?;
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(host))
+            .await
+            .map_err(|_| "connect timeout".to_string())?
+            .map_err(|e| e.to_string())?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
         .await
@@ -136,7 +143,10 @@ pub async fn http_get(url: &str) -> std::result::Result<(u16, String), String> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     // Bodies may be chunked; the JSON we read is small: strip chunk-size lines.
-    let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body.lines()
             .filter(|l| !l.chars().all(|c| c.is_ascii_hexdigit()) || l.is_empty())
             .collect::<Vec<_>>()

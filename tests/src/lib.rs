@@ -19,9 +19,16 @@ pub enum Error {
     #[error("{0} not found: run `bash scripts/provision.sh` first (or set {1})")]
     MissingTool(String, &'static str),
     #[error("could not start {what}: {source}")]
-    Spawn { what: String, source: std::io::Error },
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("{what} did not become ready within {secs} s; last error: {last}")]
-    NotReady { what: String, secs: u64, last: String },
+    NotReady {
+        what: String,
+        secs: u64,
+        last: String,
+    },
     #[error("{0} exited early: {1}")]
     Exited(String, String),
     #[error(transparent)]
@@ -46,7 +53,11 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `check` until it returns Ok or `timeout` passes.
-pub async fn wait_until<F, Fut, T>(what: &str, timeout: std::time::Duration, mut check: F) -> Result<T>
+pub async fn wait_until<F, Fut, T>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: F,
+) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::result::Result<T, String>>,

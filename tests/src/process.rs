@@ -50,11 +50,18 @@ impl ChildGuard {
         log: Option<&std::path::Path>,
     ) -> Result<Self> {
         let mut cmd = Command::new("setpriv");
-        cmd.arg("--pdeathsig").arg("KILL").arg("--").arg(program).args(args);
+        cmd.arg("--pdeathsig")
+            .arg("KILL")
+            .arg("--")
+            .arg(program)
+            .args(args);
         cmd.stdin(Stdio::null());
         match log {
             Some(path) => {
-                let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?;
                 cmd.stdout(file.try_clone()?).stderr(file);
             }
             None => {
@@ -73,10 +80,13 @@ impl ChildGuard {
             .expect("spawner lock")
             .send((cmd, tx))
             .expect("spawner thread alive");
-        let child = rx.recv().expect("spawner replies").map_err(|source| Error::Spawn {
-            what: name.to_string(),
-            source,
-        })?;
+        let child = rx
+            .recv()
+            .expect("spawner replies")
+            .map_err(|source| Error::Spawn {
+                what: name.to_string(),
+                source,
+            })?;
         Ok(Self {
             name: name.to_string(),
             child: Some(child),
@@ -111,7 +121,10 @@ impl ChildGuard {
     }
 
     /// Waits for the process to exit by itself, up to `timeout`; returns its exit status.
-    pub fn wait_timeout(&mut self, timeout: std::time::Duration) -> Result<Option<std::process::ExitStatus>> {
+    pub fn wait_timeout(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<Option<std::process::ExitStatus>> {
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
             if let Some(child) = self.child.as_mut()

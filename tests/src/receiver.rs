@@ -92,13 +92,20 @@ impl Receiver {
                 let Ok((mut conn, _)) = front.accept().await else {
                     continue;
                 };
-                let mode = front_shared.mode.lock().unwrap().clone().unwrap_or(Mode::Ok);
+                let mode = front_shared
+                    .mode
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .unwrap_or(Mode::Ok);
                 let mut changed = front_shared.generation.subscribe();
                 tokio::spawn(async move {
                     match mode {
                         Mode::Down => drop(conn),
                         Mode::Garbage => {
-                            let _ = conn.write_all(b"\x00\x17garbage that is not HTTP\r\n\r\n").await;
+                            let _ = conn
+                                .write_all(b"\x00\x17garbage that is not HTTP\r\n\r\n")
+                                .await;
                             let _ = conn.shutdown().await;
                         }
                         _ => {
@@ -161,7 +168,8 @@ impl Receiver {
             .into_iter()
             .chain(self.items("/whatsapp/status"))
         {
-            if let (Some(id), Some(status)) = (item["sessionId"].as_str(), item["status"].as_str()) {
+            if let (Some(id), Some(status)) = (item["sessionId"].as_str(), item["status"].as_str())
+            {
                 out.insert(id.to_string(), status.to_string());
             }
         }
@@ -177,10 +185,16 @@ impl Drop for Receiver {
     }
 }
 
-async fn handle(State(shared): State<Arc<Shared>>, uri: Uri, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
     *shared.attempts.lock().unwrap() += 1;
     let mode = shared.mode.lock().unwrap().clone().unwrap_or(Mode::Ok);
-    let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let parsed: serde_json::Value =
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     // Legacy endpoints carry one item per request (the body is the item).
     let items: Vec<serde_json::Value> = match parsed.get("items").and_then(|i| i.as_array()) {
         Some(items) => items.clone(),
@@ -192,7 +206,9 @@ async fn handle(State(shared): State<Arc<Shared>>, uri: Uri, headers: HeaderMap,
             std::future::pending::<()>().await;
             unreachable!()
         }
-        Mode::Status(code) => return (StatusCode::from_u16(code).unwrap(), "refused").into_response(),
+        Mode::Status(code) => {
+            return (StatusCode::from_u16(code).unwrap(), "refused").into_response();
+        }
         Mode::MaxItems(max) if items.len() > max => {
             return (StatusCode::PAYLOAD_TOO_LARGE, "too large").into_response();
         }
@@ -208,7 +224,12 @@ async fn handle(State(shared): State<Arc<Shared>>, uri: Uri, headers: HeaderMap,
         items,
         headers: headers
             .iter()
-            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or_default().to_string()))
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    v.to_str().unwrap_or_default().to_string(),
+                )
+            })
             .collect(),
         body: body.to_vec(),
         at_unix_ms: unix_ms(),

@@ -90,7 +90,10 @@ async fn ping(port: u16) -> std::result::Result<(), String> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| e.to_string())?;
-    stream.write_all(b"PING\r\n").await.map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"PING\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
     let mut buf = [0u8; 16];
     let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
     if buf[..n].starts_with(b"+PONG") {

@@ -11,9 +11,12 @@ pub const ETCD_VERSION: &str = "v3.6.16";
 pub const HELM_VERSION: &str = "v3.22.0";
 
 fn cache_root() -> PathBuf {
-    std::env::var_os("WA_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/wa-gateway")
-    })
+    std::env::var_os("WA_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/wa-gateway")
+        })
 }
 
 fn find(name: &str, env: &'static str, default: PathBuf) -> Result<PathBuf> {

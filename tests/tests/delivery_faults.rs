@@ -13,7 +13,12 @@ use test_support::gateway::GatewayProcess;
 use test_support::receiver::{Mode, Receiver};
 use test_support::{RedisServer, wait_until};
 
-fn settings(receiver: &Receiver, redis: &RedisServer, identity: &str, extra: &[&str]) -> gateway::config::Settings {
+fn settings(
+    receiver: &Receiver,
+    redis: &RedisServer,
+    identity: &str,
+    extra: &[&str],
+) -> gateway::config::Settings {
     let mut args = vec![
         "gateway".to_string(),
         "standalone".into(),
@@ -69,9 +74,14 @@ async fn receiver_down_for_30s_loses_nothing_and_every_final_status_arrives() {
     let receiver = Receiver::start().await.unwrap();
     let settings = settings(&receiver, &redis, "gw-outage", &[]);
     let mut registry = gateway::metrics::new_registry();
-    let pipeline = Pipeline::start(&settings, Some(redis_client(&redis).await), &mut registry, None)
-        .await
-        .unwrap();
+    let pipeline = Pipeline::start(
+        &settings,
+        Some(redis_client(&redis).await),
+        &mut registry,
+        None,
+    )
+    .await
+    .unwrap();
     let states = pipeline.states.clone();
     let stats = pipeline.batch_stats().clone();
     let delivery = pipeline.delivery.clone();
@@ -79,10 +89,17 @@ async fn receiver_down_for_30s_loses_nothing_and_every_final_status_arrives() {
     let sim = churny_sim(7);
     let mut sessions = Vec::new();
     for i in 0..300 {
-        sessions.push(sim.start(&format!("out-{i:03}"), pipeline.event_sink()).await.unwrap());
+        sessions.push(
+            sim.start(&format!("out-{i:03}"), pipeline.event_sink())
+                .await
+                .unwrap(),
+        );
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(!receiver.received().is_empty(), "deliveries before the outage");
+    assert!(
+        !receiver.received().is_empty(),
+        "deliveries before the outage"
+    );
 
     receiver.set_mode(Mode::Down);
     let mut max_backlog = 0;
@@ -113,7 +130,10 @@ async fn receiver_down_for_30s_loses_nothing_and_every_final_status_arrives() {
     .await
     .unwrap();
 
-    let ids: Vec<String> = sessions.iter().map(|s| s.session_id().to_string()).collect();
+    let ids: Vec<String> = sessions
+        .iter()
+        .map(|s| s.session_id().to_string())
+        .collect();
     pipeline.shutdown(sessions, Duration::from_secs(30)).await;
 
     // Every session's final status reached the backend, last.
@@ -127,7 +147,10 @@ async fn receiver_down_for_30s_loses_nothing_and_every_final_status_arrives() {
         );
     }
     // Counts reconcile: every event was delivered, superseded by a newer one, or expired (QR).
-    let accounted = delivery.delivered_items() + stats.total_superseded() + stats.expired() + delivery.expired_items();
+    let accounted = delivery.delivered_items()
+        + stats.total_superseded()
+        + stats.expired()
+        + delivery.expired_items();
     assert_eq!(
         stats.total_received(),
         accounted,
@@ -144,15 +167,24 @@ async fn misbehaving_receiver_is_retried_split_and_dead_lettered_without_crash()
     let receiver = Receiver::start().await.unwrap();
     let settings = settings(&receiver, &redis, "gw-misbehave", &[]);
     let mut registry = gateway::metrics::new_registry();
-    let pipeline = Pipeline::start(&settings, Some(redis_client(&redis).await), &mut registry, None)
-        .await
-        .unwrap();
+    let pipeline = Pipeline::start(
+        &settings,
+        Some(redis_client(&redis).await),
+        &mut registry,
+        None,
+    )
+    .await
+    .unwrap();
     let stats = pipeline.batch_stats().clone();
     let delivery = pipeline.delivery.clone();
     let sim = churny_sim(11);
     let mut sessions = Vec::new();
     for i in 0..300 {
-        sessions.push(sim.start(&format!("bad-{i:03}"), pipeline.event_sink()).await.unwrap());
+        sessions.push(
+            sim.start(&format!("bad-{i:03}"), pipeline.event_sink())
+                .await
+                .unwrap(),
+        );
     }
     let rss_before = rss_kib();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -192,7 +224,11 @@ async fn misbehaving_receiver_is_retried_split_and_dead_lettered_without_crash()
         .xlen("wa:{gw:gw-misbehave}:dead")
         .await
         .unwrap();
-    assert_eq!(dead, delivery.dead_letters(), "dead letters are in the Redis stream");
+    assert_eq!(
+        dead,
+        delivery.dead_letters(),
+        "dead letters are in the Redis stream"
+    );
     // 413 made the gateway split batches down to what the receiver takes.
     let under_413: Vec<_> = receiver
         .received()
@@ -211,7 +247,10 @@ async fn misbehaving_receiver_is_retried_split_and_dead_lettered_without_crash()
         stats.total_received()
     );
     let growth = rss_kib().saturating_sub(rss_before);
-    assert!(growth < 200 * 1024, "memory stays bounded: grew {growth} KiB");
+    assert!(
+        growth < 200 * 1024,
+        "memory stays bounded: grew {growth} KiB"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +286,11 @@ async fn gateway_killed_mid_outage_delivers_the_spill_after_restart() {
                 .xlen("wa:{gw:gw-kill}:spill:status")
                 .await
                 .map_err(|e| e.to_string())?;
-            if n >= 3 { Ok(n) } else { Err(format!("{n} spilled")) }
+            if n >= 3 {
+                Ok(n)
+            } else {
+                Err(format!("{n} spilled"))
+            }
         }
     })
     .await
@@ -277,23 +320,31 @@ async fn gateway_killed_mid_outage_delivers_the_spill_after_restart() {
     let second = GatewayProcess::start(&["standalone", "--simulate", "0"], &env)
         .await
         .unwrap();
-    wait_until("spill delivered after restart", Duration::from_secs(60), || {
-        let client = client.clone();
-        async move {
-            let n: u64 = client
-                .xlen("wa:{gw:gw-kill}:spill:status")
-                .await
-                .map_err(|e| e.to_string())?;
-            if n == 0 {
-                Ok(())
-            } else {
-                Err(format!("{n} still spilled"))
+    wait_until(
+        "spill delivered after restart",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            async move {
+                let n: u64 = client
+                    .xlen("wa:{gw:gw-kill}:spill:status")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if n == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} still spilled"))
+                }
             }
-        }
-    })
+        },
+    )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", second.log()));
-    let received: std::collections::HashSet<String> = receiver.received().into_iter().map(|r| r.batch_id).collect();
+    let received: std::collections::HashSet<String> = receiver
+        .received()
+        .into_iter()
+        .map(|r| r.batch_id)
+        .collect();
     for id in &batch_ids {
         assert!(
             received.contains(id),
@@ -313,7 +364,13 @@ async fn redis_going_away_degrades_readiness_and_recovers() {
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut gw = GatewayProcess::start(
-        &["standalone", "--simulate", "100", "--sim-mean-connected-s", "10"],
+        &[
+            "standalone",
+            "--simulate",
+            "100",
+            "--sim-mean-connected-s",
+            "10",
+        ],
         &env,
     )
     .await
@@ -329,14 +386,20 @@ async fn redis_going_away_degrades_readiness_and_recovers() {
             }
         }
     };
-    wait_until("ready", Duration::from_secs(20), ready(200)).await.unwrap();
+    wait_until("ready", Duration::from_secs(20), ready(200))
+        .await
+        .unwrap();
 
     redis.stop();
     let body = wait_until("degraded", Duration::from_secs(20), ready(503))
         .await
         .unwrap();
     assert!(body.contains("unreachable"), "{body}");
-    assert_eq!(gw.get("/healthz").await.unwrap().0, 200, "alive while degraded");
+    assert_eq!(
+        gw.get("/healthz").await.unwrap().0,
+        200,
+        "alive while degraded"
+    );
     let before = receiver.received().len();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(

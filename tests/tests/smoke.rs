@@ -45,7 +45,8 @@ async fn install_crd(client: &kube::Client) {
 
 async fn namespace(client: &kube::Client, name: &str) {
     let ns: Api<Namespace> = Api::all(client.clone());
-    let obj: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+    let obj: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
     match ns.create(&PostParams::default(), &obj).await {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -100,7 +101,10 @@ async fn crd_installs_and_sessions_round_trip_and_invalid_ones_are_rejected() {
     }))
     .unwrap();
     let created = api.create(&PostParams::default(), &minimal).await.unwrap();
-    assert!(created.spec.logout_on_delete, "logoutOnDelete defaults to true");
+    assert!(
+        created.spec.logout_on_delete,
+        "logoutOnDelete defaults to true"
+    );
     assert_eq!(created.spec.login.method, LoginMethod::Qr);
 
     // pairingCode without a phone number: rejected by the CEL rule, with its message.
@@ -118,7 +122,10 @@ async fn crd_installs_and_sessions_round_trip_and_invalid_ones_are_rejected() {
         .create(&PostParams::default(), &bad)
         .await
         .expect_err("pairingCode without phone is invalid");
-    assert!(err.to_string().contains("login.phoneNumber is required"), "{err}");
+    assert!(
+        err.to_string().contains("login.phoneNumber is required"),
+        "{err}"
+    );
 
     // Malformed phone number: rejected by the schema pattern.
     let bad = WhatsappSession::new(
@@ -143,7 +150,10 @@ async fn crd_installs_and_sessions_round_trip_and_invalid_ones_are_rejected() {
         .patch("alice", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .expect_err("changing sessionId is refused");
-    assert!(err.to_string().contains("spec.sessionId is immutable"), "{err}");
+    assert!(
+        err.to_string().contains("spec.sessionId is immutable"),
+        "{err}"
+    );
 
     api.delete("alice", &DeleteParams::default()).await.unwrap();
     api.delete("bob", &DeleteParams::default()).await.unwrap();
@@ -158,9 +168,18 @@ async fn kubectl_apply_of_the_examples_works() {
     for example in ["session-qr.yaml", "session-pairing-code.yaml"] {
         let path = tools::workspace_root().join("examples").join(example);
         let out = plane
-            .kubectl(&["apply", "-n", "smoke-kubectl", "-f", &path.display().to_string()])
+            .kubectl(&[
+                "apply",
+                "-n",
+                "smoke-kubectl",
+                "-f",
+                &path.display().to_string(),
+            ])
             .unwrap();
-        assert!(out.contains("created") || out.contains("configured"), "{out}");
+        assert!(
+            out.contains("created") || out.contains("configured"),
+            "{out}"
+        );
     }
     let out = plane
         .kubectl(&["get", "wasession", "-n", "smoke-kubectl", "-o", "name"])
@@ -169,8 +188,13 @@ async fn kubectl_apply_of_the_examples_works() {
         out.contains("whatsappsession.whatsapp.gateway.dev/shop-support"),
         "{out}"
     );
-    assert!(out.contains("whatsappsession.whatsapp.gateway.dev/sales-line"), "{out}");
-    let table = plane.kubectl(&["get", "wasession", "-n", "smoke-kubectl"]).unwrap();
+    assert!(
+        out.contains("whatsappsession.whatsapp.gateway.dev/sales-line"),
+        "{out}"
+    );
+    let table = plane
+        .kubectl(&["get", "wasession", "-n", "smoke-kubectl"])
+        .unwrap();
     let header = table.lines().next().unwrap_or_default();
     for column in ["NAME", "PHASE", "SHARD", "CONNECTED", "AGE"] {
         assert!(header.contains(column), "missing column {column}: {table}");
@@ -199,8 +223,12 @@ async fn helm_install_of_the_chart_installs_the_crd() {
     crds.get("whatsappsessions.whatsapp.gateway.dev")
         .await
         .expect("chart installed the CRD");
-    let statefulsets: Api<k8s_openapi::api::apps::v1::StatefulSet> = Api::namespaced(client.clone(), "wa-system");
-    let sts = statefulsets.get("wa-gateway").await.expect("gateway StatefulSet");
+    let statefulsets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(client.clone(), "wa-system");
+    let sts = statefulsets
+        .get("wa-gateway")
+        .await
+        .expect("gateway StatefulSet");
     assert_eq!(sts.spec.replicas, Some(2));
     let out = plane.helm(&["list", "-n", "wa-system"]).unwrap();
     assert!(out.contains("deployed"), "{out}");
@@ -214,7 +242,13 @@ async fn fred_round_trips_a_value_through_redis() {
     let client = Builder::from_config(config).build().unwrap();
     client.init().await.expect("connect");
     let _: () = client
-        .set("wa:{smoke}:key", "value", Some(Expiration::EX(60)), None, false)
+        .set(
+            "wa:{smoke}:key",
+            "value",
+            Some(Expiration::EX(60)),
+            None,
+            false,
+        )
         .await
         .unwrap();
     let value: Option<String> = client.get("wa:{smoke}:key").await.unwrap();

@@ -38,7 +38,8 @@ pub struct BackendClient {
 
 /// `sha256=<hex hmac>` over `"{timestamp}.{body}"`.
 pub fn sign(secret: &str, timestamp: u64, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any size");
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any size");
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
@@ -65,7 +66,11 @@ impl BackendClient {
 
     fn url(&self, path: &str) -> reqwest::Url {
         let mut url = self.settings.base_url.clone();
-        let joined = format!("{}/{}", url.path().trim_end_matches('/'), path.trim_start_matches('/'));
+        let joined = format!(
+            "{}/{}",
+            url.path().trim_end_matches('/'),
+            path.trim_start_matches('/')
+        );
         url.set_path(&joined);
         url
     }
@@ -99,7 +104,11 @@ impl BackendClient {
             let mut body = item.body.clone();
             body["batchId"] = serde_json::Value::String(key.clone());
             last = self
-                .post(path, &key, serde_json::to_vec(&body).expect("item serializes"))
+                .post(
+                    path,
+                    &key,
+                    serde_json::to_vec(&body).expect("item serializes"),
+                )
                 .await;
             if !matches!(last, Outcome::Delivered { .. }) {
                 return last;

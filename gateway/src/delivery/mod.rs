@@ -83,9 +83,15 @@ impl DeliveryMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = DeliveryMetrics {
             requests: Family::default(),
-            request_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.002, 2.0, 14))),
-            batch_size: Family::new_with_constructor(|| Histogram::new(exponential_buckets(1.0, 2.0, 12))),
-            delivery_latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 14))),
+            request_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.002, 2.0, 14))
+            }),
+            batch_size: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(1.0, 2.0, 12))
+            }),
+            delivery_latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 14))
+            }),
             spill_backlog: Family::default(),
             dead_letters: Family::default(),
             delivered_items: Family::default(),
@@ -216,7 +222,11 @@ impl Delivery {
 
     /// Batches waiting in the spill (both endpoints).
     pub fn backlog(&self) -> i64 {
-        self.inner.backlog.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+        self.inner
+            .backlog
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub fn dead_letters(&self) -> u64 {
@@ -240,7 +250,8 @@ impl Delivery {
 
     /// True unless the last backend answer was a failure (no backend configured counts as healthy).
     pub fn backend_healthy(&self) -> bool {
-        self.inner.last_backend_ok.load(Ordering::Relaxed) >= self.inner.last_backend_error.load(Ordering::Relaxed)
+        self.inner.last_backend_ok.load(Ordering::Relaxed)
+            >= self.inner.last_backend_error.load(Ordering::Relaxed)
     }
 
     /// Counts what a previous run of this gateway left in the Redis spill, so it drains first.
@@ -319,7 +330,9 @@ impl Delivery {
         let now = unix_ms_now();
         match &outcome {
             Outcome::Delivered { .. } => self.inner.last_backend_ok.store(now, Ordering::Relaxed),
-            Outcome::Transient { .. } => self.inner.last_backend_error.store(now, Ordering::Relaxed),
+            Outcome::Transient { .. } => {
+                self.inner.last_backend_error.store(now, Ordering::Relaxed)
+            }
             _ => {}
         }
         outcome
@@ -442,7 +455,9 @@ impl Delivery {
                 Ok(()) => break,
                 Err(back) => {
                     batch = back;
-                    tracing::warn!("in-memory spill is full: waiting for the backend (backpressure)");
+                    tracing::warn!(
+                        "in-memory spill is full: waiting for the backend (backpressure)"
+                    );
                     self.inner.wake_drainer.notify_waiters();
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -531,7 +546,9 @@ impl Delivery {
                 let expired = batch.drop_expired(unix_ms_now());
                 if expired > 0 {
                     self.inner.metrics.expired_items.inc_by(expired as u64);
-                    self.inner.expired_items.fetch_add(expired as u64, Ordering::Relaxed);
+                    self.inner
+                        .expired_items
+                        .fetch_add(expired as u64, Ordering::Relaxed);
                 }
                 let outcome = self.send_splitting(batch).await;
                 if let Some(parts) = outcome {
@@ -566,7 +583,9 @@ impl BatchSink for Delivery {
     async fn deliver(&self, batch: Batch) {
         match WireBatch::render(&batch, self.inner.settings.qr_format) {
             Ok(wire) => self.deliver_wire(wire).await,
-            Err(err) => tracing::error!(%err, lane = batch.lane.as_str(), "could not render a batch; it is dropped"),
+            Err(err) => {
+                tracing::error!(%err, lane = batch.lane.as_str(), "could not render a batch; it is dropped")
+            }
         }
     }
 }

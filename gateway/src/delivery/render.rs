@@ -162,7 +162,10 @@ impl WireBatch {
 /// Renders a QR string as a PNG data URL, as the Node.js gateway did.
 pub fn qr_png_data_url(code: &str) -> Result<String> {
     let qr = qrcode::QrCode::new(code.as_bytes()).map_err(|e| Error::QrRender(e.to_string()))?;
-    let image = qr.render::<image::Luma<u8>>().min_dimensions(256, 256).build();
+    let image = qr
+        .render::<image::Luma<u8>>()
+        .min_dimensions(256, 256)
+        .build();
     let mut png = Vec::with_capacity(4096);
     image::DynamicImage::ImageLuma8(image)
         .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
@@ -203,12 +206,19 @@ mod tests {
         let batch = Batch {
             lane: Lane::StatusHigh,
             items: (0..5)
-                .map(|i| StatusEvent::new(format!("s{i}"), SessionStatus::Active, Priority::High, None).into())
+                .map(|i| {
+                    StatusEvent::new(format!("s{i}"), SessionStatus::Active, Priority::High, None)
+                        .into()
+                })
                 .collect(),
             reason: FlushReason::Immediate,
         };
         let mut wire = WireBatch::render(&batch, QrFormat::Raw).unwrap();
-        assert_eq!(wire.drop_expired(unix_ms_now()), 0, "status items never expire");
+        assert_eq!(
+            wire.drop_expired(unix_ms_now()),
+            0,
+            "status items never expire"
+        );
         wire.items[0].expires_unix_ms = Some(1);
         assert_eq!(wire.drop_expired(unix_ms_now()), 1);
         let id = wire.batch_id.clone();

@@ -42,7 +42,9 @@ impl Outcome {
         match self {
             Outcome::Delivered { code } | Outcome::Permanent { code, .. } => code.to_string(),
             Outcome::TooLarge => "413".into(),
-            Outcome::Transient { code: Some(code), .. } => code.to_string(),
+            Outcome::Transient {
+                code: Some(code), ..
+            } => code.to_string(),
             Outcome::Transient { code: None, .. } => "error".into(),
         }
     }
@@ -107,7 +109,10 @@ mod tests {
         ));
         for code in [301, 401, 403, 408, 425, 429, 500, 502, 503] {
             assert!(
-                matches!(Outcome::from_status(code, String::new()), Outcome::Transient { .. }),
+                matches!(
+                    Outcome::from_status(code, String::new()),
+                    Outcome::Transient { .. }
+                ),
                 "{code}"
             );
         }
@@ -123,7 +128,10 @@ mod tests {
         let delays: Vec<Duration> = policy.backoff().take(50).collect();
         assert_eq!(delays.len(), 50);
         // Jitter adds at most one more delay's worth on top of the exponential step.
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(4)), "{delays:?}");
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_secs(4)),
+            "{delays:?}"
+        );
         assert!(
             delays[10..].iter().any(|d| *d >= Duration::from_secs(1)),
             "grows: {delays:?}"

@@ -169,7 +169,9 @@ impl MemorySpill {
         if queue.len() >= self.capacity {
             return Err(batch);
         }
-        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         queue.push_back((id, batch));
         Ok(())
     }
@@ -214,11 +216,17 @@ mod tests {
         let spill = MemorySpill::new(2);
         spill.try_append(batch(Endpoint::Qr, "a")).unwrap();
         spill.try_append(batch(Endpoint::Qr, "b")).unwrap();
-        assert!(spill.try_append(batch(Endpoint::Qr, "c")).is_err(), "bounded");
+        assert!(
+            spill.try_append(batch(Endpoint::Qr, "c")).is_err(),
+            "bounded"
+        );
         spill.try_append(batch(Endpoint::Status, "s")).unwrap();
         let oldest = spill.oldest(Endpoint::Qr, 10);
         assert_eq!(
-            oldest.iter().map(|s| s.batch.batch_id.as_str()).collect::<Vec<_>>(),
+            oldest
+                .iter()
+                .map(|s| s.batch.batch_id.as_str())
+                .collect::<Vec<_>>(),
             ["a", "b"]
         );
         spill.ack(Endpoint::Qr, &oldest[0].id);
