@@ -13,6 +13,10 @@ pub const SHARD_LABEL: &str = "whatsapp.gateway.dev/shard";
 pub const DRAIN_ANNOTATION: &str = "whatsapp.gateway.dev/drain";
 /// Annotation the gateway sets once it has stopped a drained session and released its lock.
 pub const DRAIN_ACK_ANNOTATION: &str = "whatsapp.gateway.dev/drain-ack";
+/// Label on gateway Leases naming the release they belong to (the operator selects by it).
+pub const GATEWAY_LEASE_LABEL: &str = "whatsapp.gateway.dev/gateway-of";
+/// Annotation a gateway sets on its Lease when it shuts down: hand my sessions over.
+pub const DRAINING_ANNOTATION: &str = "whatsapp.gateway.dev/draining";
 /// Finalizer that makes deletion log out and wipe credentials first.
 pub const FINALIZER: &str = "whatsapp.gateway.dev/cleanup";
 /// Field managers for server-side apply, one per writer so each owns its own status fields.

@@ -1,0 +1,170 @@
+//! Config, leader election, HTTP (`/metrics`, `/healthz`, `/readyz`) and the placement loop.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use clap::Parser;
+use kube_lease_manager::{LeaseManagerBuilder, LeaseParams};
+use prometheus_client::registry::Registry;
+
+use crate::metrics::OperatorMetrics;
+use crate::placement::{self, PlacementSettings};
+use crate::{Error, Result};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "operator", version, about = "Assigns WhatsappSessions to gateway shards")]
+pub struct Args {
+    /// Helm release name: gateway Leases are `<release>-gateway-<k>`.
+    #[arg(long, env = "WA_RELEASE", default_value = "wa")]
+    pub release: String,
+    /// Namespace of the gateway Leases and of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Identity in leader election (the pod name).
+    #[arg(long, env = "POD_NAME", default_value = "operator")]
+    pub identity: String,
+    /// Load slack of the assignment: no shard above ceil((1+eps) * mean).
+    #[arg(long, env = "WA_EPSILON", default_value_t = crate::assign::DEFAULT_EPSILON)]
+    pub epsilon: f64,
+    #[arg(long, env = "WA_PORT", default_value_t = 8080)]
+    pub port: u16,
+    #[arg(long, env = "WA_BIND", default_value = "0.0.0.0")]
+    pub bind: String,
+    /// Placement runs at least this often (ms), since Lease expiry is a matter of time.
+    #[arg(long, env = "WA_RESYNC_MS", default_value_t = 2_000)]
+    pub resync_ms: u64,
+    /// Log format: json or text.
+    #[arg(long, env = "WA_LOG_FORMAT", default_value = "json")]
+    pub log_format: String,
+}
+
+impl Args {
+    pub fn placement(&self) -> Result<PlacementSettings> {
+        if !self.epsilon.is_finite() || self.epsilon < 0.0 {
+            return Err(Error::Config { field: "--epsilon / WA_EPSILON", reason: "must be a number >= 0".into() });
+        }
+        if self.resync_ms == 0 {
+            return Err(Error::Config { field: "--resync-ms / WA_RESYNC_MS", reason: "must be greater than 0".into() });
+        }
+        if self.release.is_empty() {
+            return Err(Error::Config { field: "--release / WA_RELEASE", reason: "must not be empty".into() });
+        }
+        Ok(PlacementSettings {
+            release: self.release.clone(),
+            lease_namespace: self.namespace.clone(),
+            epsilon: self.epsilon,
+            resync: Duration::from_millis(self.resync_ms),
+            debounce: Duration::from_millis(200),
+        })
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+}
+
+fn init_logging(json: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
+}
+
+/// Runs the operator until SIGTERM / ctrl-c.
+pub async fn run(args: Args) -> Result<()> {
+    let settings = args.placement()?;
+    init_logging(args.log_format != "text");
+    let client = kube::Client::try_default().await?;
+    let mut registry = Registry::default();
+    let metrics = Arc::new(OperatorMetrics::register(&mut registry));
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = HttpState { registry: Arc::new(registry), ready: ready.clone() };
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+    let bind: std::net::IpAddr = args
+        .bind
+        .parse()
+        .map_err(|e| Error::Config { field: "--bind / WA_BIND", reason: format!("{e}") })?;
+    let listener = tokio::net::TcpListener::bind((bind, args.port)).await?;
+    tracing::info!(listen = %listener.local_addr()?, "operator listening (/metrics, /healthz, /readyz)");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    // Leader election: only the leader places sessions.
+    let manager = LeaseManagerBuilder::new(client.clone(), format!("{}-operator-leader", args.release))
+        .with_namespace(&args.namespace)
+        .with_create_mode(kube_lease_manager::LeaseCreateMode::AutoCreate)
+        .with_parameters(LeaseParams::new(&args.identity, 15, 5).with_field_manager("whatsapp-operator-leader"))
+        .build()
+        .await
+        .map_err(|e| Error::Lease(e.to_string()))?;
+    let (mut leading, lease_task) = manager.watch().await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut placement_task: Option<tokio::task::JoinHandle<Result<()>>> = None;
+    ready.store(true, Ordering::Relaxed);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let is_leader = *leading.borrow_and_update();
+        metrics.is_leader.set(is_leader as i64);
+        match (is_leader, placement_task.is_some()) {
+            (true, false) => {
+                tracing::info!(identity = %args.identity, "became leader: placing sessions");
+                let _ = stop_tx.send(false);
+                placement_task =
+                    Some(tokio::spawn(placement::run(client.clone(), settings.clone(), metrics.clone(), stop_rx.clone())));
+            }
+            (false, true) => {
+                tracing::warn!("lost leadership: stopping placement");
+                let _ = stop_tx.send(true);
+                if let Some(task) = placement_task.take() {
+                    let _ = task.await;
+                }
+            }
+            _ => {}
+        }
+        tokio::select! {
+            changed = leading.changed() => if changed.is_err() { break },
+            _ = &mut shutdown => break,
+        }
+    }
+    let _ = stop_tx.send(true);
+    if let Some(task) = placement_task.take() {
+        let _ = task.await;
+    }
+    drop(leading);
+    if let Ok(Ok(manager)) = lease_task.await {
+        let _ = manager.release().await;
+    }
+    tracing::info!("operator stopped");
+    Ok(())
+}
+
+async fn render_metrics(State(state): State<HttpState>) -> String {
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &state.registry);
+    out
+}
+
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
+    if state.ready.load(Ordering::Relaxed) { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "starting") }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,212 @@
+//! The placement loop: watches sessions and gateway Leases, computes the bounded-load assignment
+//! (pure, in [`crate::assign`]) and applies the moves.
+//!
+//! Moves from a gone shard (or of new sessions) are direct: the label and `status.shard` change at
+//! once; the Redis lock TTL and fencing keep a half-dead gateway from acting. Moves away from a
+//! shard that is still alive (draining, over cap, rebalance) are a handoff: the operator annotates
+//! the session `drain=<from>`, the gateway stops it, releases its lock and answers
+//! `drain-ack=<from>`, and only then is the session relabelled.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crds::{DRAIN_ACK_ANNOTATION, DRAIN_ANNOTATION, GATEWAY_LEASE_LABEL, OPERATOR_FIELD_MANAGER, SHARD_LABEL};
+use crds::{Phase, WhatsappSession};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+
+use crate::assign::{AssignConfig, MoveReason, SessionState, assign};
+use crate::membership::membership;
+use crate::metrics::OperatorMetrics;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct PlacementSettings {
+    /// Helm release name: gateway Leases are `<release>-gateway-<k>`.
+    pub release: String,
+    /// Namespace of the gateway Leases.
+    pub lease_namespace: String,
+    pub epsilon: f64,
+    /// How often placement runs even without watch events (Lease expiry is a matter of time).
+    pub resync: Duration,
+    /// Gathers bursts of watch events into one placement pass.
+    pub debounce: Duration,
+}
+
+fn session_key(s: &WhatsappSession) -> String {
+    format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any())
+}
+
+fn annotation<'a>(s: &'a WhatsappSession, key: &str) -> Option<&'a str> {
+    s.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(String::as_str)
+}
+
+/// Runs until `stop` changes to `true`.
+pub async fn run(client: Client, settings: PlacementSettings, metrics: Arc<OperatorMetrics>, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<()> {
+    let sessions_api: Api<WhatsappSession> = Api::all(client.clone());
+    let leases_api: Api<Lease> = Api::namespaced(client.clone(), &settings.lease_namespace);
+    let (sessions, sessions_writer) = reflector::store();
+    let (leases, leases_writer) = reflector::store();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+
+    let session_events = reflector::reflector(sessions_writer, watcher(sessions_api.clone(), watcher::Config::default()))
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    let lease_config = watcher::Config::default().labels(&format!("{GATEWAY_LEASE_LABEL}={}", settings.release));
+    let lease_events =
+        reflector::reflector(leases_writer, watcher(leases_api, lease_config)).default_backoff().applied_objects().boxed();
+    let watch_tx = tx.clone();
+    let watchers = tokio::spawn(async move {
+        let mut merged = futures::stream::select(session_events.map(|r| r.map(|_| ())), lease_events.map(|r| r.map(|_| ())));
+        while let Some(event) = merged.next().await {
+            if let Err(err) = event {
+                tracing::warn!(%err, "watch error (retrying with backoff)");
+                continue;
+            }
+            let _ = watch_tx.try_send(());
+        }
+    });
+
+    sessions.wait_until_ready().await.map_err(|e| Error::Store(e.to_string()))?;
+    leases.wait_until_ready().await.map_err(|e| Error::Store(e.to_string()))?;
+    let mut ticker = tokio::time::interval(settings.resync);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            Some(()) = rx.recv() => {
+                tokio::time::sleep(settings.debounce).await;
+                while rx.try_recv().is_ok() {}
+            }
+            _ = stop.changed() => break,
+        }
+        if *stop.borrow() {
+            break;
+        }
+        let started = std::time::Instant::now();
+        let result = place_once(&sessions_api, &sessions, &leases, &settings, &metrics).await;
+        metrics.observe_pass(started.elapsed(), result.is_ok());
+        if let Err(err) = result {
+            tracing::warn!(%err, "placement pass failed; retrying on the next event or tick");
+        }
+    }
+    watchers.abort();
+    Ok(())
+}
+
+/// One placement pass over the current stores.
+pub async fn place_once(
+    api: &Api<WhatsappSession>,
+    sessions: &Store<WhatsappSession>,
+    leases: &Store<Lease>,
+    settings: &PlacementSettings,
+    metrics: &OperatorMetrics,
+) -> Result<()> {
+    let leases: Vec<Lease> = leases.state().iter().map(|l| (**l).clone()).collect();
+    let members = membership(&settings.release, &leases, chrono::Utc::now());
+    metrics.set_shards(members.live.len(), members.draining.len());
+    let snapshot: Vec<Arc<WhatsappSession>> =
+        sessions.state().into_iter().filter(|s| s.metadata.deletion_timestamp.is_none()).collect();
+    if snapshot.is_empty() {
+        return Ok(());
+    }
+    if members.live.is_empty() {
+        tracing::warn!(sessions = snapshot.len(), "no live gateway shard: sessions wait unassigned");
+        return Ok(());
+    }
+    let keys: Vec<String> = snapshot.iter().map(|s| session_key(s)).collect();
+    let states: Vec<SessionState> = snapshot
+        .iter()
+        .zip(&keys)
+        .map(|(s, key)| SessionState { session: key.as_str(), shard: s.labels().get(SHARD_LABEL).map(String::as_str) })
+        .collect();
+    let live: Vec<&str> = members.live.iter().map(String::as_str).collect();
+    let draining: Vec<&str> = members.draining.iter().map(String::as_str).collect();
+    let config = AssignConfig { epsilon: settings.epsilon, ..AssignConfig::default() };
+    let assignment = assign(&live, &draining, &states, &config).map_err(|e| Error::Assign(e.to_string()))?;
+    metrics.set_loads(&assignment.loads);
+
+    let by_key: HashMap<&str, &Arc<WhatsappSession>> = keys.iter().map(String::as_str).zip(snapshot.iter()).collect();
+    let mut writes = futures::stream::FuturesUnordered::new();
+    for mv in &assignment.moves {
+        let session = by_key[mv.session];
+        let from_alive = mv.from.is_some_and(|f| live.contains(&f) || draining.contains(&f));
+        let handoff = from_alive && matches!(mv.reason, MoveReason::Draining | MoveReason::OverCap | MoveReason::Rebalance);
+        let from = mv.from.unwrap_or_default().to_string();
+        let to = mv.to.to_string();
+        let reason = mv.reason;
+        let api = api.clone();
+        let session = session.clone();
+        writes.push(async move {
+            if handoff && annotation(&session, DRAIN_ACK_ANNOTATION) != Some(from.as_str()) {
+                if annotation(&session, DRAIN_ANNOTATION) != Some(from.as_str()) {
+                    request_drain(&api, &session, &from).await?;
+                }
+                return Ok::<Option<MoveReason>, Error>(None);
+            }
+            assign_to(&api, &session, &to).await?;
+            Ok(Some(reason))
+        });
+        // Bound the number of concurrent apiserver writes.
+        if writes.len() >= 32
+            && let Some(result) = writes.next().await
+        {
+            record(metrics, result);
+        }
+    }
+    while let Some(result) = writes.next().await {
+        record(metrics, result);
+    }
+    Ok(())
+}
+
+fn record(metrics: &OperatorMetrics, result: Result<Option<MoveReason>>) {
+    match result {
+        Ok(Some(reason)) => metrics.moved(reason),
+        Ok(None) => {}
+        Err(err) => tracing::warn!(%err, "applying a move failed"),
+    }
+}
+
+async fn request_drain(api: &Api<WhatsappSession>, session: &WhatsappSession, from: &str) -> Result<()> {
+    let ns_api: Api<WhatsappSession> = Api::namespaced(api.clone().into_client(), &session.namespace().unwrap_or_default());
+    let patch = serde_json::json!({"metadata": {"annotations": {DRAIN_ANNOTATION: from}}});
+    ns_api.patch(&session.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    tracing::info!(session = %session.name_any(), from, "handoff: asked the shard to drain the session");
+    Ok(())
+}
+
+/// Relabels the session and records `status.shard` (phase Assigned, condition Assigned).
+async fn assign_to(api: &Api<WhatsappSession>, session: &WhatsappSession, to: &str) -> Result<()> {
+    let ns_api: Api<WhatsappSession> = Api::namespaced(api.clone().into_client(), &session.namespace().unwrap_or_default());
+    let name = session.name_any();
+    // One merge patch: the new label, the handoff annotations cleared.
+    let patch = serde_json::json!({"metadata": {
+        "labels": {SHARD_LABEL: to},
+        "annotations": {DRAIN_ANNOTATION: null, DRAIN_ACK_ANNOTATION: null},
+    }});
+    ns_api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let status = serde_json::json!({
+        "apiVersion": "whatsapp.gateway.dev/v1alpha1",
+        "kind": "WhatsappSession",
+        "status": {
+            "shard": to,
+            "phase": Phase::Assigned,
+            "observedGeneration": session.metadata.generation,
+            "conditions": [{
+                "type": crds::condition::ASSIGNED, "status": "True", "reason": "Placed",
+                "message": format!("assigned to shard {to}"), "lastTransitionTime": now,
+            }],
+        }
+    });
+    ns_api
+        .patch_status(&name, &PatchParams::apply(OPERATOR_FIELD_MANAGER).force(), &Patch::Apply(&status))
+        .await?;
+    Ok(())
+}
