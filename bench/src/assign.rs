@@ -97,6 +97,11 @@ pub fn run(args: AssignArgs) -> anyhow::Result<()> {
     let removed_one = assign(&remaining, &[], &current, &config).context("removing a shard")?;
 
     let sessions = args.sessions as f64;
+    let added_shard_load = added
+        .loads
+        .iter()
+        .find(|&&(shard, _)| shard == all_shards[args.shards])
+        .map_or(0, |&(_, load)| load);
     let max_over_mean_load = [&full, &added, &removed_one]
         .iter()
         .map(|assignment| assignment.max_over_mean_load())
@@ -114,6 +119,8 @@ pub fn run(args: AssignArgs) -> anyhow::Result<()> {
         "optimal_add_one": 1.0 / (args.shards + 1) as f64,
         "moved_fraction_remove_one": removed_one.moves.len() as f64 / sessions,
         "optimal_remove_one": 1.0 / args.shards as f64,
+        // Fair share: the added shard's load over the mean after the add (stickiness alone would give 0).
+        "new_shard_load_over_mean": added_shard_load as f64 * (args.shards + 1) as f64 / sessions,
         "removed_shard_load_fraction": full.loads.iter().find(|&&(shard, _)| shard == removed).map_or(0, |&(_, load)| load) as f64 / sessions,
         // Worst of the three assignments: full placement, after the add, after the removal.
         "max_over_mean_load": max_over_mean_load,

@@ -2,18 +2,20 @@
 //! "Consistent Hashing with Bounded Loads", 2018), made sticky so that only what must move moves.
 //!
 //! Every shard has a fixed number of virtual nodes on a 64-bit hash ring and every session a position on it.
-//! A session's *walk* is the sequence of shards met going clockwise from its position. No shard may hold more
-//! than `capacity = ceil((1 + eps) * sessions / live_shards)` sessions.
+//! A session's *walk* is the sequence of shards met going clockwise from its position; the first is its
+//! *home*. No shard may hold more than `capacity = ceil((1 + eps) * sessions / live_shards)` sessions.
 //!
-//! One call computes the next assignment from the current one, in five steps:
+//! One call computes the next assignment from the current one:
 //! 1. Sessions on a live shard stay there; sessions that are new, or whose shard is gone or draining, wait.
-//! 2. Rebalance: a session moves to a shard that comes earlier on its walk than its current shard while that
-//!    shard holds fewer than the mean load (`ceil(sessions / live_shards)`). This is how an added shard gets
-//!    its fair share: the sessions whose walk now starts at it move there, and nothing else does. Stopping at
-//!    the mean (not the cap) keeps the moves at about `1/(N+1)` and leaves removals nearly untouched.
-//! 3. Shards still above capacity give up their excess, the sessions farthest from the shard on the ring
-//!    first (those that landed there by overflow rather than by their own position).
-//! 4. Waiting sessions, in ring order, take the first shard on their walk below capacity.
+//! 2. Shards above capacity give up their excess, sessions farthest along their own walk first (those that
+//!    prefer another shard, such as one just added, before those at home).
+//! 3. Waiting sessions, in ring order, take the first shard on their walk below capacity: the bounded-load
+//!    rule of the paper.
+//! 4. Rebalance: a session moves to a shard earlier on its walk when that shard is below the mean load
+//!    (`ceil(sessions / live_shards)`) and its own shard holds at least two more. This is how an added
+//!    shard gets its fair share: the sessions whose walk now starts there move to it, and little else does.
+//!    Requiring a heavier donor stops cascades, keeps an arbitrary (say, inherited) assignment where it is
+//!    once it is balanced, and makes every move lower the sum of squared loads, so the step terminates.
 //! 5. Moves are the difference between the old and the new assignment.
 //!
 //! The result is a fixed point: running it again on its own output moves nothing. It depends only on the
@@ -146,6 +148,10 @@ pub fn capacity(sessions: usize, shards: usize, epsilon: f64) -> usize {
     bounded.max(mean_ceiling)
 }
 
+/// Below this many light shards, rebalancing measures ring distances to each instead of walking the ring,
+/// which from a far-away shard can take thousands of steps.
+const SCAN_BELOW_MEAN_UP_TO: usize = 32;
+
 /// No shard yet.
 const UNASSIGNED: ShardIndex = ShardIndex::MAX;
 
@@ -230,9 +236,9 @@ pub fn assign<'a>(
         }
     }
 
-    state.rebalance_towards_preferred_shards(&ring_order, mean_load);
     state.shed_load_above(capacity, &ring_order);
     state.place_waiting_sessions(&ring_order, capacity);
+    state.rebalance_towards_preferred_shards(&ring_order, mean_load);
 
     // Ring order, not id order: deterministic all the same, and a million-move sort by string is too slow.
     let moves: Vec<Move<'a>> = ring_order
@@ -319,39 +325,16 @@ impl State<'_> {
         self.reasons[session].get_or_insert(reason);
     }
 
-    /// Step 2. Only sessions not on the first shard of their walk can move, so only those are visited. Each
-    /// move takes a session strictly earlier on its walk, so the loop ends; it repeats because a move frees
-    /// room that a session visited earlier may now take.
-    fn rebalance_towards_preferred_shards(&mut self, ring_order: &[u32], mean_load: usize) {
-        let mut candidates: Vec<(usize, usize)> = ring_order
-            .iter()
-            .map(|&session| session as usize)
-            .filter(|&session| self.shard_of[session] != UNASSIGNED)
-            .map(|session| (session, self.first_nodes[session]))
-            .filter(|&(session, node)| self.ring.owner(node) != self.shard_of[session])
-            .collect();
-        loop {
-            let mut moved_any = false;
-            candidates.retain(|&(session, node)| {
-                let current = self.shard_of[session];
-                let preferred = self
-                    .ring
-                    .walk_from(node)
-                    .take_while(|&shard| shard != current)
-                    .find(|&shard| (self.loads[shard as usize] as usize) < mean_load);
-                if let Some(shard) = preferred {
-                    self.move_session(session, shard, MoveReason::Rebalance);
-                    moved_any = true;
-                }
-                self.ring.owner(node) != self.shard_of[session]
-            });
-            if !moved_any {
-                break;
-            }
-        }
+    /// Virtual nodes a session's walk passes before it meets `shard`: 0 at home, more the farther the
+    /// session is from where it would like to be.
+    fn walk_steps(&self, session: usize, shard: ShardIndex) -> usize {
+        self.ring
+            .walk_from(self.first_nodes[session])
+            .take_while(|&owner| owner != shard)
+            .count()
     }
 
-    /// Step 3: shards above capacity keep the sessions nearest to them on the ring.
+    /// Step 2: shards above capacity keep the sessions that prefer them most.
     fn shed_load_above(&mut self, capacity: usize, ring_order: &[u32]) {
         let over: Vec<bool> = self
             .loads
@@ -361,19 +344,18 @@ impl State<'_> {
         if !over.contains(&true) {
             return;
         }
-        let mut residents: Vec<Vec<(u64, usize)>> = vec![Vec::new(); self.loads.len()];
+        let mut residents: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.loads.len()];
         for &session in ring_order {
             let session = session as usize;
             let shard = self.shard_of[session];
             if shard != UNASSIGNED && over[shard as usize] {
-                let distance = self.ring.clockwise_distance(shard, self.positions[session]);
-                residents[shard as usize].push((distance, session));
+                residents[shard as usize].push((self.walk_steps(session, shard), session));
             }
         }
         for (shard, mut residents) in residents.into_iter().enumerate() {
             let excess = (self.loads[shard] as usize).saturating_sub(capacity);
-            // Stable sort: equal distances keep ring order, so the choice is deterministic.
-            residents.sort_by_key(|&(distance, _)| std::cmp::Reverse(distance));
+            // Stable sort: equal steps keep ring order, so the choice is deterministic.
+            residents.sort_by_key(|&(steps, _)| std::cmp::Reverse(steps));
             for &(_, session) in &residents[..excess] {
                 self.loads[shard] -= 1;
                 self.shard_of[session] = UNASSIGNED;
@@ -382,7 +364,7 @@ impl State<'_> {
         }
     }
 
-    /// Step 4: bounded-load placement. Capacity times shards is at least the session count, so some shard
+    /// Step 3: bounded-load placement. Capacity times shards is at least the session count, so some shard
     /// always has room and the walk finds it.
     fn place_waiting_sessions(&mut self, ring_order: &[u32], capacity: usize) {
         for &session in ring_order {
@@ -399,5 +381,80 @@ impl State<'_> {
             let reason = self.reasons[session].unwrap_or(MoveReason::New);
             self.move_session(session, shard, reason);
         }
+    }
+
+    /// Step 4. Only sessions away from home can move, so only those are visited, in ring order, in passes
+    /// until one moves nothing (a move can make room that a session visited earlier may now take). Each
+    /// move lowers the sum of squared loads by at least 2, so the passes end.
+    fn rebalance_towards_preferred_shards(&mut self, ring_order: &[u32], mean_load: usize) {
+        let mean_load = mean_load as u32;
+        let mut candidates: Vec<usize> = ring_order
+            .iter()
+            .map(|&session| session as usize)
+            .filter(|&session| self.ring.owner(self.first_nodes[session]) != self.shard_of[session])
+            .collect();
+        loop {
+            let below_mean: Vec<ShardIndex> = (0..self.loads.len() as ShardIndex)
+                .filter(|&shard| self.loads[shard as usize] < mean_load)
+                .collect();
+            let Some(lightest) = below_mean
+                .iter()
+                .map(|&shard| self.loads[shard as usize])
+                .min()
+            else {
+                break;
+            };
+            let mut moved_any = false;
+            for &session in &candidates {
+                let current = self.shard_of[session];
+                let donor_load = self.loads[current as usize];
+                if donor_load < lightest + 2 {
+                    continue; // no shard is light enough to take a session from this one
+                }
+                let accepts = |shard: ShardIndex, loads: &[u32]| {
+                    loads[shard as usize] < mean_load.min(donor_load - 1)
+                };
+                let preferred = if below_mean.len() <= SCAN_BELOW_MEAN_UP_TO {
+                    self.earliest_accepting(session, current, &below_mean, |shard| {
+                        accepts(shard, &self.loads)
+                    })
+                } else {
+                    self.ring
+                        .walk_from(self.first_nodes[session])
+                        .take_while(|&shard| shard != current)
+                        .find(|&shard| accepts(shard, &self.loads))
+                };
+                if let Some(shard) = preferred {
+                    self.move_session(session, shard, MoveReason::Rebalance);
+                    moved_any = true;
+                }
+            }
+            if !moved_any {
+                break;
+            }
+            candidates.retain(|&session| {
+                self.ring.owner(self.first_nodes[session]) != self.shard_of[session]
+            });
+        }
+    }
+
+    /// Same answer as walking the ring up to `current`, for a short list of shards: the one nearest
+    /// clockwise wins, ties (equal positions) to the lower index as in the ring's own order.
+    fn earliest_accepting(
+        &self,
+        session: usize,
+        current: ShardIndex,
+        shards: &[ShardIndex],
+        accepts: impl Fn(ShardIndex) -> bool,
+    ) -> Option<ShardIndex> {
+        let position = self.positions[session];
+        let limit = (self.ring.clockwise_distance(current, position), current);
+        shards
+            .iter()
+            .filter(|&&shard| accepts(shard))
+            .map(|&shard| (self.ring.clockwise_distance(shard, position), shard))
+            .filter(|&key| key < limit)
+            .min()
+            .map(|(_, shard)| shard)
     }
 }
