@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod assign;
+mod delivery;
 
 #[derive(Parser)]
 #[command(
@@ -18,11 +19,15 @@ struct Cli {
 enum What {
     /// The pure shard assignment alone: placement time, moves on scaling, load balance.
     Assign(assign::AssignArgs),
+    /// The real delivery pipeline with simulated sessions against a loopback backend: requests,
+    /// latency, losses per batching policy.
+    Delivery(delivery::DeliveryArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.what {
         What::Assign(args) => assign::run(args),
+        What::Delivery(args) => delivery::run(args),
     }
 }
