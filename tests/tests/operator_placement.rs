@@ -1,0 +1,246 @@
+//! The operator's placement against a real kube-apiserver: gateway membership comes from Leases
+//! that this test renews (standing in for gateway pods, which a later step runs as processes).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crds::{
+    DRAIN_ACK_ANNOTATION, DRAIN_ANNOTATION, GATEWAY_LEASE_LABEL, SHARD_LABEL, WhatsappSession,
+};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{CustomResourceExt, ResourceExt};
+use operator::placement::PlacementSettings;
+use test_support::{control_plane, wait_until};
+
+const NS: &str = "placement";
+const RELEASE: &str = "wa-place";
+
+async fn setup(client: &kube::Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = WhatsappSession::crd();
+    crds.patch(
+        &crd.name_any(),
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .unwrap();
+    wait_until("CRD served", Duration::from_secs(30), || {
+        let api: Api<WhatsappSession> = Api::all(client.clone());
+        async move {
+            api.list(&ListParams::default().limit(1))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await
+    .unwrap();
+    let ns: Api<Namespace> = Api::all(client.clone());
+    let obj: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": NS}})).unwrap();
+    let _ = ns.create(&PostParams::default(), &obj).await;
+}
+
+/// Renews `<release>-gateway-<k>` every second, as a gateway would.
+fn heartbeat(client: kube::Client, shard: u32) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let leases: Api<Lease> = Api::namespaced(client, NS);
+        let name = format!("{RELEASE}-gateway-{shard}");
+        loop {
+            // MicroTime: RFC 3339 with microseconds.
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            let lease = serde_json::json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": name, "labels": {GATEWAY_LEASE_LABEL: RELEASE}},
+                "spec": {"holderIdentity": name, "leaseDurationSeconds": 6, "renewTime": now},
+            });
+            let _ = leases
+                .patch(
+                    &name,
+                    &PatchParams::apply("fake-gateway").force(),
+                    &Patch::Apply(&lease),
+                )
+                .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+}
+
+/// Acknowledges drain requests at once, as a gateway that stopped the session would.
+fn drain_acker(client: kube::Client) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let api: Api<WhatsappSession> = Api::namespaced(client, NS);
+        loop {
+            if let Ok(list) = api.list(&ListParams::default()).await {
+                for s in list {
+                    let ann = s.annotations();
+                    if let Some(from) = ann.get(DRAIN_ANNOTATION)
+                        && ann.get(DRAIN_ACK_ANNOTATION) != Some(from)
+                    {
+                        let patch = serde_json::json!({"metadata": {"annotations": {DRAIN_ACK_ANNOTATION: from}}});
+                        let _ = api
+                            .patch(
+                                &s.name_any(),
+                                &PatchParams::default(),
+                                &Patch::Merge(&patch),
+                            )
+                            .await;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+async fn shards(api: &Api<WhatsappSession>) -> HashMap<String, String> {
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|s| {
+            s.labels()
+                .get(SHARD_LABEL)
+                .cloned()
+                .map(|shard| (s.name_any(), shard))
+        })
+        .collect()
+}
+
+async fn wait_all_on(
+    api: &Api<WhatsappSession>,
+    count: usize,
+    allowed: &[&str],
+    secs: u64,
+) -> HashMap<String, String> {
+    let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
+    wait_until("sessions placed", Duration::from_secs(secs), || {
+        let api = api.clone();
+        let allowed = allowed.clone();
+        async move {
+            let placed = shards(&api).await;
+            let ok = placed.len() == count && placed.values().all(|s| allowed.contains(s));
+            if ok {
+                Ok(placed)
+            } else {
+                Err(format!(
+                    "{} placed on allowed shards of {count}",
+                    placed.values().filter(|s| allowed.contains(s)).count()
+                ))
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
+
+fn loads(placed: &HashMap<String, String>) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for shard in placed.values() {
+        *out.entry(shard.clone()).or_insert(0) += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_spread_over_shards_within_cap_and_move_only_what_must() {
+    let client = control_plane::shared().client().await.unwrap();
+    setup(&client).await;
+    let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
+    let mut beats: Vec<_> = (0..3).map(|k| heartbeat(client.clone(), k)).collect();
+    let acker = drain_acker(client.clone());
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(operator::metrics::OperatorMetrics::register(&mut registry));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let settings = PlacementSettings {
+        release: RELEASE.into(),
+        lease_namespace: NS.into(),
+        epsilon: 0.25,
+        resync: Duration::from_millis(500),
+        debounce: Duration::from_millis(200),
+    };
+    let placement = tokio::spawn(operator::placement::run(
+        client.clone(),
+        settings,
+        metrics,
+        stop_rx,
+    ));
+
+    let total = 300;
+    for i in 0..total {
+        let s = WhatsappSession::new(&format!("s-{i:03}"), Default::default());
+        api.create(&PostParams::default(), &s).await.unwrap();
+    }
+    let placed = wait_all_on(&api, total, &["0", "1", "2"], 60).await;
+    let cap = (1.25f64 * total as f64 / 3.0).ceil() as usize;
+    let l = loads(&placed);
+    assert!(
+        l.values().all(|&n| n <= cap),
+        "loads {l:?} within cap {cap}"
+    );
+    let status = api
+        .get("s-000")
+        .await
+        .unwrap()
+        .status
+        .expect("status written");
+    assert_eq!(status.shard.as_deref(), Some(placed["s-000"].as_str()));
+
+    // A 4th shard: about a quarter moves (through the drain handoff), no more.
+    beats.push(heartbeat(client.clone(), 3));
+    let after = wait_until("4th shard filled", Duration::from_secs(60), || {
+        let api = api.clone();
+        async move {
+            let p = shards(&api).await;
+            let on_new = p.values().filter(|s| *s == "3").count();
+            if on_new >= total / 4 * 9 / 10 {
+                Ok(p)
+            } else {
+                Err(format!("{on_new} on shard 3"))
+            }
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = {
+        let mut a = after;
+        a.extend(shards(&api).await);
+        a
+    };
+    let moved = placed
+        .iter()
+        .filter(|(name, shard)| after.get(*name) != Some(*shard))
+        .count();
+    let fraction = moved as f64 / total as f64;
+    assert!(fraction <= 1.3 / 4.0, "moved fraction {fraction}");
+    let l = loads(&after);
+    let max_over_mean = *l.values().max().unwrap() as f64 / (total as f64 / 4.0);
+    assert!(max_over_mean <= 1.25, "max/mean {max_over_mean} ({l:?})");
+
+    // Shard 1 dies (its Lease expires): its sessions go straight to the others, nobody else moves.
+    beats[1].abort();
+    let before = shards(&api).await;
+    let gone = wait_all_on(&api, total, &["0", "2", "3"], 30).await;
+    let needless = before
+        .iter()
+        .filter(|(n, s)| *s != "1" && gone.get(*n) != Some(*s))
+        .count();
+    assert!(
+        needless <= total / 20,
+        "{needless} sessions moved off live shards"
+    );
+
+    let _ = stop_tx.send(true);
+    let _ = placement.await;
+    acker.abort();
+    for b in beats {
+        b.abort();
+    }
+}
