@@ -2,6 +2,7 @@
 //! [`GatewayEvent`]s into an [`EventSink`] until it is stopped.
 
 pub mod sim;
+pub mod supervisor;
 
 use std::future::Future;
 use std::pin::Pin;
