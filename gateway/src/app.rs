@@ -16,6 +16,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{BatcherHandle, BatcherTask, spawn_batcher};
+use crate::cache::{
+    BackendLookup, CacheMetrics, ChainLookup, RedisTier, RemoteTier, SessionCache, SessionLookup,
+    SessionView, StatesLookup,
+};
 use crate::config::{Settings, StandaloneArgs};
 use crate::delivery::spill::{RedisSpill, SpillKeys};
 use crate::delivery::{BackendClient, DeliveredHook, Delivery};
@@ -129,6 +133,20 @@ impl Pipeline {
         registry: &mut Registry,
         on_delivered: Option<DeliveredHook>,
     ) -> Result<Self> {
+        let states = Arc::new(SessionStates::default());
+        Self::start_with_cache(settings, redis, registry, on_delivered, states, None).await
+    }
+
+    /// Like [`Pipeline::start`], with the session states given (the cache's fallback reads them)
+    /// and every session change written through `cache`.
+    pub async fn start_with_cache(
+        settings: &Settings,
+        redis: Option<fred::clients::Client>,
+        registry: &mut Registry,
+        on_delivered: Option<DeliveredHook>,
+        states: Arc<SessionStates>,
+        cache: Option<Arc<SessionCache>>,
+    ) -> Result<Self> {
         let backend = settings
             .backend
             .clone()
@@ -145,11 +163,11 @@ impl Pipeline {
 
         let (handle, batcher) = spawn_batcher(settings.batch.clone(), Arc::new(delivery.clone()))?;
         registry.register_collector(Box::new(BatchStatsCollector(batcher.stats().clone())));
-        let states = Arc::new(SessionStates::default());
         registry.register_collector(Box::new(SessionsCollector(states.clone())));
 
         let (events, rx) = EventSink::channel(settings.batch.input_capacity);
-        let router = tokio::spawn(route_events(rx, handle.clone(), states.clone()));
+        let cache = cache.map(|cache| (cache, settings.identity.clone()));
+        let router = tokio::spawn(route_events(rx, handle.clone(), states.clone(), cache));
         if let Some(interval) = settings.resync_interval {
             background.push(tokio::spawn(resync_loop(
                 interval,
@@ -216,9 +234,16 @@ async fn route_events(
     mut rx: mpsc::Receiver<GatewayEvent>,
     batcher: BatcherHandle,
     states: Arc<SessionStates>,
+    cache: Option<(Arc<SessionCache>, String)>,
 ) {
     while let Some(event) = rx.recv().await {
         states.apply(&event);
+        // Write-through: the local tier at once, Redis and the invalidation in the background.
+        if let Some((cache, gateway)) = &cache
+            && let Some(state) = states.get(event.session_id())
+        {
+            cache.write(SessionView::from_state(event.session_id(), &state, gateway));
+        }
         if batcher.submit(event).await.is_err() {
             tracing::error!("batcher stopped while sessions still report events");
             return;
@@ -316,7 +341,25 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         }
     }
     let mut registry = crate::metrics::new_registry();
-    let pipeline = Pipeline::start(&settings, redis.clone(), &mut registry, None).await?;
+    let states = Arc::new(SessionStates::default());
+    let stop = CancellationToken::new();
+    let (cache, mut cache_tasks) = start_cache(
+        &settings,
+        redis.as_ref(),
+        states.clone(),
+        &mut registry,
+        &stop,
+    )
+    .await?;
+    let pipeline = Pipeline::start_with_cache(
+        &settings,
+        redis.clone(),
+        &mut registry,
+        None,
+        states,
+        Some(cache.clone()),
+    )
+    .await?;
 
     let mut sessions = Vec::with_capacity(args.simulate);
     for i in 0..args.simulate {
@@ -335,13 +378,21 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         redis,
         delivery: pipeline.delivery.clone(),
     };
+    let api = crate::api::ApiState {
+        cache,
+        events: Some(pipeline.event_sink()),
+        token: settings.api_token.as_deref().map(Arc::from),
+    };
+    if api.token.is_none() {
+        tracing::warn!("no API token (--api-token / WA_API_TOKEN): the /v1 API is open");
+    }
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
-    tracing::info!(listen = %listener.local_addr()?, policy = settings.batch.policy.as_str(), "gateway listening (/metrics, /healthz, /readyz)");
-    let stop = CancellationToken::new();
+    tracing::info!(listen = %listener.local_addr()?, policy = settings.batch.policy.as_str(), "gateway listening (/metrics, /healthz, /readyz, /v1)");
     let server = {
         let stop = stop.clone();
+        let app = crate::http::router(state).merge(crate::api::router(api));
         tokio::spawn(async move {
-            axum::serve(listener, crate::http::router(state))
+            axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await
         })
@@ -351,8 +402,49 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     pipeline.shutdown(sessions, SHUTDOWN_GRACE).await;
     stop.cancel();
     let _ = server.await;
+    // The writer makes one last attempt at pending cache writes; do not wait long for it.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(3),
+        futures::future::join_all(cache_tasks.drain(..)),
+    )
+    .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The cache with its fallback (backend lookup if configured, then this gateway's own sessions),
+/// its Redis tier and invalidation listener when Redis is configured, and its background tasks.
+pub async fn start_cache(
+    settings: &Settings,
+    redis: Option<&fred::clients::Client>,
+    states: Arc<SessionStates>,
+    registry: &mut Registry,
+    stop: &CancellationToken,
+) -> Result<(Arc<SessionCache>, Vec<JoinHandle<()>>)> {
+    let mut lookups: Vec<Arc<dyn SessionLookup>> = vec![Arc::new(StatesLookup::new(
+        states,
+        settings.identity.clone(),
+    ))];
+    if let (Some(backend), Some(path)) = (&settings.backend, &settings.session_lookup_path) {
+        tracing::info!(path = %path, "cache fallback: backend session lookup");
+        lookups.push(Arc::new(BackendLookup::new(backend, path)?));
+    }
+    let remote = redis.map(|client| {
+        Arc::new(RedisTier::new(client.clone(), settings.cache.redis_ttl)) as Arc<dyn RemoteTier>
+    });
+    let cache = SessionCache::new(
+        settings.cache.clone(),
+        remote,
+        Arc::new(ChainLookup(lookups)),
+        CacheMetrics::register(registry),
+    );
+    let mut tasks = cache.spawn_background(stop.clone());
+    if let Some(client) = redis {
+        tasks.push(
+            crate::cache::spawn_invalidation_listener(client, cache.clone(), stop.clone()).await?,
+        );
+    }
+    Ok((cache, tasks))
 }
 
 /// Entry point of the binary.

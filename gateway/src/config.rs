@@ -122,6 +122,26 @@ pub struct CommonArgs {
     /// Log format: json (default) or text.
     #[arg(long, env = "WA_LOG_FORMAT", default_value = "json")]
     pub log_format: String,
+    /// Bearer token required by the `/v1` API; without it the API is open (metrics and health
+    /// endpoints are always open).
+    #[arg(long, env = "WA_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Cache: time an entry stays in the in-process tier, seconds.
+    #[arg(long, env = "WA_CACHE_LOCAL_TTL_S", default_value_t = 30)]
+    pub cache_local_ttl_s: u64,
+    /// Cache: time a "no such session" answer stays in the in-process tier, ms.
+    #[arg(long, env = "WA_CACHE_NEGATIVE_TTL_MS", default_value_t = 5_000)]
+    pub cache_negative_ttl_ms: u64,
+    /// Cache: TTL of the session keys in Redis, seconds.
+    #[arg(long, env = "WA_CACHE_REDIS_TTL_S", default_value_t = 120)]
+    pub cache_redis_ttl_s: u64,
+    /// Cache: most entries in the in-process tier.
+    #[arg(long, env = "WA_CACHE_LOCAL_CAPACITY", default_value_t = 100_000)]
+    pub cache_local_capacity: u64,
+    /// Backend path of the session lookup fallback, `{id}` replaced by the session id (e.g.
+    /// `/whatsapp/session/{id}`); needs --backend-url. Without it, unknown sessions are unknown.
+    #[arg(long, env = "WA_SESSION_LOOKUP_PATH")]
+    pub session_lookup_path: Option<String>,
 }
 
 /// Validated settings.
@@ -135,6 +155,10 @@ pub struct Settings {
     pub resync_interval: Option<Duration>,
     pub identity: String,
     pub log_json: bool,
+    pub api_token: Option<String>,
+    pub cache: crate::cache::CacheSettings,
+    /// Backend path of the session lookup fallback (`{id}` = session id).
+    pub session_lookup_path: Option<String>,
 }
 
 fn positive_ms(field: &'static str, ms: u64) -> Result<Duration> {
@@ -296,7 +320,31 @@ impl CommonArgs {
                 ));
             }
         };
+        let cache = self.cache_settings()?;
+        let session_lookup_path = match &self.session_lookup_path {
+            Some(p) if p.trim().is_empty() => None,
+            Some(p) => {
+                let p = path("--session-lookup-path / WA_SESSION_LOOKUP_PATH", p)?;
+                if !p.contains("{id}") {
+                    return Err(Error::config(
+                        "--session-lookup-path / WA_SESSION_LOOKUP_PATH",
+                        format!("`{p}` must contain `{{id}}`"),
+                    ));
+                }
+                if backend.is_none() {
+                    return Err(Error::config(
+                        "--session-lookup-path / WA_SESSION_LOOKUP_PATH",
+                        "needs --backend-url / WA_BACKEND_URL",
+                    ));
+                }
+                Some(p)
+            }
+            None => None,
+        };
         Ok(Settings {
+            api_token: self.api_token.clone().filter(|t| !t.is_empty()),
+            cache,
+            session_lookup_path,
             listen: SocketAddr::new(ip, self.port),
             redis_url,
             backend,
@@ -315,6 +363,43 @@ impl CommonArgs {
                 .then(|| Duration::from_secs(self.resync_interval_s)),
             identity: self.identity.clone(),
             log_json,
+        })
+    }
+}
+
+impl CommonArgs {
+    fn cache_settings(&self) -> Result<crate::cache::CacheSettings> {
+        if self.cache_local_ttl_s == 0 || self.cache_local_ttl_s > 3_600 {
+            return Err(Error::config(
+                "--cache-local-ttl-s / WA_CACHE_LOCAL_TTL_S",
+                "must be between 1 and 3600",
+            ));
+        }
+        if self.cache_redis_ttl_s < self.cache_local_ttl_s || self.cache_redis_ttl_s > 86_400 {
+            return Err(Error::config(
+                "--cache-redis-ttl-s / WA_CACHE_REDIS_TTL_S",
+                "must be at least the local TTL and at most 86400",
+            ));
+        }
+        let negative_ttl = positive_ms(
+            "--cache-negative-ttl-ms / WA_CACHE_NEGATIVE_TTL_MS",
+            self.cache_negative_ttl_ms,
+        )?;
+        if self.cache_local_capacity == 0 {
+            return Err(Error::config(
+                "--cache-local-capacity / WA_CACHE_LOCAL_CAPACITY",
+                "must be greater than 0",
+            ));
+        }
+        let redis_ttl = Duration::from_secs(self.cache_redis_ttl_s);
+        Ok(crate::cache::CacheSettings {
+            local_ttl: Duration::from_secs(self.cache_local_ttl_s),
+            negative_ttl,
+            redis_ttl,
+            local_capacity: self.cache_local_capacity,
+            // A third of the TTL: two refreshes may fail before a live session's keys expire.
+            refresh_interval: redis_ttl / 3,
+            ..crate::cache::CacheSettings::default()
         })
     }
 }
@@ -338,6 +423,10 @@ mod tests {
         assert_eq!(s.batch.policy, BatchPolicy::Adaptive);
         assert_eq!(s.batch.batch_size, 50);
         assert_eq!(s.resync_interval, Some(Duration::from_secs(300)));
+        assert_eq!(s.cache.local_ttl, Duration::from_secs(30));
+        assert_eq!(s.cache.redis_ttl, Duration::from_secs(120));
+        assert_eq!(s.cache.negative_ttl, Duration::from_secs(5));
+        assert!(s.api_token.is_none() && s.session_lookup_path.is_none());
     }
 
     #[test]
@@ -358,6 +447,23 @@ mod tests {
             ),
             (&["--bind", "localhost:80"][..], "WA_BIND"),
             (&["--log-format", "xml"][..], "WA_LOG_FORMAT"),
+            (&["--cache-local-ttl-s", "0"][..], "WA_CACHE_LOCAL_TTL_S"),
+            (
+                &["--cache-local-ttl-s", "60", "--cache-redis-ttl-s", "30"][..],
+                "WA_CACHE_REDIS_TTL_S",
+            ),
+            (
+                &["--cache-negative-ttl-ms", "0"][..],
+                "WA_CACHE_NEGATIVE_TTL_MS",
+            ),
+            (
+                &["--session-lookup-path", "/s/{id}"][..],
+                "WA_SESSION_LOOKUP_PATH",
+            ),
+            (
+                &["--backend-url", "http://x", "--session-lookup-path", "/s"][..],
+                "WA_SESSION_LOOKUP_PATH",
+            ),
         ] {
             let err = parse(args).expect_err(&format!("{args:?} must be refused"));
             assert!(err.contains(field), "{args:?}: `{err}` should name {field}");

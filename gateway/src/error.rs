@@ -14,6 +14,10 @@ pub enum Error {
     QrRender(String),
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("cache: {0}")]
+    Cache(String),
+    #[error("session lookup: {0}")]
+    Lookup(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

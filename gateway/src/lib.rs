@@ -1,6 +1,8 @@
 #![forbid(unsafe_code)]
+pub mod api;
 pub mod app;
 pub mod batch;
+pub mod cache;
 pub mod config;
 pub mod delivery;
 mod error;

@@ -1,0 +1,227 @@
+//! The read API (`/v1`), answered by any gateway through the cache (see `docs/api.md`).
+//!
+//! - `GET /v1/sessions/{id}`: status JSON;
+//! - `GET /v1/sessions/{id}/qr`: the latest unexpired QR as JSON, or PNG with `Accept: image/png`;
+//! - `PUT /v1/sessions/{id}/status`: reports a status change through this gateway's event router,
+//!   exactly as a session driver would (cache write-through, invalidation, backend delivery).
+//!
+//! With a token configured every `/v1` request needs `Authorization: Bearer <token>`.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use chrono::{SecondsFormat, Utc};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::cache::{SessionCache, SessionView, valid_session_id};
+use crate::events::{Priority, SessionStatus, StatusEvent};
+use crate::session::EventSink;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub cache: Arc<SessionCache>,
+    /// Where `PUT .../status` reports changes; `None` disables the endpoint (405).
+    pub events: Option<EventSink>,
+    pub token: Option<Arc<str>>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/sessions/{id}", get(session_status))
+        .route("/v1/sessions/{id}/qr", get(session_qr))
+        .route("/v1/sessions/{id}/status", put(put_status))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
+        .with_state(state)
+}
+
+fn error(code: StatusCode, error: &str) -> Response {
+    (code, axum::Json(json!({ "error": error }))).into_response()
+}
+
+/// Compares without an early exit, so response time does not leak how much of a guess matched.
+fn same_token(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|g| same_token(g.as_bytes(), token.as_bytes())) {
+            let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized");
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+/// Looks a session up through the cache; the error response when it cannot be answered.
+async fn lookup(state: &ApiState, id: &str) -> Result<Arc<SessionView>, Response> {
+    if !valid_session_id(id) {
+        return Err(error(StatusCode::BAD_REQUEST, "invalid_session_id"));
+    }
+    match state.cache.get(id).await {
+        Ok(Some(view)) => Ok(view),
+        Ok(None) => Err(error(StatusCode::NOT_FOUND, "session_not_found")),
+        Err(err) => {
+            tracing::warn!(session_id = id, %err, "session lookup failed");
+            Err(error(StatusCode::SERVICE_UNAVAILABLE, "lookup_failed"))
+        }
+    }
+}
+
+async fn session_status(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
+    let view = match lookup(&state, &id).await {
+        Ok(view) => view,
+        Err(response) => return response,
+    };
+    let qr = view.live_qr(Utc::now());
+    axum::Json(json!({
+        "sessionId": view.session_id,
+        "status": view.status.status,
+        "active": view.status.status == SessionStatus::Active,
+        "reason": view.status.reason,
+        "since": view.status.since.to_rfc3339_opts(SecondsFormat::Millis, true),
+        "version": view.status.version,
+        "connection": {
+            "state": view.connection.state,
+            "since": view.connection.since.to_rfc3339_opts(SecondsFormat::Millis, true),
+        },
+        "session": {
+            "gateway": view.session.gateway,
+            "updatedAt": view.session.updated_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        },
+        "qrAvailable": qr.is_some(),
+        "qrExpiresAt": qr.map(|q| q.expires_at.to_rfc3339_opts(SecondsFormat::Millis, true)),
+    }))
+    .into_response()
+}
+
+fn wants_png(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().starts_with("image/png")))
+}
+
+async fn session_qr(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let view = match lookup(&state, &id).await {
+        Ok(view) => view,
+        Err(response) => return response,
+    };
+    let Some(qr) = view.live_qr(Utc::now()) else {
+        let reason = if view.qr.is_some() {
+            "qr_expired"
+        } else {
+            "no_qr"
+        };
+        return error(StatusCode::NOT_FOUND, reason);
+    };
+    if wants_png(&headers) {
+        return match qr_png(&qr.code) {
+            Ok(png) => (
+                [
+                    (header::CONTENT_TYPE, "image/png"),
+                    (header::CACHE_CONTROL, "no-store"),
+                ],
+                png,
+            )
+                .into_response(),
+            Err(err) => {
+                tracing::warn!(session_id = %id, %err, "QR rendering failed");
+                error(StatusCode::INTERNAL_SERVER_ERROR, "qr_render_failed")
+            }
+        };
+    }
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(json!({
+            "sessionId": view.session_id,
+            "qr": qr.code,
+            "expiresAt": qr.expires_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+            "seq": qr.seq,
+        })),
+    )
+        .into_response()
+}
+
+fn qr_png(code: &str) -> crate::Result<Vec<u8>> {
+    let qr =
+        qrcode::QrCode::new(code.as_bytes()).map_err(|e| crate::Error::QrRender(e.to_string()))?;
+    let image = qr
+        .render::<image::Luma<u8>>()
+        .min_dimensions(256, 256)
+        .build();
+    let mut png = Vec::with_capacity(4096);
+    image::DynamicImage::ImageLuma8(image)
+        .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| crate::Error::QrRender(e.to_string()))?;
+    Ok(png)
+}
+
+#[derive(Debug, Deserialize)]
+struct StatusChange {
+    status: SessionStatus,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn put_status(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    body: Result<axum::Json<StatusChange>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Some(events) = &state.events else {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "read_only");
+    };
+    if !valid_session_id(&id) {
+        return error(StatusCode::BAD_REQUEST, "invalid_session_id");
+    }
+    let axum::Json(change) = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({ "error": "invalid_body", "detail": rejection.body_text() })),
+            )
+                .into_response();
+        }
+    };
+    let event = StatusEvent::new(id.clone(), change.status, Priority::High, change.reason);
+    if events.emit(event).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
+    }
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "sessionId": id, "status": change.status })),
+    )
+        .into_response()
+}
