@@ -2,6 +2,7 @@
 //! indexes for key counts, and the pub/sub listener that evicts local entries.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fred::clients::{Client, SubscriberClient};
@@ -18,17 +19,43 @@ use super::{INVALIDATION_CHANNEL, PendingWrite, RemoteTier, SessionCache, WriteM
 use crate::Result;
 
 /// Reads give up quickly: a slow Redis must not make API lookups slower than the fallback.
-const READ_TIMEOUT: Duration = Duration::from_millis(500);
+const READ_TIMEOUT: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
 pub struct RedisTier {
     client: Client,
     ttl: Duration,
+    /// Follows fred's connection events. fred keeps reporting "connected" until its first
+    /// reconnect attempt (100 ms later); the error event comes at once, so lookups stop waiting
+    /// on a dead Redis right away.
+    up: Arc<AtomicBool>,
 }
 
 impl RedisTier {
+    /// Must be called within a tokio runtime: it starts a task that follows connection events
+    /// (it ends with the client).
     pub fn new(client: Client, ttl: Duration) -> Self {
-        RedisTier { client, ttl }
+        let up = Arc::new(AtomicBool::new(client.is_connected()));
+        let mut errors = client.error_rx();
+        let mut reconnects = client.reconnect_rx();
+        let flag = up.clone();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let now_up = tokio::select! {
+                    e = errors.recv() => match e {
+                        Err(RecvError::Closed) => return,
+                        _ => false,
+                    },
+                    r = reconnects.recv() => match r {
+                        Err(RecvError::Closed) => return,
+                        _ => true,
+                    },
+                };
+                flag.store(now_up, Ordering::Release);
+            }
+        });
+        RedisTier { client, ttl, up }
     }
 
     fn read_options() -> Options {
@@ -46,7 +73,7 @@ fn now_ms() -> i64 {
 
 impl RemoteTier for RedisTier {
     fn available(&self) -> bool {
-        self.client.is_connected()
+        self.up.load(Ordering::Acquire) && self.client.is_connected()
     }
 
     fn read<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, Result<Option<SessionView>>> {
