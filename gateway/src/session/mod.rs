@@ -1,6 +1,8 @@
 //! How the gateway runs sessions: a [`SessionDriver`] starts one task per session, which reports
 //! [`GatewayEvent`]s into an [`EventSink`] until it is stopped.
 
+pub mod credentials;
+pub mod ownership;
 pub mod sim;
 pub mod supervisor;
 

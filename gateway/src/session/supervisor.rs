@@ -1,86 +1,896 @@
-//! Runs the sessions this gateway owns: start, stop and pause through a [`SessionDriver`].
+//! Runs the sessions this gateway is asked to run, each only while it holds the session's
+//! ownership lock (see [`super::ownership`]).
 //!
-//! This is the minimal core used by cluster mode; ownership locks, reconnect backoff, the cap on
-//! concurrent connection attempts and graceful drain build on it.
+//! One small worker task per wanted session: take the lock (skipping, and retrying later, while
+//! another gateway holds it), start the driver, then watch. Losing the lock stops the session at
+//! once; a session that ends by itself is restarted with exponential backoff and jitter; stop and
+//! pause release the lock. Connection attempts (lock + credentials + driver start) share a
+//! semaphore so thousands of sessions restoring after a restart do not stampede.
+//!
+//! Sessions report through a *gate*, one task between the drivers and the pipeline: it passes an
+//! event only while the session's lease is usable (a process that wakes up after a SIGSTOP past its
+//! TTL forwards nothing), and it records credentials on pairing (`active`) and wipes them on
+//! logout, with the lease's fencing token.
+//!
+//! Graceful drain ([`Supervisor::drain`]): stop sessions, let the pipeline flush their events,
+//! then release the locks, so the next owner's events come after ours.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rand::Rng;
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
+use super::credentials::{CredentialStore, Fence, MemoryCredentials, RedisCredentials, Write};
+use super::ownership::{
+    Lease, LeaseConfig, LocalLockStore, Ownership, OwnershipMetrics, RedisLockStore,
+};
 use super::{DriverError, EventSink, RunningSession, SessionDriver};
+use crate::events::{GatewayEvent, SessionStatus};
+
+/// Exponential backoff with "equal jitter": half the delay fixed, half random, so a fleet that
+/// failed together does not retry together, yet nothing retries at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Backoff {
+    /// Delay before retry `attempt` (0 = first retry); `unit` is a random draw in [0, 1).
+    pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
+        let full = self
+            .base
+            .saturating_mul(1u32 << attempt.min(20))
+            .min(self.max);
+        full / 2 + (full / 2).mul_f64(unit.clamp(0.0, 1.0))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SupervisorConfig {
+    /// Connection attempts (lock, credentials, driver start) running at once.
+    pub max_connect_attempts: usize,
+    /// Restarts of sessions that ended by themselves or failed to start.
+    pub restart_backoff: Backoff,
+    /// A session that ran this long resets its restart backoff.
+    pub stable_after: Duration,
+    /// Capacity of the gate's input channel.
+    pub gate_capacity: usize,
+    /// How long [`Supervisor::ensure_running`] waits for the first attempt's outcome.
+    pub first_outcome_wait: Duration,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            max_connect_attempts: 64,
+            restart_backoff: Backoff::default(),
+            stable_after: Duration::from_secs(60),
+            gate_capacity: 1024,
+            first_outcome_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct WriteLabels {
+    pub result: WriteResult,
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelValue,
+)]
+pub enum WriteResult {
+    Written,
+    /// Refused by Redis: a newer owner exists.
+    Fenced,
+    /// Not even tried: the lease was no longer usable.
+    Stale,
+    Error,
+}
+
+/// The supervisor's metrics, lock metrics included.
+#[derive(Debug, Clone, Default)]
+pub struct SupervisorMetrics {
+    pub running: Gauge,
+    pub attempts_in_flight: Gauge,
+    pub restarts: Counter,
+    pub credential_writes: Family<WriteLabels, Counter>,
+    pub dropped_events: Counter,
+    pub ownership: OwnershipMetrics,
+}
+
+impl SupervisorMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = SupervisorMetrics {
+            ownership: OwnershipMetrics::register(registry),
+            ..SupervisorMetrics::default()
+        };
+        registry.register(
+            "whatsapp_gateway_sessions_running",
+            "Sessions with a live connection on this gateway (each holds its ownership lock)",
+            metrics.running.clone(),
+        );
+        registry.register(
+            "whatsapp_gateway_connection_attempts_in_flight",
+            "Connection attempts (lock, credentials, driver start) in progress",
+            metrics.attempts_in_flight.clone(),
+        );
+        registry.register(
+            "whatsapp_gateway_session_restarts",
+            "Sessions restarted after they ended by themselves or failed to start",
+            metrics.restarts.clone(),
+        );
+        registry.register(
+            "whatsapp_gateway_credential_writes",
+            "Credential writes by result (written, fenced = refused for a stale token, stale, error)",
+            metrics.credential_writes.clone(),
+        );
+        registry.register(
+            "whatsapp_gateway_unowned_events_dropped",
+            "Session events dropped because the session's lock was no longer held",
+            metrics.dropped_events.clone(),
+        );
+        metrics
+    }
+
+    fn write(&self, result: WriteResult) {
+        self.credential_writes
+            .get_or_create(&WriteLabels { result })
+            .inc();
+    }
+}
+
+/// Where the supervisor keeps locks and credentials, and how it behaves.
+pub struct SupervisorOptions {
+    pub ownership: Ownership,
+    pub credentials: Arc<dyn CredentialStore>,
+    pub config: SupervisorConfig,
+    pub metrics: SupervisorMetrics,
+}
+
+impl SupervisorOptions {
+    /// In-memory locks and credentials, default behaviour, metrics not registered.
+    pub fn local(identity: &str) -> Self {
+        SupervisorOptions {
+            ownership: Ownership::local(identity),
+            credentials: Arc::new(MemoryCredentials::new()),
+            config: SupervisorConfig::default(),
+            metrics: SupervisorMetrics::default(),
+        }
+    }
+
+    /// Locks and credentials in Redis when `redis` is given, in memory otherwise (a gateway alone);
+    /// metrics registered into `registry`.
+    pub fn new(
+        redis: Option<&fred::clients::Client>,
+        identity: &str,
+        lease: LeaseConfig,
+        config: SupervisorConfig,
+        registry: &mut Registry,
+    ) -> Self {
+        let metrics = SupervisorMetrics::register(registry);
+        let (locks, credentials): (
+            Arc<dyn super::ownership::LockStore>,
+            Arc<dyn CredentialStore>,
+        ) = match redis {
+            Some(client) => (
+                Arc::new(RedisLockStore::new(client.clone())),
+                Arc::new(RedisCredentials::new(client.clone())),
+            ),
+            None => (
+                Arc::new(LocalLockStore::new()),
+                Arc::new(MemoryCredentials::new()),
+            ),
+        };
+        SupervisorOptions {
+            ownership: Ownership::new(locks, identity, lease, metrics.ownership.clone()),
+            credentials,
+            config,
+            metrics,
+        }
+    }
+}
+
+const RUN: u8 = 0;
+const PAUSE: u8 = 1;
+const STOP: u8 = 2;
+const DRAIN: u8 = 3;
+
+/// Outcome of a session's first attempt, for [`Supervisor::ensure_running`].
+#[derive(Debug)]
+enum First {
+    Started,
+    Held,
+    Failed(DriverError),
+    Ended,
+}
+
+/// What a slot's owner wants and what its worker reports.
+#[derive(Debug)]
+struct SlotCtl {
+    desired: AtomicU8,
+    changed: Notify,
+    live: AtomicBool,
+    first: Mutex<Option<oneshot::Sender<First>>>,
+}
+
+impl SlotCtl {
+    fn new(first: Option<oneshot::Sender<First>>) -> Self {
+        SlotCtl {
+            desired: AtomicU8::new(RUN),
+            changed: Notify::new(),
+            live: AtomicBool::new(false),
+            first: Mutex::new(first),
+        }
+    }
+
+    fn desired(&self) -> u8 {
+        self.desired.load(Ordering::Acquire)
+    }
+
+    fn set(&self, desired: u8) {
+        self.desired.store(desired, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves once `desired` is no longer `seen`.
+    async fn until_changed(&self, seen: u8) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.desired() != seen {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Sleeps for `delay` unless `desired` changes first.
+    async fn sleep(&self, delay: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = self.until_changed(RUN) => {}
+        }
+    }
+
+    fn settle(&self, outcome: First) {
+        if let Some(tx) = self.first.lock().expect("slot first").take() {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+struct Slot {
+    ctl: Arc<SlotCtl>,
+    worker: JoinHandle<Option<Lease>>,
+}
+
+struct Gate {
+    sink: EventSink,
+    barriers: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+struct Shared<D> {
+    driver: Arc<D>,
+    /// The pipeline's sink; taken by [`Supervisor::drain`] so the pipeline can finish.
+    downstream: Mutex<Option<EventSink>>,
+    gate: Mutex<Option<Gate>>,
+    ownership: Ownership,
+    credentials: Arc<dyn CredentialStore>,
+    config: SupervisorConfig,
+    metrics: SupervisorMetrics,
+    attempts: Semaphore,
+}
 
 pub struct Supervisor<D: SessionDriver> {
-    driver: Arc<D>,
-    events: EventSink,
-    running: Mutex<HashMap<String, RunningSession>>,
+    shared: Arc<Shared<D>>,
+    slots: Mutex<HashMap<Arc<str>, Slot>>,
 }
 
 impl<D: SessionDriver> Supervisor<D> {
+    /// In-memory ownership (a gateway alone) and default behaviour.
     pub fn new(driver: Arc<D>, events: EventSink) -> Self {
+        Self::with_options(driver, events, SupervisorOptions::local("local"))
+    }
+
+    pub fn with_options(driver: Arc<D>, events: EventSink, options: SupervisorOptions) -> Self {
+        let SupervisorOptions {
+            ownership,
+            credentials,
+            config,
+            metrics,
+        } = options;
         Supervisor {
-            driver,
-            events,
-            running: Mutex::new(HashMap::new()),
+            shared: Arc::new(Shared {
+                driver,
+                downstream: Mutex::new(Some(events)),
+                gate: Mutex::new(None),
+                ownership,
+                credentials,
+                attempts: Semaphore::new(config.max_connect_attempts.max(1)),
+                config,
+                metrics,
+            }),
+            slots: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Starts the session unless it already runs. Returns whether it was started now.
-    pub async fn ensure_running(&self, session_id: &str) -> Result<bool, DriverError> {
-        let mut running = self.running.lock().await;
-        if let Some(session) = running.get(session_id) {
-            if !session.is_finished() {
-                return Ok(false);
+    pub fn ownership(&self) -> &Ownership {
+        &self.shared.ownership
+    }
+
+    pub fn metrics(&self) -> &SupervisorMetrics {
+        &self.shared.metrics
+    }
+
+    pub fn driver(&self) -> &Arc<D> {
+        &self.shared.driver
+    }
+
+    /// Asks for the session to run, without waiting: it starts as soon as its lock and a
+    /// connection slot are free. Resumes a paused session. Returns whether it was new.
+    pub fn want(&self, session_id: &str) -> bool {
+        self.want_inner(session_id, None)
+    }
+
+    fn want_inner(&self, session_id: &str, first: Option<oneshot::Sender<First>>) -> bool {
+        let mut slots = self.slots.lock().expect("slots");
+        if let Some(slot) = slots.get(session_id) {
+            if slot.ctl.desired() == PAUSE {
+                slot.ctl.set(RUN);
             }
-            running.remove(session_id);
+            return false;
         }
-        let session = self.driver.start(session_id, self.events.clone()).await?;
-        running.insert(session_id.to_string(), session);
-        Ok(true)
+        let id: Arc<str> = session_id.into();
+        let ctl = Arc::new(SlotCtl::new(first));
+        let worker = tokio::spawn(worker(self.shared.clone(), id.clone(), ctl.clone()));
+        slots.insert(id, Slot { ctl, worker });
+        true
     }
 
-    /// Stops the session if it runs and waits for its task to end. Returns whether it ran.
+    /// Starts the session unless it already runs (or is being started). Returns whether it was
+    /// started now; `false` also when another gateway holds its lock, in which case it keeps being
+    /// retried in the background.
+    pub async fn ensure_running(&self, session_id: &str) -> Result<bool, DriverError> {
+        if self.shared.downstream.lock().expect("downstream").is_none() {
+            return Err(DriverError::EventSinkClosed);
+        }
+        let (tx, rx) = oneshot::channel();
+        if !self.want_inner(session_id, Some(tx)) {
+            return Ok(false);
+        }
+        match tokio::time::timeout(self.shared.config.first_outcome_wait, rx).await {
+            Ok(Ok(First::Started)) => Ok(true),
+            Ok(Ok(First::Failed(err))) => Err(err),
+            Ok(Ok(First::Held | First::Ended)) | Ok(Err(_)) | Err(_) => Ok(false),
+        }
+    }
+
+    /// Stops the session if it runs (releasing its lock) and forgets it. Returns whether it had a
+    /// live connection.
     pub async fn stop(&self, session_id: &str) -> bool {
-        let session = self.running.lock().await.remove(session_id);
-        match session {
-            Some(session) => {
-                session.stop().await;
+        let slot = self.slots.lock().expect("slots").remove(session_id);
+        let Some(slot) = slot else {
+            return false;
+        };
+        let was_live = slot.ctl.live.load(Ordering::Acquire);
+        slot.ctl.set(STOP);
+        let _ = slot.worker.await;
+        was_live
+    }
+
+    /// Stops the session and releases its lock but keeps it known, credentials untouched, until
+    /// [`Supervisor::resume`]. Returns whether it had a live connection.
+    pub async fn pause(&self, session_id: &str) -> bool {
+        let ctl = self
+            .slots
+            .lock()
+            .expect("slots")
+            .get(session_id)
+            .map(|s| s.ctl.clone());
+        let Some(ctl) = ctl else {
+            return false;
+        };
+        let was_live = ctl.live.load(Ordering::Acquire);
+        ctl.set(PAUSE);
+        // Wait until the session is down and its lock released.
+        while ctl.live.load(Ordering::Acquire) || self.shared.ownership.lease(session_id).is_some()
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        was_live
+    }
+
+    /// Resumes a paused session. Returns whether it was paused.
+    pub fn resume(&self, session_id: &str) -> bool {
+        let slots = self.slots.lock().expect("slots");
+        match slots.get(session_id) {
+            Some(slot) if slot.ctl.desired() == PAUSE => {
+                slot.ctl.set(RUN);
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
+    /// Whether the session has a live connection now.
     pub async fn is_running(&self, session_id: &str) -> bool {
-        self.running
+        self.slots
             .lock()
-            .await
+            .expect("slots")
             .get(session_id)
-            .is_some_and(|s| !s.is_finished())
+            .is_some_and(|s| s.ctl.live.load(Ordering::Acquire))
     }
 
-    /// Ids of the sessions running now.
+    /// Ids of the sessions this supervisor runs, including those waiting for their lock or a
+    /// restart (they start on their own); paused ones excluded. Callers that reconcile against a
+    /// wanted set stop what is listed here and not wanted.
     pub async fn running(&self) -> Vec<String> {
-        self.running
+        self.slots
             .lock()
-            .await
+            .expect("slots")
             .iter()
-            .filter(|(_, s)| !s.is_finished())
-            .map(|(id, _)| id.clone())
+            .filter(|(_, s)| s.ctl.desired() == RUN)
+            .map(|(id, _)| id.to_string())
             .collect()
     }
 
-    /// Stops every session (graceful shutdown).
-    pub async fn stop_all(&self) {
-        let sessions: Vec<RunningSession> =
-            self.running.lock().await.drain().map(|(_, s)| s).collect();
-        futures::future::join_all(sessions.into_iter().map(RunningSession::stop)).await;
+    /// Number of sessions with a live connection.
+    pub fn live(&self) -> usize {
+        self.slots
+            .lock()
+            .expect("slots")
+            .values()
+            .filter(|s| s.ctl.live.load(Ordering::Acquire))
+            .count()
     }
+
+    fn take_slots(&self, desired: u8) -> Vec<JoinHandle<Option<Lease>>> {
+        let slots: Vec<Slot> = self
+            .slots
+            .lock()
+            .expect("slots")
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        slots
+            .into_iter()
+            .map(|slot| {
+                slot.ctl.set(desired);
+                slot.worker
+            })
+            .collect()
+    }
+
+    /// Stops every session and releases their locks. Sessions may be started again afterwards.
+    pub async fn stop_all(&self) {
+        let workers = self.take_slots(STOP);
+        futures::future::join_all(workers).await;
+        self.shared
+            .close_gate(Instant::now() + Duration::from_secs(5))
+            .await;
+    }
+
+    /// Graceful drain (SIGTERM): stops every session keeping its lock, closes the gate once their
+    /// last events passed it, runs `flush` (the pipeline's shutdown), then releases the locks; all
+    /// within `grace` (lock releases get at least 2 s more). The supervisor starts nothing after.
+    pub async fn drain<F: Future<Output = ()>>(&self, grace: Duration, flush: F) {
+        let deadline = Instant::now() + grace;
+        let workers = self.take_slots(DRAIN);
+        let leases: Vec<Lease> =
+            match tokio::time::timeout_at(deadline, futures::future::join_all(workers)).await {
+                Ok(ended) => ended.into_iter().filter_map(|r| r.ok().flatten()).collect(),
+                Err(_) => {
+                    tracing::warn!("drain: some sessions did not stop in time");
+                    Vec::new()
+                }
+            };
+        let downstream = self.shared.downstream.lock().expect("downstream").take();
+        drop(downstream);
+        self.shared.close_gate(deadline).await;
+        if tokio::time::timeout_at(deadline, flush).await.is_err() {
+            tracing::warn!("drain: event flush did not finish in time");
+        }
+        let releases = futures::future::join_all(
+            leases
+                .into_iter()
+                .map(|lease| self.shared.ownership.release(lease)),
+        );
+        let release_deadline = deadline.max(Instant::now() + Duration::from_secs(2));
+        if tokio::time::timeout_at(release_deadline, releases)
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain: some locks were not released; they expire by their TTL");
+        }
+    }
+}
+
+impl<D: SessionDriver> Drop for Supervisor<D> {
+    fn drop(&mut self) {
+        // Workers hold the shared state; tell them to stop and give their locks back.
+        if let Ok(mut slots) = self.slots.lock() {
+            for (_, slot) in slots.drain() {
+                slot.ctl.set(STOP);
+            }
+        }
+    }
+}
+
+impl<D: SessionDriver> Shared<D> {
+    /// The sink drivers report into; starts the gate if needed.
+    fn gate_sink(&self) -> Result<EventSink, DriverError> {
+        let mut gate = self.gate.lock().expect("gate");
+        if let Some(gate) = gate.as_ref() {
+            return Ok(gate.sink.clone());
+        }
+        let downstream = self
+            .downstream
+            .lock()
+            .expect("downstream")
+            .clone()
+            .ok_or(DriverError::EventSinkClosed)?;
+        let (sink, rx) = EventSink::channel(self.config.gate_capacity);
+        let (barriers, barrier_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run_gate(
+            rx,
+            barrier_rx,
+            downstream,
+            self.ownership.clone(),
+            self.credentials.clone(),
+            self.metrics.clone(),
+        ));
+        *gate = Some(Gate {
+            sink: sink.clone(),
+            barriers,
+            task,
+        });
+        Ok(sink)
+    }
+
+    /// Waits until the gate has handled every event already sent to it.
+    async fn gate_barrier(&self) {
+        let barriers = self
+            .gate
+            .lock()
+            .expect("gate")
+            .as_ref()
+            .map(|g| g.barriers.clone());
+        let Some(barriers) = barriers else {
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        if barriers.send(tx).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+        }
+    }
+
+    /// Lets the gate end once every session's sink is gone (all sessions are stopped).
+    async fn close_gate(&self, deadline: Instant) {
+        let gate = self.gate.lock().expect("gate").take();
+        if let Some(Gate { sink, task, .. }) = gate {
+            drop(sink);
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                tracing::warn!("gate did not finish in time");
+            }
+        }
+    }
+
+    /// How long to wait before trying again a lock another gateway holds.
+    fn held_retry_delay(&self) -> Duration {
+        let ttl = self.ownership.config().ttl;
+        ttl + (ttl / 2).mul_f64(rand::rng().random::<f64>())
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        self.config
+            .restart_backoff
+            .delay(failures, rand::rng().random::<f64>())
+    }
+}
+
+/// Counts a connection attempt in flight (gauge) while it holds a semaphore permit.
+struct Attempt<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    gauge: &'a Gauge,
+}
+
+impl<'a> Attempt<'a> {
+    fn new(permit: tokio::sync::SemaphorePermit<'a>, gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Attempt {
+            _permit: permit,
+            gauge,
+        }
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Why a running session stopped.
+enum End {
+    Lost,
+    Command,
+    Ended,
+}
+
+/// One wanted session: lock, start, watch, restart; returns the lease it still holds when told to
+/// drain.
+async fn worker<D: SessionDriver>(
+    shared: Arc<Shared<D>>,
+    id: Arc<str>,
+    ctl: Arc<SlotCtl>,
+) -> Option<Lease> {
+    let mut lease: Option<Lease> = None;
+    let mut failures: u32 = 0;
+    loop {
+        match ctl.desired() {
+            STOP => {
+                if let Some(lease) = lease.take() {
+                    shared.ownership.release(lease).await;
+                }
+                ctl.settle(First::Ended);
+                return None;
+            }
+            DRAIN => {
+                ctl.settle(First::Ended);
+                return lease;
+            }
+            PAUSE => {
+                if let Some(lease) = lease.take() {
+                    shared.ownership.release(lease).await;
+                }
+                ctl.until_changed(PAUSE).await;
+                continue;
+            }
+            _ => {}
+        }
+        if let Some(stale) = lease.take_if(|l| !l.is_usable()) {
+            shared.ownership.record_loss(&stale).await;
+        }
+        let permit = tokio::select! {
+            permit = shared.attempts.acquire() => permit.expect("the semaphore is never closed"),
+            () = ctl.until_changed(RUN) => continue,
+        };
+        let attempt = Attempt::new(permit, &shared.metrics.attempts_in_flight);
+        if lease.is_none() {
+            match shared.ownership.acquire(&id).await {
+                Ok(Ok(acquired)) => lease = Some(acquired),
+                Ok(Err(holder)) => {
+                    drop(attempt);
+                    tracing::debug!(session_id = %id, %holder, "session locked by another gateway; retrying later");
+                    ctl.settle(First::Held);
+                    ctl.sleep(shared.held_retry_delay()).await;
+                    continue;
+                }
+                Err(err) => {
+                    drop(attempt);
+                    tracing::warn!(session_id = %id, %err, "could not take the session lock");
+                    ctl.sleep(shared.backoff(failures)).await;
+                    failures = failures.saturating_add(1);
+                    continue;
+                }
+            }
+        }
+        let Some(current) = lease.clone() else {
+            continue;
+        };
+        let started = match shared.gate_sink() {
+            Ok(sink) => shared.driver.start(&id, sink).await,
+            Err(err) => Err(err),
+        };
+        drop(attempt);
+        let session = match started {
+            Ok(session) => session,
+            Err(DriverError::EventSinkClosed) => {
+                // The gateway is shutting down.
+                ctl.settle(First::Failed(DriverError::EventSinkClosed));
+                ctl.until_changed(RUN).await;
+                continue;
+            }
+            Err(err) => {
+                tracing::warn!(session_id = %id, %err, "session did not start; retrying with backoff");
+                ctl.settle(First::Failed(err));
+                shared.metrics.restarts.inc();
+                ctl.sleep(shared.backoff(failures)).await;
+                failures = failures.saturating_add(1);
+                continue;
+            }
+        };
+        ctl.live.store(true, Ordering::Release);
+        shared.metrics.running.inc();
+        ctl.settle(First::Started);
+        let started_at = Instant::now();
+        let end = supervise(&ctl, &current, &session, shared.ownership.config()).await;
+        session.stop().await;
+        ctl.live.store(false, Ordering::Release);
+        shared.metrics.running.dec();
+        match end {
+            End::Lost => {
+                lease = None;
+                shared.ownership.record_loss(&current).await;
+                // Someone else most likely holds it now.
+                ctl.sleep(shared.held_retry_delay()).await;
+            }
+            End::Command => {
+                if ctl.desired() != DRAIN {
+                    // Let the session's last events through while the lock is still ours.
+                    shared.gate_barrier().await;
+                }
+            }
+            End::Ended => {
+                if started_at.elapsed() >= shared.config.stable_after {
+                    failures = 0;
+                }
+                let delay = shared.backoff(failures);
+                failures = failures.saturating_add(1);
+                shared.metrics.restarts.inc();
+                tracing::warn!(session_id = %id, delay_ms = delay.as_millis() as u64, "session ended by itself; restarting after backoff");
+                ctl.sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Watches a running session until its lease is lost, a command arrives, or it ends by itself.
+async fn supervise(
+    ctl: &SlotCtl,
+    lease: &Lease,
+    session: &RunningSession,
+    lease_config: LeaseConfig,
+) -> End {
+    // A session ending by itself is noticed at this pace; lock loss and commands at once.
+    let check_every = lease_config.renew_every().min(Duration::from_secs(5));
+    loop {
+        if ctl.desired() != RUN {
+            return End::Command;
+        }
+        tokio::select! {
+            biased;
+            () = lease.lost() => return End::Lost,
+            () = ctl.until_changed(RUN) => return End::Command,
+            () = tokio::time::sleep(check_every) => {
+                if !lease.is_usable() {
+                    return End::Lost;
+                }
+                if session.is_finished() {
+                    return End::Ended;
+                }
+            }
+        }
+    }
+}
+
+/// Between drivers and the pipeline: passes events of sessions whose lease is usable, records
+/// credentials on pairing and logout. Barrier requests are answered once every event already
+/// queued was handled.
+async fn run_gate(
+    mut events: mpsc::Receiver<GatewayEvent>,
+    mut barriers: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    downstream: EventSink,
+    ownership: Ownership,
+    credentials: Arc<dyn CredentialStore>,
+    metrics: SupervisorMetrics,
+) {
+    let pass = |event: GatewayEvent| {
+        let downstream = &downstream;
+        let ownership = &ownership;
+        let credentials = &credentials;
+        let metrics = &metrics;
+        async move {
+            let Some(lease) = ownership.lease(event.session_id()).filter(Lease::is_usable) else {
+                metrics.dropped_events.inc();
+                return true;
+            };
+            if let GatewayEvent::Status(status) = &event {
+                match status.status {
+                    SessionStatus::Active
+                        if !lease.creds_recorded().swap(true, Ordering::AcqRel) =>
+                    {
+                        spawn_credential_write(lease, credentials.clone(), metrics.clone(), true);
+                    }
+                    SessionStatus::LoggedOut => {
+                        lease.creds_recorded().store(false, Ordering::Release);
+                        spawn_credential_write(lease, credentials.clone(), metrics.clone(), false);
+                    }
+                    _ => {}
+                }
+            }
+            downstream.emit(event).await.is_ok()
+        }
+    };
+    loop {
+        tokio::select! {
+            biased;
+            event = events.recv() => match event {
+                Some(event) => {
+                    if !pass(event).await {
+                        tracing::error!("pipeline closed while sessions still report events");
+                        return;
+                    }
+                }
+                None => return,
+            },
+            Some(ack) = barriers.recv() => {
+                while let Ok(event) = events.try_recv() {
+                    if !pass(event).await {
+                        return;
+                    }
+                }
+                let _ = ack.send(());
+            }
+        }
+    }
+}
+
+/// Records the session as paired (`paired`) or wipes its credentials, with the lease's token.
+fn spawn_credential_write(
+    lease: Lease,
+    credentials: Arc<dyn CredentialStore>,
+    metrics: SupervisorMetrics,
+    paired: bool,
+) {
+    tokio::spawn(async move {
+        // Checked again at write time: the clock may have run past the lease meanwhile.
+        if !lease.is_usable() {
+            metrics.write(WriteResult::Stale);
+            tracing::warn!(session_id = %lease.session_id(), token = lease.token(), "credential write skipped: lock no longer held");
+            return;
+        }
+        let fence = Fence::of(&lease);
+        let result = if paired {
+            credentials.save_paired(lease.session_id(), &fence).await
+        } else {
+            credentials.wipe(lease.session_id(), &fence).await
+        };
+        match result {
+            Ok(Write::Written) => metrics.write(WriteResult::Written),
+            Ok(Write::Fenced) => {
+                metrics.write(WriteResult::Fenced);
+                tracing::warn!(session_id = %lease.session_id(), token = lease.token(), "credential write refused: stale fencing token");
+            }
+            Err(err) => {
+                metrics.write(WriteResult::Error);
+                tracing::warn!(session_id = %lease.session_id(), %err, "credential write failed");
+            }
+        }
+    });
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
+    use crate::session::credentials::RestoringSim;
+    use crate::session::ownership::LocalLockStore;
     use crate::session::sim::{SimConfig, SimDriver};
 
     #[tokio::test(start_paused = true)]
@@ -98,5 +908,328 @@ mod tests {
         assert_eq!(supervisor.running().await, vec!["b".to_string()]);
         supervisor.stop_all().await;
         assert!(supervisor.running().await.is_empty());
+    }
+
+    /// A driver whose sessions may take time to start and may end by themselves.
+    #[derive(Default)]
+    struct TestDriver {
+        start_delay: Duration,
+        live_for: Option<Duration>,
+        starts: Mutex<Vec<(String, Instant)>>,
+        connecting: AtomicUsize,
+        max_connecting: AtomicUsize,
+    }
+
+    impl SessionDriver for TestDriver {
+        async fn start(
+            &self,
+            session_id: &str,
+            _events: EventSink,
+        ) -> Result<RunningSession, DriverError> {
+            let now = self.connecting.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_connecting.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(self.start_delay).await;
+            self.connecting.fetch_sub(1, Ordering::SeqCst);
+            self.starts
+                .lock()
+                .unwrap()
+                .push((session_id.to_string(), Instant::now()));
+            let live_for = self.live_for;
+            Ok(RunningSession::spawn(session_id, move |stop| async move {
+                match live_for {
+                    Some(d) => {
+                        tokio::select! {
+                            () = stop => {}
+                            () = tokio::time::sleep(d) => {}
+                        }
+                    }
+                    None => stop.await,
+                }
+            }))
+        }
+    }
+
+    fn options(
+        store: Arc<LocalLockStore>,
+        identity: &str,
+        config: SupervisorConfig,
+    ) -> SupervisorOptions {
+        SupervisorOptions {
+            ownership: Ownership::new(
+                store,
+                identity,
+                LeaseConfig::new(Duration::from_secs(3)),
+                OwnershipMetrics::default(),
+            ),
+            credentials: Arc::new(MemoryCredentials::new()),
+            config,
+            metrics: SupervisorMetrics::default(),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let backoff = Backoff::default();
+        assert_eq!(backoff.delay(0, 0.0), Duration::from_millis(500));
+        assert_eq!(backoff.delay(0, 1.0), Duration::from_secs(1));
+        assert_eq!(backoff.delay(3, 0.0), Duration::from_secs(4));
+        assert_eq!(backoff.delay(3, 0.5), Duration::from_secs(6));
+        assert_eq!(backoff.delay(10, 1.0), Duration::from_secs(60));
+        assert_eq!(backoff.delay(u32::MAX, 0.0), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connection_attempts_are_capped() {
+        let driver = Arc::new(TestDriver {
+            start_delay: Duration::from_millis(100),
+            ..TestDriver::default()
+        });
+        let (events, _rx) = EventSink::channel(16);
+        let config = SupervisorConfig {
+            max_connect_attempts: 8,
+            ..SupervisorConfig::default()
+        };
+        let store = Arc::new(LocalLockStore::new());
+        let supervisor =
+            Supervisor::with_options(driver.clone(), events, options(store, "g", config));
+        let begun = Instant::now();
+        for i in 0..200 {
+            supervisor.want(&format!("s-{i}"));
+        }
+        while supervisor.live() < 200 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(driver.max_connecting.load(Ordering::SeqCst), 8);
+        // 200 sessions, 8 at a time, 100 ms each.
+        let took = begun.elapsed();
+        assert!(took >= Duration::from_millis(2_500), "{took:?}");
+        assert!(took <= Duration::from_millis(2_700), "{took:?}");
+        assert_eq!(supervisor.metrics().attempts_in_flight.get(), 0);
+        assert_eq!(supervisor.metrics().running.get(), 200);
+        supervisor.stop_all().await;
+        assert_eq!(supervisor.metrics().running.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_that_ends_by_itself_restarts_with_growing_backoff() {
+        let driver = Arc::new(TestDriver {
+            live_for: Some(Duration::from_millis(100)),
+            ..TestDriver::default()
+        });
+        let (events, _rx) = EventSink::channel(16);
+        let store = Arc::new(LocalLockStore::new());
+        let supervisor = Supervisor::with_options(
+            driver.clone(),
+            events,
+            options(store.clone(), "g", SupervisorConfig::default()),
+        );
+        supervisor.want("s");
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        let starts: Vec<Instant> = driver.starts.lock().unwrap().iter().map(|s| s.1).collect();
+        assert!((5..=9).contains(&starts.len()), "{} starts", starts.len());
+        // Gap = time alive (100 ms) + detection (up to one check, 1 s) + backoff (>= half of
+        // 1, 2, 4, ... s).
+        for (i, pair) in starts.windows(2).enumerate() {
+            let gap = pair[1] - pair[0];
+            let min_backoff = Duration::from_millis(500) * (1 << i);
+            assert!(gap >= min_backoff, "restart {i}: {gap:?} < {min_backoff:?}");
+        }
+        // The last restart may still be in its backoff.
+        let restarts = supervisor.metrics().restarts.get();
+        assert!(
+            (starts.len() as u64 - 1..=starts.len() as u64).contains(&restarts),
+            "{restarts} restarts for {} starts",
+            starts.len()
+        );
+        // The lock is kept across restarts: one acquisition.
+        assert_eq!(store.fence("s"), 1);
+        supervisor.stop_all().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn losing_the_lock_stops_the_session_within_a_second() {
+        let driver = Arc::new(TestDriver::default());
+        let (events, _rx) = EventSink::channel(16);
+        let store = Arc::new(LocalLockStore::new());
+        let supervisor = Supervisor::with_options(
+            driver.clone(),
+            events,
+            options(store.clone(), "a", SupervisorConfig::default()),
+        );
+        assert!(supervisor.ensure_running("s").await.unwrap());
+
+        // Redis stops answering: the lease ends locally before the lock could expire in Redis.
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        store.set_failing(true);
+        let failing_since = Instant::now();
+        while supervisor.is_running("s").await {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let stopped_after = failing_since.elapsed();
+        // Last renewal sent at 1 s: Redis keeps the lock until 4 s, 2.8 s after the failure
+        // began; the session is down by 3 s (the tick after its lease's usable time ran out).
+        assert!(
+            stopped_after <= Duration::from_millis(1_850),
+            "{stopped_after:?}"
+        );
+        assert_eq!(
+            supervisor
+                .ownership()
+                .metrics()
+                .losses
+                .get_or_create(&super::super::ownership::LossLabels {
+                    reason: super::super::ownership::LossReason::Expired
+                })
+                .get(),
+            1
+        );
+        store.set_failing(false);
+
+        // Back once the lock is free again (it was never released in Redis: wait for its TTL).
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(supervisor.is_running("s").await);
+
+        // Another gateway takes the lock (as after an expiry): noticed at the next renewal.
+        store.steal("s", "b", Duration::from_secs(30));
+        let stolen_at = Instant::now();
+        while supervisor.is_running("s").await {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(stolen_at.elapsed() <= Duration::from_millis(1_050));
+        let history = store.history();
+        let events: Vec<_> = history.iter().map(|e| (e.token, e.event)).collect();
+        use crate::session::ownership::HistoryEvent::*;
+        assert_eq!(events, [(1, Acquire), (1, Lost), (2, Acquire), (2, Lost)]);
+        supervisor.stop_all().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_locked_elsewhere_starts_once_the_lock_is_free() {
+        let driver = Arc::new(TestDriver::default());
+        let (events, _rx) = EventSink::channel(16);
+        let store = Arc::new(LocalLockStore::new());
+        store.steal("s", "other", Duration::from_secs(10));
+        let supervisor = Supervisor::with_options(
+            driver.clone(),
+            events,
+            options(store.clone(), "a", SupervisorConfig::default()),
+        );
+        assert!(!supervisor.ensure_running("s").await.unwrap());
+        assert!(!supervisor.is_running("s").await);
+        assert_eq!(
+            supervisor.running().await,
+            vec!["s".to_string()],
+            "still wanted"
+        );
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert!(!supervisor.is_running("s").await);
+        // Retries come every TTL (3 s) plus jitter.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(supervisor.is_running("s").await);
+        assert!(store.holder("s").unwrap().starts_with("a:"));
+        supervisor.stop_all().await;
+        assert!(store.holder("s").is_none(), "released");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pause_keeps_credentials_and_resume_shows_no_qr() {
+        let credentials = Arc::new(MemoryCredentials::new());
+        let sim = RestoringSim::new(
+            SimConfig {
+                unpaired_share: 1.0,
+                scan_probability: 1.0,
+                ..SimConfig::default()
+            },
+            credentials.clone(),
+        )
+        .unwrap();
+        let (events, mut rx) = EventSink::channel(1024);
+        let store = Arc::new(LocalLockStore::new());
+        let mut opts = options(store.clone(), "a", SupervisorConfig::default());
+        opts.credentials = credentials.clone();
+        let supervisor = Supervisor::with_options(Arc::new(sim), events, opts);
+        assert!(supervisor.ensure_running("s").await.unwrap());
+        // Scanned within the first QR's 60 s.
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        let mut saw_qr = false;
+        while let Ok(event) = rx.try_recv() {
+            saw_qr |= matches!(event, GatewayEvent::Qr(_));
+        }
+        assert!(saw_qr);
+        let creds = credentials
+            .load("s")
+            .await
+            .unwrap()
+            .expect("recorded on pairing");
+        assert!(creds.paired);
+        assert_eq!(creds.token, 1);
+
+        assert!(supervisor.pause("s").await);
+        assert!(!supervisor.is_running("s").await);
+        assert!(store.holder("s").is_none(), "lock released on pause");
+        assert!(supervisor.running().await.is_empty());
+        assert!(credentials.load("s").await.unwrap().unwrap().paired);
+
+        assert!(supervisor.resume("s"));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(supervisor.is_running("s").await);
+        let mut statuses = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            match event {
+                GatewayEvent::Qr(_) => panic!("a paired session showed a QR code after resume"),
+                GatewayEvent::Status(s) => statuses.push(s.status),
+            }
+        }
+        assert_eq!(statuses, [SessionStatus::Connecting, SessionStatus::Active]);
+        // The new owner recorded the pairing with its own token.
+        tokio::task::yield_now().await;
+        assert_eq!(credentials.load("s").await.unwrap().unwrap().token, 2);
+        supervisor.stop_all().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_stops_sessions_then_flushes_then_releases_locks() {
+        let driver = Arc::new(SimDriver::new(SimConfig::default()).unwrap());
+        let (events, mut rx) = EventSink::channel(1024);
+        let store = Arc::new(LocalLockStore::new());
+        let supervisor = Supervisor::with_options(
+            driver,
+            events,
+            options(store.clone(), "a", SupervisorConfig::default()),
+        );
+        for id in ["a", "b", "c"] {
+            assert!(supervisor.ensure_running(id).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let flushed = Arc::new(AtomicBool::new(false));
+        let flush = {
+            let store = store.clone();
+            let flushed = flushed.clone();
+            async move {
+                // Sessions are stopped and the gate closed, the locks still held.
+                let mut events = 0;
+                while rx.recv().await.is_some() {
+                    events += 1;
+                }
+                assert!(events >= 3);
+                for id in ["a", "b", "c"] {
+                    assert!(
+                        store.holder(id).is_some(),
+                        "{id} still locked while flushing"
+                    );
+                }
+                flushed.store(true, Ordering::SeqCst);
+            }
+        };
+        supervisor.drain(Duration::from_secs(10), flush).await;
+        assert!(flushed.load(Ordering::SeqCst));
+        for id in ["a", "b", "c"] {
+            assert!(store.holder(id).is_none(), "{id} released after the flush");
+        }
+        assert_eq!(supervisor.live(), 0);
+        assert!(matches!(
+            supervisor.ensure_running("d").await,
+            Err(DriverError::EventSinkClosed)
+        ));
     }
 }
