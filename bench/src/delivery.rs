@@ -464,7 +464,9 @@ async fn measure(args: &DeliveryArgs, receiver: &Receiver) -> anyhow::Result<Val
         "text",
     ];
     let cli = Cli::try_parse_from(argv).context("gateway command line")?;
-    let Mode::Standalone(standalone) = cli.mode;
+    let Mode::Standalone(standalone) = cli.mode else {
+        unreachable!("parsed a standalone command line")
+    };
     let mut settings = standalone.common.validate()?;
     if let Some(ms) = args.high_linger_ms {
         settings.batch.high_linger = Duration::from_millis(ms);

@@ -25,8 +25,11 @@ use crate::delivery::spill::{RedisSpill, SpillKeys};
 use crate::delivery::{BackendClient, DeliveredHook, Delivery};
 use crate::events::{GatewayEvent, SessionStatus};
 use crate::metrics::BatchStatsCollector;
-use crate::session::sim::{SimConfig, SimDriver};
-use crate::session::{EventSink, RunningSession, SessionDriver, SessionState};
+use crate::session::credentials::RestoringSim;
+use crate::session::ownership::LeaseConfig;
+use crate::session::sim::SimConfig;
+use crate::session::supervisor::{Supervisor, SupervisorConfig, SupervisorOptions};
+use crate::session::{EventSink, RunningSession, SessionState};
 use crate::{Error, Result};
 
 /// Longest a graceful shutdown may take before the process gives up waiting.
@@ -291,7 +294,7 @@ pub fn init_logging(json: bool) {
     };
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -310,13 +313,15 @@ async fn shutdown_signal() {
 pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     let settings = args.common.validate()?;
     init_logging(settings.log_json);
-    let sim = SimDriver::new(SimConfig {
+    let sim_config = SimConfig {
         seed: args.sim_seed,
         mean_connected: Duration::from_secs(args.sim_mean_connected_s.max(1)),
         unpaired_share: args.sim_unpaired_share,
         ..SimConfig::default()
-    })
-    .map_err(|e| Error::config("--sim-* / WA_SIM_*", e.to_string()))?;
+    };
+    sim_config
+        .validate()
+        .map_err(|e| Error::config("--sim-* / WA_SIM_*", e.to_string()))?;
 
     let redis = match &settings.redis_url {
         Some(url) => {
@@ -361,16 +366,29 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     )
     .await?;
 
-    let mut sessions = Vec::with_capacity(args.simulate);
+    // Every simulated session is wanted; each runs only while this gateway holds its lock, so
+    // gateways sharing a Redis split the sessions and never run one twice.
+    let options = SupervisorOptions::new(
+        redis.as_ref(),
+        &settings.identity,
+        LeaseConfig::new(settings.lock_ttl),
+        SupervisorConfig {
+            max_connect_attempts: settings.max_connect_attempts,
+            ..SupervisorConfig::default()
+        },
+        &mut registry,
+    );
+    let sim = RestoringSim::new(sim_config, options.credentials.clone())
+        .map_err(|e| Error::config("--sim-* / WA_SIM_*", e.to_string()))?;
+    let supervisor = Supervisor::with_options(Arc::new(sim), pipeline.event_sink(), options);
     for i in 0..args.simulate {
-        let id = format!("sim-{i:05}");
-        match sim.start(&id, pipeline.event_sink()).await {
-            Ok(session) => sessions.push(session),
-            Err(err) => tracing::error!(session_id = %id, %err, "session did not start"),
-        }
+        supervisor.want(&format!("sim-{i:05}"));
     }
     if args.simulate > 0 {
-        tracing::info!(sessions = sessions.len(), "simulated sessions started");
+        tracing::info!(
+            sessions = args.simulate,
+            "simulated sessions wanted; each starts once its lock is taken"
+        );
     }
 
     let state = crate::http::HttpState {
@@ -388,8 +406,11 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     }
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, policy = settings.batch.policy.as_str(), "gateway listening (/metrics, /healthz, /readyz, /v1)");
+    // The HTTP server stops first: the API holds a pipeline sink, and the pipeline flushes only
+    // once every sink is gone.
+    let stop_http = CancellationToken::new();
     let server = {
-        let stop = stop.clone();
+        let stop = stop_http.clone();
         let app = crate::http::router(state).merge(crate::api::router(api));
         tokio::spawn(async move {
             axum::serve(listener, app)
@@ -399,9 +420,13 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     };
     shutdown_signal().await;
     tracing::info!("shutting down: stopping sessions and flushing events");
-    pipeline.shutdown(sessions, SHUTDOWN_GRACE).await;
+    stop_http.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    // Sessions stop, their events flush, and only then are the locks released.
+    supervisor
+        .drain(SHUTDOWN_GRACE, pipeline.shutdown(Vec::new(), SHUTDOWN_GRACE))
+        .await;
     stop.cancel();
-    let _ = server.await;
     // The writer makes one last attempt at pending cache writes; do not wait long for it.
     let _ = tokio::time::timeout(
         Duration::from_secs(3),
@@ -451,5 +476,6 @@ pub async fn start_cache(
 pub async fn run(cli: crate::config::Cli) -> Result<()> {
     match cli.mode {
         crate::config::Mode::Standalone(args) => run_standalone(args).await,
+        crate::config::Mode::Cluster(args) => crate::cluster::run_cluster(args).await,
     }
 }

@@ -27,6 +27,36 @@ pub struct Cli {
 pub enum Mode {
     /// One gateway, no Kubernetes: sessions from the simulator; Redis and backend optional.
     Standalone(StandaloneArgs),
+    /// One shard of the gateway StatefulSet: sessions from WhatsappSession resources.
+    Cluster(ClusterArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Helm release name: this gateway's Lease is `<release>-gateway-<ordinal of POD_NAME>`.
+    #[arg(long, env = "WA_RELEASE", default_value = "wa")]
+    pub release: String,
+    /// Namespace of the gateway Leases.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    #[arg(long, env = "WA_LEASE_DURATION_S", default_value_t = 15)]
+    pub lease_duration_s: u64,
+    #[arg(long, env = "WA_LEASE_RENEW_MS", default_value_t = 5_000)]
+    pub lease_renew_ms: u64,
+    /// Status writes to the apiserver per second, for the whole gateway.
+    #[arg(long, env = "WA_STATUS_QPS", default_value_t = 50)]
+    pub status_qps: u32,
+    /// On SIGTERM, how long to wait for the operator to move this shard's sessions away.
+    #[arg(long, env = "WA_DRAIN_TIMEOUT_S", default_value_t = 20)]
+    pub drain_timeout_s: u64,
+    #[arg(long, env = "WA_SIM_SEED", default_value_t = 1)]
+    pub sim_seed: u64,
+    #[arg(long, env = "WA_SIM_MEAN_CONNECTED_S", default_value_t = 1800)]
+    pub sim_mean_connected_s: u64,
+    #[arg(long, env = "WA_SIM_UNPAIRED_SHARE", default_value_t = 0.0)]
+    pub sim_unpaired_share: f64,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -142,6 +172,13 @@ pub struct CommonArgs {
     /// `/whatsapp/session/{id}`); needs --backend-url. Without it, unknown sessions are unknown.
     #[arg(long, env = "WA_SESSION_LOOKUP_PATH")]
     pub session_lookup_path: Option<String>,
+    /// TTL of each session's ownership lock in Redis, ms; renewed every third of it. A gateway
+    /// that stops renewing (dead, frozen, cut off) loses its sessions to another after this long.
+    #[arg(long, env = "WA_LOCK_TTL_MS", default_value_t = 10_000)]
+    pub lock_ttl_ms: u64,
+    /// Most session connection attempts (lock, credentials, connect) in progress at once.
+    #[arg(long, env = "WA_MAX_CONNECT_ATTEMPTS", default_value_t = 64)]
+    pub max_connect_attempts: usize,
 }
 
 /// Validated settings.
@@ -159,6 +196,9 @@ pub struct Settings {
     pub cache: crate::cache::CacheSettings,
     /// Backend path of the session lookup fallback (`{id}` = session id).
     pub session_lookup_path: Option<String>,
+    /// TTL of the session ownership locks.
+    pub lock_ttl: Duration,
+    pub max_connect_attempts: usize,
 }
 
 fn positive_ms(field: &'static str, ms: u64) -> Result<Duration> {
@@ -363,7 +403,29 @@ impl CommonArgs {
                 .then(|| Duration::from_secs(self.resync_interval_s)),
             identity: self.identity.clone(),
             log_json,
+            lock_ttl: self.lock_ttl()?,
+            max_connect_attempts: self.max_connect_attempts()?,
         })
+    }
+
+    fn lock_ttl(&self) -> Result<Duration> {
+        if !(300..=600_000).contains(&self.lock_ttl_ms) {
+            return Err(Error::config(
+                "--lock-ttl-ms / WA_LOCK_TTL_MS",
+                "must be between 300 and 600000",
+            ));
+        }
+        Ok(Duration::from_millis(self.lock_ttl_ms))
+    }
+
+    fn max_connect_attempts(&self) -> Result<usize> {
+        if !(1..=10_000).contains(&self.max_connect_attempts) {
+            return Err(Error::config(
+                "--max-connect-attempts / WA_MAX_CONNECT_ATTEMPTS",
+                "must be between 1 and 10000",
+            ));
+        }
+        Ok(self.max_connect_attempts)
     }
 }
 
@@ -411,7 +473,7 @@ mod tests {
     fn parse(args: &[&str]) -> std::result::Result<Settings, String> {
         let cli = Cli::try_parse_from(["gateway", "standalone"].iter().chain(args))
             .map_err(|e| e.to_string())?;
-        let Mode::Standalone(a) = cli.mode;
+        let Mode::Standalone(a) = cli.mode else { unreachable!("parsed a standalone command line") };
         a.common.validate().map_err(|e| e.to_string())
     }
 
@@ -447,6 +509,11 @@ mod tests {
             ),
             (&["--bind", "localhost:80"][..], "WA_BIND"),
             (&["--log-format", "xml"][..], "WA_LOG_FORMAT"),
+            (&["--lock-ttl-ms", "100"][..], "WA_LOCK_TTL_MS"),
+            (
+                &["--max-connect-attempts", "0"][..],
+                "WA_MAX_CONNECT_ATTEMPTS",
+            ),
             (&["--cache-local-ttl-s", "0"][..], "WA_CACHE_LOCAL_TTL_S"),
             (
                 &["--cache-local-ttl-s", "60", "--cache-redis-ttl-s", "30"][..],

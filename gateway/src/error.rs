@@ -18,8 +18,16 @@ pub enum Error {
     Cache(String),
     #[error("session lookup: {0}")]
     Lookup(String),
+    #[error("kubernetes: {0}")]
+    Kube(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<kube::Error> for Error {
+    fn from(err: kube::Error) -> Self {
+        Error::Kube(err.to_string())
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

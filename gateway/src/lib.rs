@@ -3,6 +3,7 @@ pub mod api;
 pub mod app;
 pub mod batch;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 mod error;
@@ -10,6 +11,8 @@ pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod redis;
+pub mod shard;
+pub mod status;
 pub mod session;
 
 pub use error::{Error, Result};

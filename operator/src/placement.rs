@@ -11,7 +11,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crds::{DRAIN_ACK_ANNOTATION, DRAIN_ANNOTATION, GATEWAY_LEASE_LABEL, OPERATOR_FIELD_MANAGER, SHARD_LABEL};
+use crds::{
+    DRAIN_ACK_ANNOTATION, DRAIN_ANNOTATION, GATEWAY_LEASE_LABEL, OPERATOR_FIELD_MANAGER,
+    SHARD_LABEL,
+};
 use crds::{Phase, WhatsappSession};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -43,27 +46,45 @@ fn session_key(s: &WhatsappSession) -> String {
 }
 
 fn annotation<'a>(s: &'a WhatsappSession, key: &str) -> Option<&'a str> {
-    s.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(String::as_str)
+    s.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
 }
 
 /// Runs until `stop` changes to `true`.
-pub async fn run(client: Client, settings: PlacementSettings, metrics: Arc<OperatorMetrics>, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<()> {
+pub async fn run(
+    client: Client,
+    settings: PlacementSettings,
+    metrics: Arc<OperatorMetrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
     let sessions_api: Api<WhatsappSession> = Api::all(client.clone());
     let leases_api: Api<Lease> = Api::namespaced(client.clone(), &settings.lease_namespace);
     let (sessions, sessions_writer) = reflector::store();
     let (leases, leases_writer) = reflector::store();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
 
-    let session_events = reflector::reflector(sessions_writer, watcher(sessions_api.clone(), watcher::Config::default()))
+    let session_events = reflector::reflector(
+        sessions_writer,
+        watcher(sessions_api.clone(), watcher::Config::default()),
+    )
+    .default_backoff()
+    .applied_objects()
+    .boxed();
+    let lease_config =
+        watcher::Config::default().labels(&format!("{GATEWAY_LEASE_LABEL}={}", settings.release));
+    let lease_events = reflector::reflector(leases_writer, watcher(leases_api, lease_config))
         .default_backoff()
         .applied_objects()
         .boxed();
-    let lease_config = watcher::Config::default().labels(&format!("{GATEWAY_LEASE_LABEL}={}", settings.release));
-    let lease_events =
-        reflector::reflector(leases_writer, watcher(leases_api, lease_config)).default_backoff().applied_objects().boxed();
     let watch_tx = tx.clone();
     let watchers = tokio::spawn(async move {
-        let mut merged = futures::stream::select(session_events.map(|r| r.map(|_| ())), lease_events.map(|r| r.map(|_| ())));
+        let mut merged = futures::stream::select(
+            session_events.map(|r| r.map(|_| ())),
+            lease_events.map(|r| r.map(|_| ())),
+        );
         while let Some(event) = merged.next().await {
             if let Err(err) = event {
                 tracing::warn!(%err, "watch error (retrying with backoff)");
@@ -73,8 +94,14 @@ pub async fn run(client: Client, settings: PlacementSettings, metrics: Arc<Opera
         }
     });
 
-    sessions.wait_until_ready().await.map_err(|e| Error::Store(e.to_string()))?;
-    leases.wait_until_ready().await.map_err(|e| Error::Store(e.to_string()))?;
+    sessions
+        .wait_until_ready()
+        .await
+        .map_err(|e| Error::Store(e.to_string()))?;
+    leases
+        .wait_until_ready()
+        .await
+        .map_err(|e| Error::Store(e.to_string()))?;
     let mut ticker = tokio::time::interval(settings.resync);
     loop {
         tokio::select! {
@@ -83,7 +110,8 @@ pub async fn run(client: Client, settings: PlacementSettings, metrics: Arc<Opera
                 tokio::time::sleep(settings.debounce).await;
                 while rx.try_recv().is_ok() {}
             }
-            _ = stop.changed() => break,
+            // A `false` sent on (re)gaining leadership is not a stop.
+            _ = stop.changed() => if *stop.borrow_and_update() { break } else { continue },
         }
         if *stop.borrow() {
             break;
@@ -110,33 +138,56 @@ pub async fn place_once(
     let leases: Vec<Lease> = leases.state().iter().map(|l| (**l).clone()).collect();
     let members = membership(&settings.release, &leases, chrono::Utc::now());
     metrics.set_shards(members.live.len(), members.draining.len());
-    let snapshot: Vec<Arc<WhatsappSession>> =
-        sessions.state().into_iter().filter(|s| s.metadata.deletion_timestamp.is_none()).collect();
+    let snapshot: Vec<Arc<WhatsappSession>> = sessions
+        .state()
+        .into_iter()
+        .filter(|s| s.metadata.deletion_timestamp.is_none())
+        .collect();
     if snapshot.is_empty() {
         return Ok(());
     }
     if members.live.is_empty() {
-        tracing::warn!(sessions = snapshot.len(), "no live gateway shard: sessions wait unassigned");
+        tracing::warn!(
+            sessions = snapshot.len(),
+            "no live gateway shard: sessions wait unassigned"
+        );
         return Ok(());
     }
     let keys: Vec<String> = snapshot.iter().map(|s| session_key(s)).collect();
     let states: Vec<SessionState> = snapshot
         .iter()
         .zip(&keys)
-        .map(|(s, key)| SessionState { session: key.as_str(), shard: s.labels().get(SHARD_LABEL).map(String::as_str) })
+        .map(|(s, key)| SessionState {
+            session: key.as_str(),
+            shard: s.labels().get(SHARD_LABEL).map(String::as_str),
+        })
         .collect();
     let live: Vec<&str> = members.live.iter().map(String::as_str).collect();
     let draining: Vec<&str> = members.draining.iter().map(String::as_str).collect();
-    let config = AssignConfig { epsilon: settings.epsilon, ..AssignConfig::default() };
-    let assignment = assign(&live, &draining, &states, &config).map_err(|e| Error::Assign(e.to_string()))?;
+    let config = AssignConfig {
+        epsilon: settings.epsilon,
+        ..AssignConfig::default()
+    };
+    let assignment =
+        assign(&live, &draining, &states, &config).map_err(|e| Error::Assign(e.to_string()))?;
     metrics.set_loads(&assignment.loads);
 
-    let by_key: HashMap<&str, &Arc<WhatsappSession>> = keys.iter().map(String::as_str).zip(snapshot.iter()).collect();
+    let by_key: HashMap<&str, &Arc<WhatsappSession>> = keys
+        .iter()
+        .map(String::as_str)
+        .zip(snapshot.iter())
+        .collect();
     let mut writes = futures::stream::FuturesUnordered::new();
     for mv in &assignment.moves {
         let session = by_key[mv.session];
-        let from_alive = mv.from.is_some_and(|f| live.contains(&f) || draining.contains(&f));
-        let handoff = from_alive && matches!(mv.reason, MoveReason::Draining | MoveReason::OverCap | MoveReason::Rebalance);
+        let from_alive = mv
+            .from
+            .is_some_and(|f| live.contains(&f) || draining.contains(&f));
+        let handoff = from_alive
+            && matches!(
+                mv.reason,
+                MoveReason::Draining | MoveReason::OverCap | MoveReason::Rebalance
+            );
         let from = mv.from.unwrap_or_default().to_string();
         let to = mv.to.to_string();
         let reason = mv.reason;
@@ -162,6 +213,29 @@ pub async fn place_once(
     while let Some(result) = writes.next().await {
         record(metrics, result);
     }
+    // A handoff that is no longer wanted (the session stays after all) must not leave the session
+    // stopped on its shard: clear the drain request.
+    let moving: std::collections::HashSet<&str> =
+        assignment.moves.iter().map(|m| m.session).collect();
+    for (key, session) in &by_key {
+        if !moving.contains(key) && annotation(session, DRAIN_ANNOTATION).is_some() {
+            let ns_api: Api<WhatsappSession> = Api::namespaced(
+                api.clone().into_client(),
+                &session.namespace().unwrap_or_default(),
+            );
+            let patch = serde_json::json!({"metadata": {"annotations": {DRAIN_ANNOTATION: null, DRAIN_ACK_ANNOTATION: null}}});
+            if let Err(err) = ns_api
+                .patch(
+                    &session.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                tracing::warn!(%err, session = %key, "could not cancel a drain request");
+            }
+        }
+    }
     Ok(())
 }
 
@@ -173,24 +247,42 @@ fn record(metrics: &OperatorMetrics, result: Result<Option<MoveReason>>) {
     }
 }
 
-async fn request_drain(api: &Api<WhatsappSession>, session: &WhatsappSession, from: &str) -> Result<()> {
-    let ns_api: Api<WhatsappSession> = Api::namespaced(api.clone().into_client(), &session.namespace().unwrap_or_default());
+async fn request_drain(
+    api: &Api<WhatsappSession>,
+    session: &WhatsappSession,
+    from: &str,
+) -> Result<()> {
+    let ns_api: Api<WhatsappSession> = Api::namespaced(
+        api.clone().into_client(),
+        &session.namespace().unwrap_or_default(),
+    );
     let patch = serde_json::json!({"metadata": {"annotations": {DRAIN_ANNOTATION: from}}});
-    ns_api.patch(&session.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    ns_api
+        .patch(
+            &session.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
     tracing::info!(session = %session.name_any(), from, "handoff: asked the shard to drain the session");
     Ok(())
 }
 
 /// Relabels the session and records `status.shard` (phase Assigned, condition Assigned).
 async fn assign_to(api: &Api<WhatsappSession>, session: &WhatsappSession, to: &str) -> Result<()> {
-    let ns_api: Api<WhatsappSession> = Api::namespaced(api.clone().into_client(), &session.namespace().unwrap_or_default());
+    let ns_api: Api<WhatsappSession> = Api::namespaced(
+        api.clone().into_client(),
+        &session.namespace().unwrap_or_default(),
+    );
     let name = session.name_any();
     // One merge patch: the new label, the handoff annotations cleared.
     let patch = serde_json::json!({"metadata": {
         "labels": {SHARD_LABEL: to},
         "annotations": {DRAIN_ANNOTATION: null, DRAIN_ACK_ANNOTATION: null},
     }});
-    ns_api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    ns_api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let status = serde_json::json!({
         "apiVersion": "whatsapp.gateway.dev/v1alpha1",
@@ -206,7 +298,11 @@ async fn assign_to(api: &Api<WhatsappSession>, session: &WhatsappSession, to: &s
         }
     });
     ns_api
-        .patch_status(&name, &PatchParams::apply(OPERATOR_FIELD_MANAGER).force(), &Patch::Apply(&status))
+        .patch_status(
+            &name,
+            &PatchParams::apply(OPERATOR_FIELD_MANAGER).force(),
+            &Patch::Apply(&status),
+        )
         .await?;
     Ok(())
 }

@@ -11,9 +11,22 @@ use crate::{Error, Result, free_port, wait_until};
 /// Path of the gateway binary of this workspace, built once per test binary if needed.
 pub fn gateway_binary() -> Result<PathBuf> {
     static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BUILT
+    workspace_binary(&BUILT, "gateway")
+}
+
+/// Path of the operator binary of this workspace, built once per test binary if needed.
+pub fn operator_binary() -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    workspace_binary(&BUILT, "operator")
+}
+
+fn workspace_binary(
+    built: &OnceLock<std::result::Result<PathBuf, String>>,
+    package: &str,
+) -> Result<PathBuf> {
+    built
         .get_or_init(|| {
-            // target/<profile>/deps/<test-binary> -> target/<profile>/gateway
+            // target/<profile>/deps/<test-binary> -> target/<profile>/<package>
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
             let profile_dir = exe
                 .parent()
@@ -22,7 +35,7 @@ pub fn gateway_binary() -> Result<PathBuf> {
                 .to_path_buf();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = std::process::Command::new(cargo);
-            cmd.args(["build", "-q", "-p", "gateway", "--bin", "gateway"])
+            cmd.args(["build", "-q", "-p", package, "--bin", package])
                 .current_dir(crate::tools::workspace_root());
             if profile_dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
@@ -32,13 +45,13 @@ pub fn gateway_binary() -> Result<PathBuf> {
             }
             let status = cmd.status().map_err(|e| e.to_string())?;
             if !status.success() {
-                return Err(format!("cargo build -p gateway failed: {status}"));
+                return Err(format!("cargo build -p {package} failed: {status}"));
             }
-            Ok(profile_dir.join("gateway"))
+            Ok(profile_dir.join(package))
         })
         .clone()
         .map_err(|e| Error::Command {
-            cmd: "cargo build -p gateway".into(),
+            cmd: format!("cargo build -p {package}"),
             output: e,
         })
 }
@@ -54,7 +67,15 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts `gateway <args...> --port <free>` with extra environment, and waits for `/healthz`.
     pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
-        let bin = gateway_binary()?;
+        Self::start_binary(gateway_binary()?, args, env).await
+    }
+
+    /// Starts the operator binary the same way.
+    pub async fn start_operator(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_binary(operator_binary()?, args, env).await
+    }
+
+    async fn start_binary(bin: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("wa-gateway-").tempdir()?;
         let port = free_port();
         let log = dir.path().join("gateway.log");
@@ -70,10 +91,14 @@ impl GatewayProcess {
             cmd.env(k, v);
         }
         cmd.stdout(file.try_clone()?).stderr(file);
-        let mut child = ChildGuard::spawn_command("gateway", cmd)?;
+        let name = bin
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut child = ChildGuard::spawn_command(&name, cmd)?;
         let url = format!("http://127.0.0.1:{port}/healthz");
         let log_path = log.clone();
-        wait_until("gateway /healthz", Duration::from_secs(30), || {
+        wait_until("/healthz", Duration::from_secs(30), || {
             let running = child.check_running().map_err(|e| {
                 format!(
                     "{e}: {}",

@@ -21,7 +21,9 @@ fn settings(receiver: &Receiver, extra: &[&str]) -> gateway::config::Settings {
         receiver.url(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let CliMode::Standalone(a) = Cli::try_parse_from(args).unwrap().mode;
+    let CliMode::Standalone(a) = Cli::try_parse_from(args).unwrap().mode else {
+        unreachable!("standalone args")
+    };
     a.common.validate().unwrap()
 }
 

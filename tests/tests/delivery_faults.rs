@@ -36,7 +36,9 @@ fn settings(
         "2000".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let CliMode::Standalone(a) = Cli::try_parse_from(args).unwrap().mode;
+    let CliMode::Standalone(a) = Cli::try_parse_from(args).unwrap().mode else {
+        unreachable!("standalone args")
+    };
     a.common.validate().unwrap()
 }
 

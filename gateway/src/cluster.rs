@@ -1,0 +1,93 @@
+//! Cluster mode: the gateway as shard `<k>` of a StatefulSet, sessions from `WhatsappSession`
+//! resources labelled for the shard (see [`crate::shard`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{Pipeline, SHUTDOWN_GRACE, SessionStates, init_logging};
+use crate::config::ClusterArgs;
+use crate::session::sim::{SimConfig, SimDriver};
+use crate::session::supervisor::Supervisor;
+use crate::shard::{ShardSettings, shard_of_pod};
+use crate::{Error, Result};
+
+pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
+    let settings = args.common.validate()?;
+    init_logging(settings.log_json);
+    let shard = shard_of_pod(&settings.identity).ok_or_else(|| {
+        Error::config(
+            "POD_NAME",
+            format!(
+                "`{}` must end in the StatefulSet ordinal, e.g. wa-gateway-2",
+                settings.identity
+            ),
+        )
+    })?;
+    if args.lease_renew_ms == 0 || args.lease_duration_s * 1000 <= args.lease_renew_ms {
+        return Err(Error::config(
+            "--lease-renew-ms / WA_LEASE_RENEW_MS",
+            "must be > 0 and shorter than the lease duration",
+        ));
+    }
+    let shard_settings = ShardSettings {
+        release: args.release.clone(),
+        namespace: args.namespace.clone(),
+        pod: settings.identity.clone(),
+        shard,
+        lease_duration: Duration::from_secs(args.lease_duration_s),
+        lease_renew: Duration::from_millis(args.lease_renew_ms),
+        status_qps: args.status_qps,
+        drain_timeout: Duration::from_secs(args.drain_timeout_s),
+    };
+    let client = kube::Client::try_default().await?;
+    let redis = match &settings.redis_url {
+        Some(url) => Some(crate::redis::connect(url).await?),
+        None => None,
+    };
+    let mut registry = crate::metrics::new_registry();
+    let pipeline = Pipeline::start(&settings, redis.clone(), &mut registry, None).await?;
+    let states: Arc<SessionStates> = pipeline.states.clone();
+    let driver = Arc::new(
+        SimDriver::new(SimConfig {
+            seed: args.sim_seed,
+            mean_connected: Duration::from_secs(args.sim_mean_connected_s.max(1)),
+            unpaired_share: args.sim_unpaired_share,
+            ..SimConfig::default()
+        })
+        .map_err(|e| Error::config("--sim-* / WA_SIM_*", e.to_string()))?,
+    );
+    let supervisor = Arc::new(Supervisor::new(driver, pipeline.event_sink()));
+
+    let http_state = crate::http::HttpState {
+        registry: Arc::new(registry),
+        redis,
+        delivery: pipeline.delivery.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(settings.listen).await?;
+    tracing::info!(listen = %listener.local_addr()?, shard = %shard_settings.shard, "gateway (cluster mode) listening");
+    let stop_http = CancellationToken::new();
+    let server = {
+        let stop = stop_http.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, crate::http::router(http_state))
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            crate::app::shutdown_signal().await;
+            shutdown.cancel();
+        });
+    }
+    crate::shard::run(client, shard_settings, supervisor, states, shutdown).await?;
+    pipeline.shutdown(Vec::new(), SHUTDOWN_GRACE).await;
+    stop_http.cancel();
+    let _ = server.await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! Cluster mode end to end against a real kube-apiserver: the operator and three or four gateway
+//! shards as separate processes (sim driver), sessions as `WhatsappSession` resources.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crds::{Phase, SHARD_LABEL, WhatsappSession};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{CustomResourceExt, ResourceExt};
+use test_support::gateway::GatewayProcess;
+use test_support::{ControlPlane, wait_until};
+
+const NS: &str = "wa-e2e";
+const RELEASE: &str = "wa";
+
+async fn setup(client: &kube::Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = WhatsappSession::crd();
+    crds.patch(
+        &crd.name_any(),
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .unwrap();
+    wait_until("CRD served", Duration::from_secs(30), || {
+        let api: Api<WhatsappSession> = Api::all(client.clone());
+        async move {
+            api.list(&ListParams::default().limit(1))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await
+    .unwrap();
+    let ns: Api<Namespace> = Api::all(client.clone());
+    let obj: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": NS}})).unwrap();
+    let _ = ns.create(&PostParams::default(), &obj).await;
+}
+
+async fn start_gateway(plane: &ControlPlane, ordinal: u32) -> GatewayProcess {
+    let kubeconfig = plane.kubeconfig_path().display().to_string();
+    let pod = format!("{RELEASE}-gateway-{ordinal}");
+    GatewayProcess::start(
+        &[
+            "cluster",
+            "--lease-duration-s",
+            "6",
+            "--lease-renew-ms",
+            "1000",
+            "--sim-seed",
+            &ordinal.to_string(),
+        ],
+        &[
+            ("KUBECONFIG", &kubeconfig),
+            ("POD_NAME", &pod),
+            ("POD_NAMESPACE", NS),
+            ("WA_RELEASE", RELEASE),
+        ],
+    )
+    .await
+    .unwrap()
+}
+
+/// name -> (shard label, phase)
+async fn snapshot(api: &Api<WhatsappSession>) -> HashMap<String, (Option<String>, Option<Phase>)> {
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| {
+            let shard = s.labels().get(SHARD_LABEL).cloned();
+            let phase = s.status.as_ref().and_then(|st| st.phase);
+            (s.name_any(), (shard, phase))
+        })
+        .collect()
+}
+
+async fn wait_connected_on(
+    api: &Api<WhatsappSession>,
+    total: usize,
+    shards: &[&str],
+    secs: u64,
+) -> HashMap<String, String> {
+    let shards: Vec<String> = shards.iter().map(|s| s.to_string()).collect();
+    wait_until(
+        "all sessions Connected on the expected shards",
+        Duration::from_secs(secs),
+        || {
+            let api = api.clone();
+            let shards = shards.clone();
+            async move {
+                let snap = snapshot(&api).await;
+                let good = snap
+                    .values()
+                    .filter(|(shard, phase)| {
+                        shard.as_ref().is_some_and(|s| shards.contains(s))
+                            && *phase == Some(Phase::Connected)
+                    })
+                    .count();
+                if good == total && snap.len() == total {
+                    Ok(snap
+                        .into_iter()
+                        .map(|(n, (s, _))| (n, s.unwrap()))
+                        .collect())
+                } else {
+                    Err(format!("{good}/{total} connected on {shards:?}"))
+                }
+            }
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn loads(placed: &HashMap<String, String>) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for shard in placed.values() {
+        *out.entry(shard.clone()).or_insert(0) += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drain() {
+    let plane = ControlPlane::start().await.unwrap();
+    let client = plane.client().await.unwrap();
+    setup(&client).await;
+    let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
+    let kubeconfig = plane.kubeconfig_path().display().to_string();
+    let _operator = GatewayProcess::start_operator(
+        &["--resync-ms", "500"],
+        &[
+            ("KUBECONFIG", &kubeconfig),
+            ("POD_NAMESPACE", NS),
+            ("WA_RELEASE", RELEASE),
+            ("POD_NAME", "op-0"),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut gateways: Vec<Option<GatewayProcess>> = Vec::new();
+    for k in 0..3 {
+        gateways.push(Some(start_gateway(&plane, k).await));
+    }
+
+    let total = 300;
+    for i in 0..total {
+        api.create(
+            &PostParams::default(),
+            &WhatsappSession::new(&format!("s-{i:03}"), Default::default()),
+        )
+        .await
+        .unwrap();
+    }
+    let placed = wait_connected_on(&api, total, &["0", "1", "2"], 120).await;
+    let cap = (1.25f64 * total as f64 / 3.0).ceil() as usize;
+    assert!(
+        loads(&placed).values().all(|&n| n <= cap),
+        "loads {:?} within cap {cap}",
+        loads(&placed)
+    );
+    let s = api.get("s-000").await.unwrap().status.unwrap();
+    assert_eq!(
+        s.gateway_pod.as_deref(),
+        Some(format!("{RELEASE}-gateway-{}", placed["s-000"]).as_str())
+    );
+
+    // kill -9 shard 1: its sessions are Connected on the others within 30 s.
+    let mut victim = gateways[1].take().unwrap();
+    victim.child.signal("KILL").unwrap();
+    let started = std::time::Instant::now();
+    let after_kill = wait_connected_on(&api, total, &["0", "2"], 30).await;
+    eprintln!(
+        "sessions of the killed shard connected elsewhere after {:?}",
+        started.elapsed()
+    );
+    let needless = placed
+        .iter()
+        .filter(|(n, s)| *s != "1" && after_kill.get(*n) != Some(*s))
+        .count();
+    assert_eq!(needless, 0, "sessions on live shards stay put");
+
+    // A new shard (ordinal 3): about a quarter moves through the drain handoff.
+    gateways.push(Some(start_gateway(&plane, 3).await));
+    let scaled = wait_until("shard 3 filled", Duration::from_secs(90), || {
+        let api = api.clone();
+        async move {
+            let snap = snapshot(&api).await;
+            let on_new = snap
+                .values()
+                .filter(|(s, p)| s.as_deref() == Some("3") && *p == Some(Phase::Connected))
+                .count();
+            let all_connected = snap.values().all(|(_, p)| *p == Some(Phase::Connected));
+            if on_new >= total / 3 * 9 / 10 && all_connected {
+                Ok(snap)
+            } else {
+                Err(format!("{on_new} connected on shard 3"))
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let scaled: HashMap<String, String> = scaled
+        .into_iter()
+        .map(|(n, (s, _))| (n, s.unwrap()))
+        .collect();
+    let moved = after_kill
+        .iter()
+        .filter(|(n, s)| scaled.get(*n) != Some(*s))
+        .count();
+    let fraction = moved as f64 / total as f64;
+    eprintln!("moved fraction on 2 -> 3 shards: {fraction}");
+    assert!(fraction <= 1.3 / 3.0, "moved fraction {fraction}");
+    let l = loads(&scaled);
+    let max_over_mean = *l.values().max().unwrap() as f64 / (total as f64 / 3.0);
+    assert!(max_over_mean <= 1.25, "max/mean {max_over_mean} ({l:?})");
+
+    // Graceful scale-down of shard 3: its sessions move before the process exits.
+    let mut leaving = gateways[3].take().unwrap();
+    leaving.child.signal("TERM").unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = leaving.child.wait_timeout(Duration::from_secs(40)).unwrap();
+        (status, leaving)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.is_some(), "drained gateway exited");
+    let at_exit = snapshot(&api).await;
+    let left_behind = at_exit
+        .values()
+        .filter(|(s, _)| s.as_deref() == Some("3"))
+        .count();
+    assert_eq!(
+        left_behind,
+        0,
+        "every session was handed over before the process exited\n{}",
+        status.1.log()
+    );
+    wait_connected_on(&api, total, &["0", "2"], 30).await;
+}
