@@ -17,7 +17,11 @@ use crate::placement::{self, PlacementSettings};
 use crate::{Error, Result};
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "operator", version, about = "Assigns WhatsappSessions to gateway shards")]
+#[command(
+    name = "operator",
+    version,
+    about = "Assigns WhatsappSessions to gateway shards"
+)]
 pub struct Args {
     /// Helm release name: gateway Leases are `<release>-gateway-<k>`.
     #[arg(long, env = "WA_RELEASE", default_value = "wa")]
@@ -46,13 +50,22 @@ pub struct Args {
 impl Args {
     pub fn placement(&self) -> Result<PlacementSettings> {
         if !self.epsilon.is_finite() || self.epsilon < 0.0 {
-            return Err(Error::Config { field: "--epsilon / WA_EPSILON", reason: "must be a number >= 0".into() });
+            return Err(Error::Config {
+                field: "--epsilon / WA_EPSILON",
+                reason: "must be a number >= 0".into(),
+            });
         }
         if self.resync_ms == 0 {
-            return Err(Error::Config { field: "--resync-ms / WA_RESYNC_MS", reason: "must be greater than 0".into() });
+            return Err(Error::Config {
+                field: "--resync-ms / WA_RESYNC_MS",
+                reason: "must be greater than 0".into(),
+            });
         }
         if self.release.is_empty() {
-            return Err(Error::Config { field: "--release / WA_RELEASE", reason: "must not be empty".into() });
+            return Err(Error::Config {
+                field: "--release / WA_RELEASE",
+                reason: "must not be empty".into(),
+            });
         }
         Ok(PlacementSettings {
             release: self.release.clone(),
@@ -71,10 +84,16 @@ struct HttpState {
 }
 
 fn init_logging(json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Runs the operator until SIGTERM / ctrl-c.
@@ -85,16 +104,19 @@ pub async fn run(args: Args) -> Result<()> {
     let mut registry = Registry::default();
     let metrics = Arc::new(OperatorMetrics::register(&mut registry));
     let ready = Arc::new(AtomicBool::new(false));
-    let state = HttpState { registry: Arc::new(registry), ready: ready.clone() };
+    let state = HttpState {
+        registry: Arc::new(registry),
+        ready: ready.clone(),
+    };
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(state);
-    let bind: std::net::IpAddr = args
-        .bind
-        .parse()
-        .map_err(|e| Error::Config { field: "--bind / WA_BIND", reason: format!("{e}") })?;
+    let bind: std::net::IpAddr = args.bind.parse().map_err(|e| Error::Config {
+        field: "--bind / WA_BIND",
+        reason: format!("{e}"),
+    })?;
     let listener = tokio::net::TcpListener::bind((bind, args.port)).await?;
     tracing::info!(listen = %listener.local_addr()?, "operator listening (/metrics, /healthz, /readyz)");
     tokio::spawn(async move {
@@ -102,13 +124,17 @@ pub async fn run(args: Args) -> Result<()> {
     });
 
     // Leader election: only the leader places sessions.
-    let manager = LeaseManagerBuilder::new(client.clone(), format!("{}-operator-leader", args.release))
-        .with_namespace(&args.namespace)
-        .with_create_mode(kube_lease_manager::LeaseCreateMode::AutoCreate)
-        .with_parameters(LeaseParams::new(&args.identity, 15, 5).with_field_manager("whatsapp-operator-leader"))
-        .build()
-        .await
-        .map_err(|e| Error::Lease(e.to_string()))?;
+    let manager =
+        LeaseManagerBuilder::new(client.clone(), format!("{}-operator-leader", args.release))
+            .with_namespace(&args.namespace)
+            .with_create_mode(kube_lease_manager::LeaseCreateMode::AutoCreate)
+            .with_parameters(
+                LeaseParams::new(&args.identity, 15, 5)
+                    .with_field_manager("whatsapp-operator-leader"),
+            )
+            .build()
+            .await
+            .map_err(|e| Error::Lease(e.to_string()))?;
     let (mut leading, lease_task) = manager.watch().await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut placement_task: Option<tokio::task::JoinHandle<Result<()>>> = None;
@@ -122,8 +148,12 @@ pub async fn run(args: Args) -> Result<()> {
             (true, false) => {
                 tracing::info!(identity = %args.identity, "became leader: placing sessions");
                 let _ = stop_tx.send(false);
-                placement_task =
-                    Some(tokio::spawn(placement::run(client.clone(), settings.clone(), metrics.clone(), stop_rx.clone())));
+                placement_task = Some(tokio::spawn(placement::run(
+                    client.clone(),
+                    settings.clone(),
+                    metrics.clone(),
+                    stop_rx.clone(),
+                )));
             }
             (false, true) => {
                 tracing::warn!("lost leadership: stopping placement");
@@ -158,11 +188,16 @@ async fn render_metrics(State(state): State<HttpState>) -> String {
 }
 
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
-    if state.ready.load(Ordering::Relaxed) { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "starting") }
+    if state.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -23,18 +23,27 @@ pub struct Membership {
 
 /// The shard id of a Lease named `<release>-gateway-<k>`, if the name has that form.
 pub fn shard_of(release: &str, lease_name: &str) -> Option<String> {
-    let ordinal = lease_name.strip_prefix(release)?.strip_prefix("-gateway-")?;
-    (!ordinal.is_empty() && ordinal.chars().all(|c| c.is_ascii_digit())).then(|| ordinal.to_string())
+    let ordinal = lease_name
+        .strip_prefix(release)?
+        .strip_prefix("-gateway-")?;
+    (!ordinal.is_empty() && ordinal.chars().all(|c| c.is_ascii_digit()))
+        .then(|| ordinal.to_string())
 }
 
 /// Live and draining shards at `now`.
 pub fn membership(release: &str, leases: &[Lease], now: DateTime<Utc>) -> Membership {
     let mut out = Membership::default();
     for lease in leases {
-        let Some(name) = lease.metadata.name.as_deref() else { continue };
-        let Some(id) = shard_of(release, name) else { continue };
+        let Some(name) = lease.metadata.name.as_deref() else {
+            continue;
+        };
+        let Some(id) = shard_of(release, name) else {
+            continue;
+        };
         let Some(spec) = &lease.spec else { continue };
-        let (Some(renewed), Some(duration)) = (spec.renew_time.as_ref(), spec.lease_duration_seconds) else {
+        let (Some(renewed), Some(duration)) =
+            (spec.renew_time.as_ref(), spec.lease_duration_seconds)
+        else {
             continue;
         };
         // Millisecond precision is plenty against a 15 s lease.
@@ -54,8 +63,10 @@ pub fn membership(release: &str, leases: &[Lease], now: DateTime<Utc>) -> Member
             out.live.push(id);
         }
     }
-    out.live.sort_by_key(|id| id.parse::<u64>().unwrap_or(u64::MAX));
-    out.draining.sort_by_key(|id| id.parse::<u64>().unwrap_or(u64::MAX));
+    out.live
+        .sort_by_key(|id| id.parse::<u64>().unwrap_or(u64::MAX));
+    out.draining
+        .sort_by_key(|id| id.parse::<u64>().unwrap_or(u64::MAX));
     out
 }
 
@@ -68,7 +79,8 @@ mod tests {
         let mut lease = Lease::default();
         lease.metadata.name = Some(name.into());
         if draining {
-            lease.metadata.annotations = Some([(crds::DRAINING_ANNOTATION.to_string(), "true".to_string())].into());
+            lease.metadata.annotations =
+                Some([(crds::DRAINING_ANNOTATION.to_string(), "true".to_string())].into());
         }
         lease.spec = Some(k8s_openapi::api::coordination::v1::LeaseSpec {
             renew_time: Some(MicroTime(
@@ -85,9 +97,19 @@ mod tests {
         let now = Utc::now();
         let leases = [
             lease("wa-gateway-0", now, 15, false),
-            lease("wa-gateway-1", now - chrono::Duration::seconds(20), 15, false),
+            lease(
+                "wa-gateway-1",
+                now - chrono::Duration::seconds(20),
+                15,
+                false,
+            ),
             lease("wa-gateway-2", now, 15, true),
-            lease("wa-gateway-10", now - chrono::Duration::seconds(5), 15, false),
+            lease(
+                "wa-gateway-10",
+                now - chrono::Duration::seconds(5),
+                15,
+                false,
+            ),
             lease("other-gateway-3", now, 15, false),
             lease("wa-operator-leader", now, 15, false),
         ];

@@ -51,35 +51,59 @@ impl OperatorMetrics {
             is_leader: Gauge::default(),
             known_shards: Mutex::default(),
         };
-        registry.register("whatsapp_operator_reconcile", "Placement passes by result", m.passes.clone());
+        registry.register(
+            "whatsapp_operator_reconcile",
+            "Placement passes by result",
+            m.passes.clone(),
+        );
         registry.register(
             "whatsapp_operator_reconcile_duration_seconds",
             "Duration of placement passes",
             m.pass_duration.clone(),
         );
-        registry.register("whatsapp_operator_moves", "Sessions moved between shards, by reason", m.moves.clone());
+        registry.register(
+            "whatsapp_operator_moves",
+            "Sessions moved between shards, by reason",
+            m.moves.clone(),
+        );
         registry.register(
             "whatsapp_operator_shard_sessions",
             "Sessions assigned per shard (bounded by the number of gateway pods)",
             m.shard_sessions.clone(),
         );
-        registry.register("whatsapp_operator_live_shards", "Gateway shards with a fresh Lease", m.live_shards.clone());
+        registry.register(
+            "whatsapp_operator_live_shards",
+            "Gateway shards with a fresh Lease",
+            m.live_shards.clone(),
+        );
         registry.register(
             "whatsapp_operator_draining_shards",
             "Gateway shards handing their sessions over",
             m.draining_shards.clone(),
         );
-        registry.register("whatsapp_operator_is_leader", "1 while this replica leads", m.is_leader.clone());
+        registry.register(
+            "whatsapp_operator_is_leader",
+            "1 while this replica leads",
+            m.is_leader.clone(),
+        );
         m
     }
 
     pub fn observe_pass(&self, took: Duration, ok: bool) {
         self.pass_duration.observe(took.as_secs_f64());
-        self.passes.get_or_create(&ResultLabel { result: if ok { "ok" } else { "error" } }).inc();
+        self.passes
+            .get_or_create(&ResultLabel {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
     }
 
     pub fn moved(&self, reason: MoveReason) {
-        self.moves.get_or_create(&ReasonLabel { reason: reason.as_str() }).inc();
+        self.moves
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     pub fn set_shards(&self, live: usize, draining: usize) {
@@ -92,12 +116,20 @@ impl OperatorMetrics {
         // Shards that disappeared drop to zero instead of keeping a stale value.
         for shard in known.iter() {
             if !loads.iter().any(|(s, _)| s == shard) {
-                self.shard_sessions.get_or_create(&ShardLabel { shard: shard.clone() }).set(0);
+                self.shard_sessions
+                    .get_or_create(&ShardLabel {
+                        shard: shard.clone(),
+                    })
+                    .set(0);
             }
         }
         known.clear();
         for (shard, load) in loads {
-            self.shard_sessions.get_or_create(&ShardLabel { shard: shard.to_string() }).set(*load as i64);
+            self.shard_sessions
+                .get_or_create(&ShardLabel {
+                    shard: shard.to_string(),
+                })
+                .set(*load as i64);
             known.push(shard.to_string());
         }
     }
