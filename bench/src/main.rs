@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod assign;
 mod delivery;
+mod sessions;
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +23,9 @@ enum What {
     /// The real delivery pipeline with simulated sessions against a loopback backend: requests,
     /// latency, losses per batching policy.
     Delivery(delivery::DeliveryArgs),
+    /// Sessions inside the real gateway (supervisor with Redis ownership, pipeline to a loopback
+    /// backend): RSS per session and time until every session showed its first QR code.
+    Sessions(sessions::SessionsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +33,6 @@ fn main() -> anyhow::Result<()> {
     match cli.what {
         What::Assign(args) => assign::run(args),
         What::Delivery(args) => delivery::run(args),
+        What::Sessions(args) => sessions::run(args),
     }
 }

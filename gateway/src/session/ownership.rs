@@ -526,15 +526,14 @@ impl LeaseConfig {
     }
 }
 
-/// Why a lease was lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+/// Labels of the loss counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct LossLabels {
-    pub reason: LossReason,
+    pub reason: &'static str,
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelValue,
-)]
+/// Why a lease was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LossReason {
     /// Renewals could not succeed before the lease's usable time ran out (Redis away, or this
     /// process was stopped or starved).
@@ -547,6 +546,13 @@ pub enum LossReason {
 const RELEASED: u8 = 3;
 
 impl LossReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossReason::Expired => "expired",
+            LossReason::Taken => "taken",
+        }
+    }
+
     fn code(self) -> u8 {
         match self {
             LossReason::Expired => 1,
@@ -879,7 +885,9 @@ impl Ownership {
         self.0
             .metrics
             .losses
-            .get_or_create(&LossLabels { reason })
+            .get_or_create(&LossLabels {
+                reason: reason.as_str(),
+            })
             .inc();
         tracing::warn!(session_id = %lease.session_id(), token = lease.token(), ?reason, "session lock lost; session stopped");
         self.record(lease, HistoryEvent::Lost, lease.lost_at_ms())

@@ -92,14 +92,12 @@ impl Default for SupervisorConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct WriteLabels {
-    pub result: WriteResult,
+    pub result: &'static str,
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelValue,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WriteResult {
     Written,
     /// Refused by Redis: a newer owner exists.
@@ -107,6 +105,17 @@ pub enum WriteResult {
     /// Not even tried: the lease was no longer usable.
     Stale,
     Error,
+}
+
+impl WriteResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteResult::Written => "written",
+            WriteResult::Fenced => "fenced",
+            WriteResult::Stale => "stale",
+            WriteResult::Error => "error",
+        }
+    }
 }
 
 /// The supervisor's metrics, lock metrics included.
@@ -156,7 +165,9 @@ impl SupervisorMetrics {
 
     fn write(&self, result: WriteResult) {
         self.credential_writes
-            .get_or_create(&WriteLabels { result })
+            .get_or_create(&WriteLabels {
+                result: result.as_str(),
+            })
             .inc();
     }
 }
@@ -1077,9 +1088,7 @@ mod tests {
                 .ownership()
                 .metrics()
                 .losses
-                .get_or_create(&super::super::ownership::LossLabels {
-                    reason: super::super::ownership::LossReason::Expired
-                })
+                .get_or_create(&super::super::ownership::LossLabels { reason: "expired" })
                 .get(),
             1
         );

@@ -1,0 +1,513 @@
+//! Session ownership across gateway *processes* sharing one real redis-server: at most one
+//! gateway runs a session at any instant, a frozen gateway stops its copies and writes nothing when
+//! it wakes up, and a killed gateway's sessions move to another without a new QR code.
+//!
+//! The proof of "never two owners" is the ownership history (`wa:owners:history`): each gateway
+//! stamps an acquisition after Redis granted the lock and before the session starts, a release
+//! after the session stopped and before the lock is deleted, and a loss at the instant its lease
+//! stopped being usable (from then on its gate lets nothing out). Tokens come from the per-session
+//! fence, so they order the owners; consecutive owners' intervals must not overlap.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use fred::prelude::*;
+use gateway::session::credentials::{
+    CredentialStore, Credentials, Fence, RedisCredentials, Write, creds_key,
+};
+use gateway::session::ownership::{
+    Acquired, HistoryEntry, HistoryEvent, LockStore, RedisLockStore, fence_key, read_history,
+};
+use test_support::gateway::GatewayProcess;
+use test_support::receiver::{Receiver, unix_ms};
+use test_support::{RedisServer, wait_until};
+
+const TTL_MS: &str = "2000";
+
+async fn redis_client(redis: &RedisServer) -> Client {
+    gateway::redis::connect(&redis.url()).await.unwrap()
+}
+
+async fn start_gateway(
+    redis: &RedisServer,
+    receiver: &Receiver,
+    identity: &str,
+    sessions: usize,
+    extra: &[&str],
+) -> GatewayProcess {
+    let env = [
+        ("WA_BACKEND_URL", receiver.url()),
+        ("WA_REDIS_URL", redis.url()),
+        ("POD_NAME", identity.to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let sessions = sessions.to_string();
+    let mut args = vec![
+        "standalone",
+        "--simulate",
+        &sessions,
+        "--lock-ttl-ms",
+        TTL_MS,
+        "--resync-interval-s",
+        "0",
+        "--sim-mean-connected-s",
+        "3600",
+        "--qr-format",
+        "raw",
+    ];
+    args.extend_from_slice(extra);
+    GatewayProcess::start(&args, &env).await.unwrap()
+}
+
+/// A sample's value from the Prometheus text format (first line starting with `series`).
+async fn metric(gw: &GatewayProcess, series: &str) -> Result<f64, String> {
+    let (status, body) = gw.get("/metrics").await?;
+    if status != 200 {
+        return Err(format!("/metrics answered {status}"));
+    }
+    body.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse::<f64>().ok())?
+        })
+        .ok_or_else(|| format!("no `{series}` in /metrics"))
+}
+
+async fn running(gw: &GatewayProcess) -> Result<u64, String> {
+    metric(gw, "whatsapp_gateway_sessions_running")
+        .await
+        .map(|v| v as u64)
+}
+
+async fn wait_running(gw: &GatewayProcess, what: &str, check: impl Fn(u64) -> bool) -> u64 {
+    wait_until(what, Duration::from_secs(30), || async {
+        let n = running(gw).await?;
+        if check(n) {
+            Ok(n)
+        } else {
+            Err(format!("{n} running"))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&gw.log())))
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// One owner's hold on a session: [start, end] in unix ms; `end` is None while it still holds it.
+#[derive(Debug, Clone)]
+struct Tenure {
+    owner: String,
+    start: i64,
+    end: Option<i64>,
+}
+
+/// Per session, the tenures ordered by token.
+fn tenures(history: &[HistoryEntry]) -> HashMap<String, BTreeMap<u64, Tenure>> {
+    let mut out: HashMap<String, BTreeMap<u64, Tenure>> = HashMap::new();
+    for entry in history {
+        let tenure = out
+            .entry(entry.session_id.clone())
+            .or_default()
+            .entry(entry.token)
+            .or_insert_with(|| Tenure {
+                owner: entry.owner.clone(),
+                start: i64::MAX,
+                end: None,
+            });
+        assert_eq!(tenure.owner, entry.owner, "one owner per token: {entry:?}");
+        match entry.event {
+            HistoryEvent::Acquire => tenure.start = entry.at_ms,
+            HistoryEvent::Release | HistoryEvent::Lost => {
+                assert!(tenure.end.is_none(), "ended twice: {entry:?}");
+                tenure.end = Some(entry.at_ms);
+            }
+        }
+    }
+    out
+}
+
+/// Asserts that no two owners of a session overlap. `dead` closes the open tenures of killed
+/// gateways at the time they were known dead. Returns the number of handovers checked.
+fn assert_no_overlap(history: &[HistoryEntry], dead: &HashMap<&str, i64>) -> usize {
+    let mut handovers = 0;
+    for (session, by_token) in tenures(history) {
+        let list: Vec<(u64, Tenure)> = by_token.into_iter().collect();
+        for (token, tenure) in &list {
+            assert!(
+                tenure.start != i64::MAX,
+                "{session} token {token}: no acquire"
+            );
+        }
+        for pair in list.windows(2) {
+            let ((t1, first), (t2, next)) = (&pair[0], &pair[1]);
+            let end = first
+                .end
+                .or_else(|| dead.get(first.owner.as_str()).copied())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{session}: token {t1} ({}) never ended, yet token {t2} ({}) started",
+                        first.owner, next.owner
+                    )
+                });
+            assert!(
+                end <= next.start,
+                "{session}: {} (token {t1}) held it until {end}, {} (token {t2}) from {}",
+                first.owner,
+                next.owner,
+                next.start
+            );
+            handovers += 1;
+        }
+    }
+    handovers
+}
+
+/// Sessions whose credentials say paired, with who wrote them.
+async fn paired_sessions(client: &Client, n: usize) -> HashMap<String, Credentials> {
+    let store = RedisCredentials::new(client.clone());
+    let mut out = HashMap::new();
+    for i in 0..n {
+        let id = format!("sim-{i:05}");
+        if let Some(creds) = store.load(&id).await.unwrap()
+            && creds.paired
+        {
+            out.insert(id, creds);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lock_fences_stale_writers() {
+    let redis = RedisServer::start().await.unwrap();
+    let client = redis_client(&redis).await;
+    let locks = RedisLockStore::new(client.clone());
+    let creds = RedisCredentials::new(client.clone());
+    let ttl = Duration::from_millis(300);
+
+    let Acquired::Yes {
+        token: a,
+        value: a_value,
+    } = locks.acquire("s", "gw-a", ttl).await.unwrap()
+    else {
+        panic!("free lock not granted");
+    };
+    assert_eq!(
+        locks.acquire("s", "gw-b", ttl).await.unwrap(),
+        Acquired::HeldBy(a_value.clone())
+    );
+    let fence_a = Fence {
+        owner: a_value.clone(),
+        token: a,
+    };
+    assert_eq!(
+        creds.save_paired("s", &fence_a).await.unwrap(),
+        Write::Written
+    );
+    assert!(locks.renew("s", &a_value, ttl).await.unwrap());
+
+    // gw-a stalls past its TTL; gw-b takes over with a newer token.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let Acquired::Yes {
+        token: b,
+        value: b_value,
+    } = locks.acquire("s", "gw-b", ttl).await.unwrap()
+    else {
+        panic!("expired lock not granted");
+    };
+    assert_eq!(b, a + 1, "tokens are monotonic per session");
+    assert!(
+        !locks.renew("s", &a_value, ttl).await.unwrap(),
+        "stale renewal refused"
+    );
+    assert!(
+        !locks.release("s", &a_value).await.unwrap(),
+        "stale release refused"
+    );
+    assert_eq!(
+        creds.save_paired("s", &fence_a).await.unwrap(),
+        Write::Fenced
+    );
+    assert_eq!(creds.wipe("s", &fence_a).await.unwrap(), Write::Fenced);
+    let fence_b = Fence {
+        owner: b_value.clone(),
+        token: b,
+    };
+    assert_eq!(
+        creds.save_paired("s", &fence_b).await.unwrap(),
+        Write::Written
+    );
+    let stored = creds.load("s").await.unwrap().unwrap();
+    assert_eq!((stored.owner.as_str(), stored.token), (b_value.as_str(), b));
+    assert!(locks.release("s", &b_value).await.unwrap());
+    let fence: u64 = client.get(fence_key("s")).await.unwrap();
+    assert_eq!(fence, b);
+    let keys: i64 = client.exists(creds_key("s")).await.unwrap();
+    assert_eq!(keys, 1, "credentials outlive the lock");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_contend_and_never_run_a_session_twice() {
+    const N: usize = 60;
+    let redis = RedisServer::start().await.unwrap();
+    let receiver = Receiver::start().await.unwrap();
+    let client = redis_client(&redis).await;
+    // Started together, they race for the same sessions.
+    let (a, b) = tokio::join!(
+        start_gateway(&redis, &receiver, "gw-a", N, &[]),
+        start_gateway(&redis, &receiver, "gw-b", N, &[])
+    );
+    wait_until(
+        "every session runs once",
+        Duration::from_secs(30),
+        || async {
+            let total = running(&a).await? + running(&b).await?;
+            if total == N as u64 {
+                Ok(())
+            } else {
+                Err(format!("{total} running"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    // They keep contending (each retries the other's sessions) and the split holds.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (ra, rb) = (running(&a).await.unwrap(), running(&b).await.unwrap());
+        assert_eq!(ra + rb, N as u64, "a {ra} + b {rb}");
+    }
+    let contended = metric(&a, "whatsapp_gateway_lock_contended_total")
+        .await
+        .unwrap()
+        + metric(&b, "whatsapp_gateway_lock_contended_total")
+            .await
+            .unwrap();
+    assert!(contended > 0.0, "the gateways contended");
+
+    // gw-a shuts down gracefully: its locks are released after its events are flushed and gw-b
+    // takes everything over.
+    let ra = running(&a).await.unwrap();
+    a.child.signal("TERM").unwrap();
+    let mut a = a;
+    a.child
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .expect("gw-a drained and exited");
+    wait_running(&b, "gw-b runs all", |n| n == N as u64).await;
+
+    // gw-a comes back and contends again; then gw-b is killed and gw-a takes over all.
+    let a = start_gateway(&redis, &receiver, "gw-a", N, &[]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(running(&a).await.unwrap(), 0, "all held by gw-b");
+    let mut b = b;
+    b.child.signal("KILL").unwrap();
+    b.child
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap()
+        .expect("killed");
+    let b_dead = unix_ms();
+    wait_running(&a, "gw-a runs all", |n| n == N as u64).await;
+
+    let history = read_history(&client).await.unwrap();
+    let handovers = assert_no_overlap(&history, &HashMap::from([("gw-b", b_dead)]));
+    // ra sessions moved a -> b, then all N moved b -> a.
+    assert!(handovers >= ra as usize + N, "{handovers} handovers");
+    let owners: HashSet<&str> = history.iter().map(|e| e.owner.as_str()).collect();
+    assert_eq!(owners, HashSet::from(["gw-a", "gw-b"]));
+    // At the end every lock is gw-a's.
+    for i in 0..N {
+        let holder: Option<String> = client
+            .get(format!("wa:{{sim-{i:05}}}:owner"))
+            .await
+            .unwrap();
+        assert!(holder.is_some_and(|h| h.starts_with("gw-a:")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_gateway_stops_its_copies_and_writes_nothing_on_wake_up() {
+    const N: usize = 40;
+    let redis = RedisServer::start().await.unwrap();
+    let receiver = Receiver::start().await.unwrap();
+    let client = redis_client(&redis).await;
+    let a = start_gateway(&redis, &receiver, "gw-a", N, &[]).await;
+    wait_running(&a, "gw-a runs all", |n| n == N as u64).await;
+    let b = start_gateway(&redis, &receiver, "gw-b", N, &[]).await;
+    // Paired sessions connect within 2 s and record their pairing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(running(&b).await.unwrap(), 0);
+    let written_by_a = metric(
+        &a,
+        "whatsapp_gateway_credential_writes_total{result=\"written\"}",
+    )
+    .await
+    .unwrap();
+    assert!(written_by_a > 0.0);
+
+    a.child.signal("STOP").unwrap();
+    let stopped_at = unix_ms();
+    wait_running(&b, "gw-b took over", |n| n == N as u64).await;
+    // The sessions gw-b restored record their pairing with gw-b's tokens.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before_wake = paired_sessions(&client, N).await;
+    assert!(!before_wake.is_empty());
+    for (id, creds) in &before_wake {
+        assert!(creds.owner.starts_with("gw-b:"), "{id}: {creds:?}");
+    }
+
+    let woke_at = unix_ms();
+    a.child.signal("CONT").unwrap();
+    assert!(woke_at - stopped_at >= 2_000, "frozen past the TTL");
+    wait_running(&a, "gw-a stopped its copies", |n| n == 0).await;
+    let stopped_after = unix_ms() - woke_at;
+    // Let anything gw-a might still do happen.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // It wrote nothing: its write counter did not move, and every credential is gw-b's, with
+    // gw-b's current token.
+    let written_after = metric(
+        &a,
+        "whatsapp_gateway_credential_writes_total{result=\"written\"}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        written_after, written_by_a,
+        "gw-a wrote credentials after waking up"
+    );
+    let after = paired_sessions(&client, N).await;
+    assert!(after.len() >= before_wake.len());
+    for (id, creds) in &after {
+        assert!(creds.owner.starts_with("gw-b:"), "{id}: {creds:?}");
+        let fence: u64 = client.get(fence_key(id)).await.unwrap();
+        assert_eq!(creds.token, fence, "{id}: written with the current token");
+    }
+    // It noticed the loss (expired: checked against the clock before renewing anything).
+    let lost = metric(&a, "whatsapp_gateway_lock_losses_total{reason=\"expired\"}")
+        .await
+        .unwrap();
+    assert_eq!(lost, N as f64);
+    assert_eq!(running(&b).await.unwrap(), N as u64);
+
+    let history = read_history(&client).await.unwrap();
+    let handovers = assert_no_overlap(&history, &HashMap::new());
+    assert_eq!(handovers, N);
+    let losses: Vec<&HistoryEntry> = history
+        .iter()
+        .filter(|e| e.owner == "gw-a" && e.event == HistoryEvent::Lost)
+        .collect();
+    assert_eq!(losses.len(), N);
+    for loss in losses {
+        // Stamped at the lease's end (while frozen), noticed after waking up.
+        assert!(loss.at_ms <= stopped_at + 2_000, "{loss:?}");
+        assert!(loss.detected_ms >= woke_at, "{loss:?}");
+    }
+    eprintln!("gw-a stopped its {N} copies {stopped_after} ms after SIGCONT");
+    assert!(stopped_after < 3_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateways_sessions_move_without_a_new_qr_code() {
+    const N: usize = 40;
+    let redis = RedisServer::start().await.unwrap();
+    let receiver = Receiver::start().await.unwrap();
+    let client = redis_client(&redis).await;
+    let a = start_gateway(
+        &redis,
+        &receiver,
+        "gw-a",
+        N,
+        &["--sim-unpaired-share", "0.5"],
+    )
+    .await;
+    wait_running(&a, "gw-a runs all", |n| n == N as u64).await;
+    // Paired sessions connect within 2 s; their pairing is in Redis.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let paired = paired_sessions(&client, N).await;
+    assert!(
+        (5..N - 5).contains(&paired.len()),
+        "a mix of paired and unpaired: {} paired",
+        paired.len()
+    );
+
+    let mut a = a;
+    a.child.signal("KILL").unwrap();
+    a.child
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap()
+        .expect("killed");
+    let dead_at = unix_ms();
+    let b = start_gateway(
+        &redis,
+        &receiver,
+        "gw-b",
+        N,
+        &["--sim-unpaired-share", "0.5"],
+    )
+    .await;
+    wait_running(&b, "gw-b restored all", |n| n == N as u64).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    // gw-b had to wait for the locks' TTL: none was taken before the last renewal + TTL.
+    let history = read_history(&client).await.unwrap();
+    let first_b = history
+        .iter()
+        .filter(|e| e.owner == "gw-b" && e.event == HistoryEvent::Acquire)
+        .map(|e| e.at_ms)
+        .min()
+        .unwrap();
+    let ttl: i64 = TTL_MS.parse().unwrap();
+    assert!(
+        first_b >= dead_at + ttl * 2 / 3 - 100,
+        "gw-b took a lock {} ms after the kill",
+        first_b - dead_at
+    );
+    assert_eq!(
+        assert_no_overlap(&history, &HashMap::from([("gw-a", dead_at)])),
+        N
+    );
+
+    // No session that was paired before the kill was asked for a QR code afterwards; they came
+    // back `active`.
+    let after_kill: Vec<_> = receiver
+        .received()
+        .into_iter()
+        .filter(|r| r.at_unix_ms > dead_at)
+        .collect();
+    let mut qr_after: HashSet<String> = HashSet::new();
+    let mut active_after: HashSet<String> = HashSet::new();
+    for request in &after_kill {
+        for item in &request.items {
+            let id = item["sessionId"].as_str().unwrap_or_default().to_string();
+            if request.path.ends_with("/qr/batch") {
+                qr_after.insert(id);
+            } else if item["status"] == "active" {
+                active_after.insert(id);
+            }
+        }
+    }
+    for id in paired.keys() {
+        assert!(
+            !qr_after.contains(id),
+            "{id} was paired yet got a new QR code"
+        );
+        assert!(active_after.contains(id), "{id} restored as active");
+    }
+    // The unpaired ones do show a QR again (they never had credentials).
+    assert!(
+        !qr_after.is_empty(),
+        "unpaired sessions show QR codes on gw-b"
+    );
+    let now_paired = paired_sessions(&client, N).await;
+    for id in paired.keys() {
+        assert!(
+            now_paired[id].owner.starts_with("gw-b:"),
+            "{id} re-recorded by gw-b"
+        );
+    }
+}
