@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod assign;
+mod cache;
 mod delivery;
 mod sessions;
 
@@ -23,6 +24,9 @@ enum What {
     /// The real delivery pipeline with simulated sessions against a loopback backend: requests,
     /// latency, losses per batching policy.
     Delivery(delivery::DeliveryArgs),
+    /// The cache core: two instances sharing a real Redis under a Zipf lookup mix while states
+    /// change: hit ratios, fallback calls, lookup latency, stale reads, propagation delay.
+    Cache(cache::CacheArgs),
     /// Sessions inside the real gateway (supervisor with Redis ownership, pipeline to a loopback
     /// backend): RSS per session and time until every session showed its first QR code.
     Sessions(sessions::SessionsArgs),
@@ -33,6 +37,7 @@ fn main() -> anyhow::Result<()> {
     match cli.what {
         What::Assign(args) => assign::run(args),
         What::Delivery(args) => delivery::run(args),
+        What::Cache(args) => cache::run(args),
         What::Sessions(args) => sessions::run(args),
     }
 }

@@ -126,6 +126,17 @@ pub trait RemoteTier: Send + Sync + 'static {
     fn count_keys(&self) -> BoxFuture<'_, Result<[u64; 4]>>;
 }
 
+/// Which tier answered a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answered {
+    /// Owned or local tier, without waiting.
+    Local,
+    Redis,
+    Fallback,
+    /// Waited for a concurrent lookup of the same session (single-flight).
+    Shared,
+}
+
 /// Local entries: `None` is a negative entry (the session is known not to exist).
 type LocalValue = Option<Arc<SessionView>>;
 
@@ -160,8 +171,8 @@ impl Expiry<String, LocalValue> for TtlPolicy {
 }
 
 const STRIPES: usize = 1024;
-/// Largest number of sessions written to Redis in one pipeline.
-const WRITE_CHUNK: usize = 512;
+/// Largest number of sessions written to Redis in one pipeline (about 9 commands each).
+const WRITE_CHUNK: usize = 256;
 
 /// The two-tier cache with its fallback. Cheap to share (`Arc`).
 pub struct SessionCache {
@@ -245,9 +256,17 @@ impl SessionCache {
     /// The session's cached state; `Ok(None)` when it does not exist. Errors only when the
     /// fallback fails for a session no tier knows.
     pub async fn get(&self, session_id: &str) -> Result<Option<Arc<SessionView>>> {
+        self.get_traced(session_id).await.map(|(view, _)| view)
+    }
+
+    /// [`SessionCache::get`], also telling which tier answered (for the benchmark).
+    pub async fn get_traced(
+        &self,
+        session_id: &str,
+    ) -> Result<(Option<Arc<SessionView>>, Answered)> {
         if let Some(view) = self.owned.lock().expect("owned lock").get(session_id) {
             self.metrics.request(Tier::Local, Outcome::Hit);
-            return Ok(Some(view.clone()));
+            return Ok((Some(view.clone()), Answered::Local));
         }
         if let Some(value) = self.local.get(session_id).await {
             let outcome = if value.is_some() {
@@ -256,21 +275,26 @@ impl SessionCache {
                 Outcome::NegativeHit
             };
             self.metrics.request(Tier::Local, outcome);
-            return Ok(value);
+            return Ok((value, Answered::Local));
         }
         self.metrics.request(Tier::Local, Outcome::Miss);
         let generation = self.generation(session_id);
+        let mut answered = Answered::Shared;
         let entry = self
             .local
             .entry_by_ref(session_id)
-            .or_try_insert_with(self.load(session_id))
+            .or_try_insert_with(async {
+                let (value, tier) = self.load(session_id).await?;
+                answered = tier;
+                Ok::<_, crate::Error>(value)
+            })
             .await
             .map_err(|e| crate::Error::Cache(e.to_string()))?;
         // An invalidation arrived while we loaded: what we read may predate it, so do not keep it.
         if entry.is_fresh() && self.generation(session_id) != generation {
             self.local.invalidate(session_id).await;
         }
-        Ok(entry.into_value())
+        Ok((entry.into_value(), answered))
     }
 
     /// "Is this session active?"
@@ -281,12 +305,12 @@ impl SessionCache {
             .is_some_and(|v| v.status.status == crate::events::SessionStatus::Active))
     }
 
-    async fn load(&self, session_id: &str) -> Result<LocalValue> {
+    async fn load(&self, session_id: &str) -> Result<(LocalValue, Answered)> {
         match &self.remote {
             Some(remote) if remote.available() => match remote.read(session_id).await {
                 Ok(Some(view)) => {
                     self.metrics.request(Tier::Redis, Outcome::Hit);
-                    return Ok(Some(Arc::new(view)));
+                    return Ok((Some(Arc::new(view)), Answered::Redis));
                 }
                 Ok(None) => self.metrics.request(Tier::Redis, Outcome::Miss),
                 Err(err) => {
@@ -308,11 +332,11 @@ impl SessionCache {
                     view: view.clone(),
                     mode: WriteMode::IfAbsent,
                 });
-                Ok(Some(view))
+                Ok((Some(view), Answered::Fallback))
             }
             Ok(None) => {
                 self.metrics.request(Tier::Fallback, Outcome::Miss);
-                Ok(None)
+                Ok((None, Answered::Fallback))
             }
             Err(err) => {
                 self.metrics.request(Tier::Fallback, Outcome::Error);
@@ -323,7 +347,8 @@ impl SessionCache {
 
     /// A session this gateway runs changed: it is answered from here at once, and written to the
     /// shared tier with an invalidation as soon as the writer gets to it. Never waits for Redis.
-    pub fn write(&self, mut view: SessionView) {
+    /// Returns the version given to the view.
+    pub fn write(&self, mut view: SessionView) -> u64 {
         let version = self.next_version();
         view.status.version = version;
         let view = Arc::new(view);
@@ -335,6 +360,7 @@ impl SessionCache {
             view,
             mode: WriteMode::Change,
         });
+        version
     }
 
     /// This gateway no longer runs the session (stopped, handed over): its entry is no longer
@@ -445,11 +471,29 @@ impl SessionCache {
         Ok([n, qr, n, n])
     }
 
+    /// The next batch for the writer: every queued change, first, plus at most one chunk of
+    /// refreshes and fallback fills, so the periodic refresh of thousands of sessions never
+    /// holds a change back for more than one chunk's round trip.
     fn take_pending(&self) -> Vec<PendingWrite> {
         let mut pending = self.pending.lock().expect("pending lock");
-        let batch: Vec<PendingWrite> = pending.drain().map(|(_, w)| w).collect();
+        let mut batch = Vec::new();
+        let mut background = 0;
+        pending.retain(|_, write| {
+            if write.mode == WriteMode::Change {
+                batch.push(write.clone());
+                false
+            } else if background < WRITE_CHUNK {
+                background += 1;
+                batch.push(write.clone());
+                false
+            } else {
+                true
+            }
+        });
+        let left = pending.len();
         drop(pending);
-        self.metrics.set_pending_writes(0);
+        batch.sort_by_key(|write| write.mode != WriteMode::Change);
+        self.metrics.set_pending_writes(left);
         batch
     }
 
@@ -457,9 +501,16 @@ impl SessionCache {
     fn requeue(&self, writes: Vec<PendingWrite>) {
         let mut pending = self.pending.lock().expect("pending lock");
         for write in writes {
-            pending
-                .entry(write.view.session_id.clone())
-                .or_insert(write);
+            match pending.get_mut(&write.view.session_id) {
+                // The newer view stays, but a failed change must still publish its invalidation.
+                Some(newer) if write.mode.strength() > newer.mode.strength() => {
+                    newer.mode = write.mode;
+                }
+                Some(_) => {}
+                None => {
+                    pending.insert(write.view.session_id.clone(), write);
+                }
+            }
         }
         let len = pending.len();
         drop(pending);
@@ -501,6 +552,10 @@ impl SessionCache {
             }
             if failed.is_empty() {
                 backoff = Duration::from_millis(100);
+                if self.pending_writes() > 0 {
+                    // More than one batch was queued (a refresh): go on without waiting.
+                    self.wake_writer.notify_one();
+                }
             } else {
                 self.requeue(failed);
                 tokio::select! {
