@@ -17,6 +17,9 @@ pub const DRAIN_ACK_ANNOTATION: &str = "whatsapp.gateway.dev/drain-ack";
 pub const GATEWAY_LEASE_LABEL: &str = "whatsapp.gateway.dev/gateway-of";
 /// Annotation a gateway sets on its Lease when it shuts down: hand my sessions over.
 pub const DRAINING_ANNOTATION: &str = "whatsapp.gateway.dev/draining";
+/// Annotation the owning gateway sets on a deleted session once it logged out and wiped the
+/// credentials (value: the gateway pod); the operator then removes the finalizer.
+pub const CLEANED_ANNOTATION: &str = "whatsapp.gateway.dev/cleaned";
 /// Finalizer that makes deletion log out and wipe credentials first.
 pub const FINALIZER: &str = "whatsapp.gateway.dev/cleanup";
 /// Field managers for server-side apply, one per writer so each owns its own status fields.
@@ -32,7 +35,7 @@ pub mod condition {
 }
 
 /// One WhatsApp account (one linked device) run by the gateway fleet.
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[kube(
     group = "whatsapp.gateway.dev",
     version = "v1alpha1",
@@ -72,6 +75,19 @@ pub struct WhatsappSessionSpec {
 
 fn default_true() -> bool {
     true
+}
+
+// Not derived: `logoutOnDelete` defaults to true in Rust as in the schema.
+impl Default for WhatsappSessionSpec {
+    fn default() -> Self {
+        WhatsappSessionSpec {
+            session_id: None,
+            login: Login::default(),
+            paused: false,
+            logout_on_delete: true,
+            webhook: None,
+        }
+    }
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
@@ -187,6 +203,12 @@ pub struct Condition {
     pub observed_generation: Option<i64>,
 }
 
+/// Redis key pattern of everything stored for a session (credentials, lock, cache entries); the
+/// hash tag keeps one session's keys on one Redis Cluster slot.
+pub fn session_key_pattern(session_id: &str) -> String {
+    format!("wa:{{{session_id}}}:*")
+}
+
 impl WhatsappSession {
     /// The session id used in Redis keys and backend payloads: `spec.sessionId` or the resource name.
     pub fn session_id(&self) -> String {
@@ -228,6 +250,13 @@ mod tests {
             on_disk == crd_yaml(),
             "charts/whatsapp-gateway/crds/whatsappsession.yaml is stale: run `scripts/gen.sh`"
         );
+    }
+
+    #[test]
+    fn rust_defaults_match_schema_defaults() {
+        let spec: WhatsappSessionSpec = serde_json::from_str("{}").unwrap();
+        assert_eq!(spec, WhatsappSessionSpec::default());
+        assert!(spec.logout_on_delete);
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
     );
     let supervisor = Arc::new(Supervisor::new(driver, pipeline.event_sink()));
 
+    let redis_for_shard = redis.clone();
     let http_state = crate::http::HttpState {
         registry: Arc::new(registry),
         redis,
@@ -84,7 +85,7 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
             shutdown.cancel();
         });
     }
-    crate::shard::run(client, shard_settings, supervisor, states, shutdown).await?;
+    crate::shard::run(client, redis_for_shard, shard_settings, supervisor, states, shutdown).await?;
     pipeline.shutdown(Vec::new(), SHUTDOWN_GRACE).await;
     stop_http.cancel();
     let _ = server.await;

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crds::WhatsappSession;
+use crds::{CLEANED_ANNOTATION, WhatsappSession};
 use crds::{
     DRAIN_ACK_ANNOTATION, DRAIN_ANNOTATION, DRAINING_ANNOTATION, GATEWAY_LEASE_LABEL, SHARD_LABEL,
 };
@@ -86,6 +86,7 @@ struct Placement {
 /// Runs shard duties until `shutdown` is cancelled, then drains and returns.
 pub async fn run<D: SessionDriver>(
     client: Client,
+    redis: Option<fred::clients::Client>,
     settings: ShardSettings,
     supervisor: Arc<Supervisor<D>>,
     states: Arc<SessionStates>,
@@ -152,6 +153,7 @@ pub async fn run<D: SessionDriver>(
         }
         reconcile(
             &client,
+            redis.as_ref(),
             &store,
             &settings,
             &supervisor,
@@ -191,8 +193,10 @@ pub async fn run<D: SessionDriver>(
 }
 
 /// Brings running sessions in line with the resources labelled for this shard.
+#[allow(clippy::too_many_arguments)]
 async fn reconcile<D: SessionDriver>(
     client: &Client,
+    redis: Option<&fred::clients::Client>,
     store: &Store<WhatsappSession>,
     settings: &ShardSettings,
     supervisor: &Supervisor<D>,
@@ -223,7 +227,39 @@ async fn reconcile<D: SessionDriver>(
             }
             continue;
         }
-        if session.metadata.deletion_timestamp.is_some() || session.spec.paused {
+        if session.metadata.deletion_timestamp.is_some() {
+            // Deleted: stop; with logoutOnDelete log out and wipe the credentials, then tell the
+            // operator it may remove the finalizer.
+            supervisor.stop(&id).await;
+            if session.spec.logout_on_delete
+                && session.annotations().get(CLEANED_ANNOTATION).is_none()
+            {
+                let wiped = match redis {
+                    Some(redis) => crate::redis::wipe_session(redis, &id)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    None => Ok(0),
+                };
+                match wiped {
+                    Ok(keys) => {
+                        tracing::info!(session_id = %id, keys, "deleted session logged out and wiped");
+                        let api: Api<WhatsappSession> = Api::namespaced(client.clone(), &namespace);
+                        let patch = serde_json::json!({"metadata": {"annotations": {CLEANED_ANNOTATION: settings.pod}}});
+                        if let Err(err) = api
+                            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                            .await
+                        {
+                            tracing::warn!(%err, session_id = %id, "could not mark the session cleaned");
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, session_id = %id, "wiping credentials failed; retrying")
+                    }
+                }
+            }
+            continue;
+        }
+        if session.spec.paused {
             continue;
         }
         wanted.insert(id.clone());

@@ -42,6 +42,12 @@ pub struct Args {
     /// Placement runs at least this often (ms), since Lease expiry is a matter of time.
     #[arg(long, env = "WA_RESYNC_MS", default_value_t = 2_000)]
     pub resync_ms: u64,
+    /// Redis URL, used to wipe a deleted session's credentials when no gateway does.
+    #[arg(long, env = "WA_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// How long a deleted session waits for its gateway to log out before the operator wipes it.
+    #[arg(long, env = "WA_CLEANUP_TIMEOUT_S", default_value_t = 30)]
+    pub cleanup_timeout_s: u64,
     /// Log format: json or text.
     #[arg(long, env = "WA_LOG_FORMAT", default_value = "json")]
     pub log_format: String,
@@ -73,6 +79,9 @@ impl Args {
             epsilon: self.epsilon,
             resync: Duration::from_millis(self.resync_ms),
             debounce: Duration::from_millis(200),
+            cleanup_timeout: Duration::from_secs(self.cleanup_timeout_s),
+            redis: None,
+            recorder: None,
         })
     }
 }
@@ -101,6 +110,32 @@ pub async fn run(args: Args) -> Result<()> {
     let settings = args.placement()?;
     init_logging(args.log_format != "text");
     let client = kube::Client::try_default().await?;
+    let mut settings = settings;
+    settings.recorder = Some(Arc::new(kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: "whatsapp-operator".into(),
+            instance: Some(args.identity.clone()),
+        },
+    )));
+    if let Some(url) = args.redis_url.as_deref().filter(|u| !u.is_empty()) {
+        use fred::prelude::*;
+        let config = Config::from_url(url).map_err(|e| crate::Error::Config {
+            field: "--redis-url / WA_REDIS_URL",
+            reason: format!("`{url}`: {e}"),
+        })?;
+        let redis = Builder::from_config(config)
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+            .build()
+            .map_err(|e| crate::Error::Config {
+                field: "--redis-url / WA_REDIS_URL",
+                reason: e.to_string(),
+            })?;
+        if let Err(err) = redis.init().await {
+            tracing::warn!(%err, "Redis not reachable yet; reconnecting in the background");
+        }
+        settings.redis = Some(redis);
+    }
     let mut registry = Registry::default();
     let metrics = Arc::new(OperatorMetrics::register(&mut registry));
     let ready = Arc::new(AtomicBool::new(false));

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crds::{CLEANED_ANNOTATION, FINALIZER};
 use crds::{
     DRAIN_ACK_ANNOTATION, DRAIN_ANNOTATION, GATEWAY_LEASE_LABEL, OPERATOR_FIELD_MANAGER,
     SHARD_LABEL,
@@ -28,7 +29,7 @@ use crate::membership::membership;
 use crate::metrics::OperatorMetrics;
 use crate::{Error, Result};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PlacementSettings {
     /// Helm release name: gateway Leases are `<release>-gateway-<k>`.
     pub release: String,
@@ -39,6 +40,14 @@ pub struct PlacementSettings {
     pub resync: Duration,
     /// Gathers bursts of watch events into one placement pass.
     pub debounce: Duration,
+    /// How long a deleted session waits for its gateway to log out and wipe its credentials
+    /// before the operator wipes them itself.
+    pub cleanup_timeout: Duration,
+    /// Redis, for wiping credentials when no gateway answers; without it the operator only
+    /// records an Event.
+    pub redis: Option<fred::clients::Client>,
+    /// Publishes Kubernetes Events on sessions.
+    pub recorder: Option<Arc<kube::runtime::events::Recorder>>,
 }
 
 fn session_key(s: &WhatsappSession) -> String {
@@ -138,11 +147,17 @@ pub async fn place_once(
     let leases: Vec<Lease> = leases.state().iter().map(|l| (**l).clone()).collect();
     let members = membership(&settings.release, &leases, chrono::Utc::now());
     metrics.set_shards(members.live.len(), members.draining.len());
-    let snapshot: Vec<Arc<WhatsappSession>> = sessions
+    let (deleted, snapshot): (Vec<Arc<WhatsappSession>>, Vec<Arc<WhatsappSession>>) = sessions
         .state()
         .into_iter()
-        .filter(|s| s.metadata.deletion_timestamp.is_none())
-        .collect();
+        .partition(|s| s.metadata.deletion_timestamp.is_some());
+    for session in deleted {
+        if session.finalizers().iter().any(|f| f == FINALIZER)
+            && let Err(err) = finalize(api, &session, &members, settings).await
+        {
+            tracing::warn!(%err, session = %session.name_any(), "cleanup of a deleted session failed; retrying");
+        }
+    }
     if snapshot.is_empty() {
         return Ok(());
     }
@@ -276,9 +291,17 @@ async fn assign_to(api: &Api<WhatsappSession>, session: &WhatsappSession, to: &s
     );
     let name = session.name_any();
     // One merge patch: the new label, the handoff annotations cleared.
+    // The finalizer rides on the same write (a merge patch replaces the whole list, so the
+    // resourceVersion makes a concurrent change of the list fail and retry instead of losing it).
+    let mut finalizers = session.finalizers().to_vec();
+    if !finalizers.iter().any(|f| f == FINALIZER) {
+        finalizers.push(FINALIZER.to_string());
+    }
     let patch = serde_json::json!({"metadata": {
         "labels": {SHARD_LABEL: to},
         "annotations": {DRAIN_ANNOTATION: null, DRAIN_ACK_ANNOTATION: null},
+        "finalizers": finalizers,
+        "resourceVersion": session.resource_version(),
     }});
     ns_api
         .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -305,4 +328,111 @@ async fn assign_to(api: &Api<WhatsappSession>, session: &WhatsappSession, to: &s
         )
         .await?;
     Ok(())
+}
+
+/// Deletion: with `logoutOnDelete`, the owning gateway logs out and wipes the credentials, then
+/// marks the session cleaned; the operator removes the finalizer. If no gateway answers within
+/// the cleanup timeout (or the shard is gone), the operator wipes the credentials itself and
+/// records an Event.
+async fn finalize(
+    api: &Api<WhatsappSession>,
+    session: &WhatsappSession,
+    members: &crate::membership::Membership,
+    settings: &PlacementSettings,
+) -> Result<()> {
+    let name = session.name_any();
+    let namespace = session.namespace().unwrap_or_default();
+    let ns_api: Api<WhatsappSession> = Api::namespaced(api.clone().into_client(), &namespace);
+    let cleaned = annotation(session, CLEANED_ANNOTATION).is_some();
+    let shard = session.labels().get(SHARD_LABEL).cloned();
+    let shard_alive = shard
+        .as_ref()
+        .is_some_and(|s| members.live.contains(s) || members.draining.contains(s));
+    let waited = session
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| {
+            Duration::from_millis(
+                (chrono::Utc::now().timestamp_millis() - t.0.as_millisecond()).max(0) as u64,
+            )
+        })
+        .unwrap_or_default();
+    let done = if !session.spec.logout_on_delete || cleaned {
+        true
+    } else if !shard_alive || waited >= settings.cleanup_timeout {
+        let id = session.session_id();
+        let wiped = match &settings.redis {
+            Some(redis) => wipe_session(redis, &id).await,
+            None => Err("no Redis configured for the operator".to_string()),
+        };
+        let (reason, note) = match &wiped {
+            Ok(keys) => (
+                "CredentialsWipedByOperator",
+                format!(
+                    "no gateway cleaned up in time; the operator deleted {keys} Redis keys of the session"
+                ),
+            ),
+            Err(err) => (
+                "CredentialsNotWiped",
+                format!(
+                    "no gateway cleaned up and the operator could not wipe the credentials: {err}"
+                ),
+            ),
+        };
+        tracing::warn!(session = %name, reason, note = %note, "finalizing without the gateway");
+        if let Some(recorder) = &settings.recorder {
+            let event = kube::runtime::events::Event {
+                type_: kube::runtime::events::EventType::Warning,
+                reason: reason.into(),
+                note: Some(note),
+                action: "Finalize".into(),
+                secondary: None,
+            };
+            if let Err(err) = recorder
+                .publish(&event, &kube::Resource::object_ref(session, &()))
+                .await
+            {
+                tracing::warn!(%err, "could not record the Event");
+            }
+        }
+        true
+    } else {
+        false
+    };
+    if done {
+        let finalizers: Vec<String> = session
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
+        let patch = serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": session.resource_version()}});
+        ns_api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        tracing::info!(session = %name, "finalizer removed");
+    }
+    Ok(())
+}
+
+/// Deletes every Redis key of a session (`wa:{id}:*`); returns how many.
+pub async fn wipe_session(
+    redis: &fred::clients::Client,
+    session_id: &str,
+) -> std::result::Result<usize, String> {
+    use fred::prelude::*;
+    use fred::types::scan::Scanner;
+    use futures::TryStreamExt;
+    let mut keys: Vec<String> = Vec::new();
+    let mut scan = redis.scan(crds::session_key_pattern(session_id), Some(100), None);
+    while let Some(mut page) = scan.try_next().await.map_err(|e| e.to_string())? {
+        if let Some(found) = page.take_results() {
+            keys.extend(found.into_iter().filter_map(|k| k.into_string()));
+        }
+    }
+    if !keys.is_empty() {
+        let _: i64 = redis.del(keys.clone()).await.map_err(|e| e.to_string())?;
+    }
+    Ok(keys.len())
 }

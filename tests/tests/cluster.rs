@@ -10,7 +10,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{CustomResourceExt, ResourceExt};
 use test_support::gateway::GatewayProcess;
-use test_support::{ControlPlane, wait_until};
+use test_support::{ControlPlane, RedisServer, wait_until};
 
 const NS: &str = "wa-e2e";
 const RELEASE: &str = "wa";
@@ -42,7 +42,7 @@ async fn setup(client: &kube::Client) {
     let _ = ns.create(&PostParams::default(), &obj).await;
 }
 
-async fn start_gateway(plane: &ControlPlane, ordinal: u32) -> GatewayProcess {
+async fn start_gateway(plane: &ControlPlane, redis: &RedisServer, ordinal: u32) -> GatewayProcess {
     let kubeconfig = plane.kubeconfig_path().display().to_string();
     let pod = format!("{RELEASE}-gateway-{ordinal}");
     GatewayProcess::start(
@@ -60,6 +60,7 @@ async fn start_gateway(plane: &ControlPlane, ordinal: u32) -> GatewayProcess {
             ("POD_NAME", &pod),
             ("POD_NAMESPACE", NS),
             ("WA_RELEASE", RELEASE),
+            ("WA_REDIS_URL", &redis.url()),
         ],
     )
     .await
@@ -128,6 +129,7 @@ fn loads(placed: &HashMap<String, String>) -> HashMap<String, usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drain() {
     let plane = ControlPlane::start().await.unwrap();
+    let redis = RedisServer::start().await.unwrap();
     let client = plane.client().await.unwrap();
     setup(&client).await;
     let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
@@ -145,7 +147,7 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
     .unwrap();
     let mut gateways: Vec<Option<GatewayProcess>> = Vec::new();
     for k in 0..3 {
-        gateways.push(Some(start_gateway(&plane, k).await));
+        gateways.push(Some(start_gateway(&plane, &redis, k).await));
     }
 
     let total = 300;
@@ -171,7 +173,7 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
     );
 
     // kill -9 shard 1: its sessions are Connected on the others within 30 s.
-    let mut victim = gateways[1].take().unwrap();
+    let victim = gateways[1].take().unwrap();
     victim.child.signal("KILL").unwrap();
     let started = std::time::Instant::now();
     let after_kill = wait_connected_on(&api, total, &["0", "2"], 30).await;
@@ -186,7 +188,7 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
     assert_eq!(needless, 0, "sessions on live shards stay put");
 
     // A new shard (ordinal 3): about a quarter moves through the drain handoff.
-    gateways.push(Some(start_gateway(&plane, 3).await));
+    gateways.push(Some(start_gateway(&plane, &redis, 3).await));
     let scaled = wait_until("shard 3 filled", Duration::from_secs(90), || {
         let api = api.clone();
         async move {
@@ -242,4 +244,37 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
         status.1.log()
     );
     wait_connected_on(&api, total, &["0", "2"], 30).await;
+
+    // Delete a session: its gateway logs out and wipes its Redis keys, the finalizer goes, and so
+    // does the resource.
+    let client_redis = gateway::redis::connect(&redis.url()).await.unwrap();
+    let id = "s-007";
+    let _: () = fred::prelude::KeysInterface::set(
+        &client_redis,
+        format!("wa:{{{id}}}:creds"),
+        "paired",
+        None,
+        None,
+        false,
+    )
+    .await
+    .unwrap();
+    api.delete(id, &Default::default()).await.unwrap();
+    wait_until("deleted session gone", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            match api.get_opt(id).await {
+                Ok(None) => Ok(()),
+                Ok(Some(s)) => Err(format!("still there, finalizers {:?}", s.finalizers())),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let left: Option<String> =
+        fred::prelude::KeysInterface::get(&client_redis, format!("wa:{{{id}}}:creds"))
+            .await
+            .unwrap();
+    assert_eq!(left, None, "credentials wiped");
 }

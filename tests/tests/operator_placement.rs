@@ -164,6 +164,9 @@ async fn sessions_spread_over_shards_within_cap_and_move_only_what_must() {
         epsilon: 0.25,
         resync: Duration::from_millis(500),
         debounce: Duration::from_millis(200),
+        cleanup_timeout: Duration::from_secs(30),
+        redis: None,
+        recorder: None,
     };
     let placement = tokio::spawn(operator::placement::run(
         client.clone(),

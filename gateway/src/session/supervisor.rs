@@ -511,14 +511,24 @@ impl<D: SessionDriver> Supervisor<D> {
     pub async fn drain<F: Future<Output = ()>>(&self, grace: Duration, flush: F) {
         let deadline = Instant::now() + grace;
         let workers = self.take_slots(DRAIN);
-        let leases: Vec<Lease> =
-            match tokio::time::timeout_at(deadline, futures::future::join_all(workers)).await {
-                Ok(ended) => ended.into_iter().filter_map(|r| r.ok().flatten()).collect(),
-                Err(_) => {
-                    tracing::warn!("drain: some sessions did not stop in time");
-                    Vec::new()
-                }
-            };
+        let ended = futures::future::join_all(
+            workers
+                .into_iter()
+                .map(|worker| tokio::time::timeout_at(deadline, worker)),
+        )
+        .await;
+        let mut leases = Vec::with_capacity(ended.len());
+        let mut late = 0;
+        for result in ended {
+            match result {
+                Ok(Ok(Some(lease))) => leases.push(lease),
+                Ok(_) => {}
+                Err(_) => late += 1,
+            }
+        }
+        if late > 0 {
+            tracing::warn!(sessions = late, "drain: some sessions did not stop in time");
+        }
         let downstream = self.shared.downstream.lock().expect("downstream").take();
         drop(downstream);
         self.shared.close_gate(deadline).await;
@@ -710,7 +720,8 @@ async fn worker<D: SessionDriver>(
                 }
             }
         }
-        let Some(current) = lease.clone() else {
+        // A slow answer may leave nothing of the lease; the loop top books the loss.
+        let Some(current) = lease.clone().filter(Lease::is_usable) else {
             continue;
         };
         let started = match shared.gate_sink() {
