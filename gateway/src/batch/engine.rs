@@ -31,6 +31,8 @@ struct Stream {
     tick: Option<Tick>,
     /// Something arrived while a request was in flight: the next flush is a coalesced one.
     arrived_while_busy: bool,
+    /// When the last request of this stream started (adaptive status spacing).
+    last_flush: Option<Instant>,
 }
 
 struct Tick {
@@ -180,6 +182,7 @@ impl<S: BatchSink> Batcher<S> {
                     tick.due = false;
                 }
                 stream.arrived_while_busy = false;
+                stream.last_flush = Some(now);
                 if items.is_empty() {
                     // Everything taken had expired.
                     continue;
@@ -236,6 +239,9 @@ impl<S: BatchSink> Batcher<S> {
                 if stream.queue.earliest_deadline().is_none_or(|at| at > now) {
                     return None;
                 }
+                if self.spacing_until(stream).is_some_and(|at| at > now) {
+                    return None;
+                }
                 Some(if stream.lane == Lane::Qr {
                     FlushReason::Deadline
                 } else if !stream.queue.has_high() {
@@ -285,13 +291,30 @@ impl<S: BatchSink> Batcher<S> {
                 // A busy stream is woken by its delivery completing, not by the clock.
                 let deadline = (stream.in_flight < stream.max_in_flight && stream.queue.live() > 0)
                     .then(|| stream.queue.earliest_deadline())
-                    .flatten();
+                    .flatten()
+                    .map(|at| {
+                        self.spacing_until(stream)
+                            .map_or(at, |spaced| at.max(spaced))
+                    });
                 match (tick, deadline) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 }
             })
             .min()
+    }
+
+    /// Adaptive status streams wait this long after their last request started.
+    fn spacing_until(&self, stream: &Stream) -> Option<Instant> {
+        if self.config.policy != BatchPolicy::Adaptive
+            || stream.lane == Lane::Qr
+            || self.shutting_down
+        {
+            return None;
+        }
+        stream
+            .last_flush
+            .map(|at| at + self.config.high_min_spacing)
     }
 
     fn is_empty(&self) -> bool {
@@ -339,6 +362,7 @@ fn build_streams(config: &BatchConfig, now: Instant) -> Vec<Stream> {
                 due: false,
             }),
             arrived_while_busy: false,
+            last_flush: None,
         };
     match config.policy {
         BatchPolicy::Seed => vec![

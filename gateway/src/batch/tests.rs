@@ -170,6 +170,42 @@ async fn adaptive_sends_lone_high_status_immediately() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn adaptive_spaces_status_requests_on_a_busy_lane() {
+    let config = BatchConfig::adaptive();
+    let spacing = config.high_min_spacing;
+    let (sink, handle, task) = start(config);
+    // A quick backend: nothing stays in flight, only the spacing holds requests back.
+    for i in 0..10 {
+        handle
+            .submit(high(&format!("s{i}"), SessionStatus::Inactive))
+            .await
+            .unwrap();
+        sleep(10 * MS).await;
+    }
+    sleep(Duration::from_secs(1)).await;
+    let batches = sink.batches();
+    assert_eq!(batches[0].0, Duration::ZERO, "a quiet lane sends at once");
+    assert_eq!(batches[0].1.items.len(), 1);
+    for pair in batches.windows(2) {
+        assert!(
+            pair[1].0 - pair[0].0 >= spacing,
+            "requests at least {spacing:?} apart: {batches:?}"
+        );
+    }
+    assert_eq!(
+        batches.iter().map(|b| b.1.items.len()).sum::<usize>(),
+        10,
+        "nothing lost"
+    );
+    assert!(
+        batches.len() <= 3,
+        "10 events in 100 ms take at most 3 requests: {}",
+        batches.len()
+    );
+    task.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn adaptive_coalesces_high_status_while_in_flight() {
     let (sink, handle, task) = start(BatchConfig::adaptive());
     sink.set_delay(Lane::StatusHigh, 100 * MS);

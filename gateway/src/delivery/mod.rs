@@ -581,10 +581,25 @@ impl Delivery {
 
 impl BatchSink for Delivery {
     async fn deliver(&self, batch: Batch) {
-        match WireBatch::render(&batch, self.inner.settings.qr_format) {
+        let lane = batch.lane;
+        let format = self.inner.settings.qr_format;
+        // PNG rendering is CPU work (about a millisecond per code): keep it off the async workers
+        // so a large QR batch cannot stall the status lane or the HTTP server.
+        let rendered = if lane == crate::batch::Lane::Qr && format == QrFormat::Png {
+            match tokio::task::spawn_blocking(move || WireBatch::render(&batch, format)).await {
+                Ok(result) => result,
+                Err(err) => {
+                    tracing::error!(%err, "QR rendering task failed; the batch is dropped");
+                    return;
+                }
+            }
+        } else {
+            WireBatch::render(&batch, format)
+        };
+        match rendered {
             Ok(wire) => self.deliver_wire(wire).await,
             Err(err) => {
-                tracing::error!(%err, lane = batch.lane.as_str(), "could not render a batch; it is dropped")
+                tracing::error!(%err, lane = lane.as_str(), "could not render a batch; it is dropped")
             }
         }
     }
