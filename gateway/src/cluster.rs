@@ -8,8 +8,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{Pipeline, SHUTDOWN_GRACE, SessionStates, init_logging};
 use crate::config::ClusterArgs;
-use crate::session::sim::{SimConfig, SimDriver};
-use crate::session::supervisor::Supervisor;
+use crate::session::credentials::RestoringSim;
+use crate::session::ownership::LeaseConfig;
+use crate::session::sim::SimConfig;
+use crate::session::supervisor::{Supervisor, SupervisorConfig, SupervisorOptions};
 use crate::shard::{ShardSettings, shard_of_pod};
 use crate::{Error, Result};
 
@@ -49,16 +51,31 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
     let mut registry = crate::metrics::new_registry();
     let pipeline = Pipeline::start(&settings, redis.clone(), &mut registry, None).await?;
     let states: Arc<SessionStates> = pipeline.states.clone();
-    let driver = Arc::new(
-        SimDriver::new(SimConfig {
-            seed: args.sim_seed,
-            mean_connected: Duration::from_secs(args.sim_mean_connected_s.max(1)),
-            unpaired_share: args.sim_unpaired_share,
-            ..SimConfig::default()
-        })
-        .map_err(|e| Error::config("--sim-* / WA_SIM_*", e.to_string()))?,
+    // A session runs only while this gateway holds its Redis lock (fencing token): a shard that
+    // lost its Lease but still runs cannot drive an account another shard took over.
+    let options = SupervisorOptions::new(
+        redis.as_ref(),
+        &settings.identity,
+        LeaseConfig::new(settings.lock_ttl),
+        SupervisorConfig {
+            max_connect_attempts: settings.max_connect_attempts,
+            ..SupervisorConfig::default()
+        },
+        &mut registry,
     );
-    let supervisor = Arc::new(Supervisor::new(driver, pipeline.event_sink()));
+    let sim_config = SimConfig {
+        seed: args.sim_seed,
+        mean_connected: Duration::from_secs(args.sim_mean_connected_s.max(1)),
+        unpaired_share: args.sim_unpaired_share,
+        ..SimConfig::default()
+    };
+    let driver = RestoringSim::new(sim_config, options.credentials.clone())
+        .map_err(|e| Error::config("--sim-* / WA_SIM_*", e.to_string()))?;
+    let supervisor = Arc::new(Supervisor::with_options(
+        Arc::new(driver),
+        pipeline.event_sink(),
+        options,
+    ));
 
     let redis_for_shard = redis.clone();
     let http_state = crate::http::HttpState {
@@ -85,7 +102,15 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
             shutdown.cancel();
         });
     }
-    crate::shard::run(client, redis_for_shard, shard_settings, supervisor, states, shutdown).await?;
+    crate::shard::run(
+        client,
+        redis_for_shard,
+        shard_settings,
+        supervisor,
+        states,
+        shutdown,
+    )
+    .await?;
     pipeline.shutdown(Vec::new(), SHUTDOWN_GRACE).await;
     stop_http.cancel();
     let _ = server.await;

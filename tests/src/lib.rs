@@ -6,6 +6,7 @@
 
 pub mod control_plane;
 pub mod gateway;
+pub mod history;
 pub mod process;
 pub mod receiver;
 pub mod redis;

@@ -54,6 +54,8 @@ async fn start_gateway(plane: &ControlPlane, redis: &RedisServer, ordinal: u32) 
             "1000",
             "--sim-seed",
             &ordinal.to_string(),
+            "--lock-ttl-ms",
+            "3000",
         ],
         &[
             ("KUBECONFIG", &kubeconfig),
@@ -175,6 +177,7 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
     // kill -9 shard 1: its sessions are Connected on the others within 30 s.
     let victim = gateways[1].take().unwrap();
     victim.child.signal("KILL").unwrap();
+    let killed_at = test_support::receiver::unix_ms();
     let started = std::time::Instant::now();
     let after_kill = wait_connected_on(&api, total, &["0", "2"], 30).await;
     eprintln!(
@@ -244,6 +247,17 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
         status.1.log()
     );
     wait_connected_on(&api, total, &["0", "2"], 30).await;
+
+    // Through the kill, the scale-up and the drain, no session ever had two owners at once.
+    let history = gateway::session::ownership::read_history(
+        &gateway::redis::connect(&redis.url()).await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let dead = HashMap::from([(format!("{RELEASE}-gateway-1"), killed_at)]);
+    let dead: HashMap<&str, i64> = dead.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let handovers = test_support::history::assert_no_overlap(&history, &dead);
+    assert!(handovers >= total / 4, "handovers checked: {handovers}");
 
     // Delete a session: its gateway logs out and wipes its Redis keys, the finalizer goes, and so
     // does the resource.

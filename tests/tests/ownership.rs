@@ -8,7 +8,7 @@
 //! stopped being usable (from then on its gate lets nothing out). Tokens come from the per-session
 //! fence, so they order the owners; consecutive owners' intervals must not overlap.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use fred::prelude::*;
@@ -19,6 +19,7 @@ use gateway::session::ownership::{
     Acquired, HistoryEntry, HistoryEvent, LockStore, RedisLockStore, fence_key, read_history,
 };
 use test_support::gateway::GatewayProcess;
+use test_support::history::assert_no_overlap;
 use test_support::receiver::{Receiver, unix_ms};
 use test_support::{RedisServer, wait_until};
 
@@ -95,75 +96,6 @@ async fn wait_running(gw: &GatewayProcess, what: &str, check: impl Fn(u64) -> bo
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-/// One owner's hold on a session: [start, end] in unix ms; `end` is None while it still holds it.
-#[derive(Debug, Clone)]
-struct Tenure {
-    owner: String,
-    start: i64,
-    end: Option<i64>,
-}
-
-/// Per session, the tenures ordered by token.
-fn tenures(history: &[HistoryEntry]) -> HashMap<String, BTreeMap<u64, Tenure>> {
-    let mut out: HashMap<String, BTreeMap<u64, Tenure>> = HashMap::new();
-    for entry in history {
-        let tenure = out
-            .entry(entry.session_id.clone())
-            .or_default()
-            .entry(entry.token)
-            .or_insert_with(|| Tenure {
-                owner: entry.owner.clone(),
-                start: i64::MAX,
-                end: None,
-            });
-        assert_eq!(tenure.owner, entry.owner, "one owner per token: {entry:?}");
-        match entry.event {
-            HistoryEvent::Acquire => tenure.start = entry.at_ms,
-            HistoryEvent::Release | HistoryEvent::Lost => {
-                assert!(tenure.end.is_none(), "ended twice: {entry:?}");
-                tenure.end = Some(entry.at_ms);
-            }
-        }
-    }
-    out
-}
-
-/// Asserts that no two owners of a session overlap. `dead` closes the open tenures of killed
-/// gateways at the time they were known dead. Returns the number of handovers checked.
-fn assert_no_overlap(history: &[HistoryEntry], dead: &HashMap<&str, i64>) -> usize {
-    let mut handovers = 0;
-    for (session, by_token) in tenures(history) {
-        let list: Vec<(u64, Tenure)> = by_token.into_iter().collect();
-        for (token, tenure) in &list {
-            assert!(
-                tenure.start != i64::MAX,
-                "{session} token {token}: no acquire"
-            );
-        }
-        for pair in list.windows(2) {
-            let ((t1, first), (t2, next)) = (&pair[0], &pair[1]);
-            let end = first
-                .end
-                .or_else(|| dead.get(first.owner.as_str()).copied())
-                .unwrap_or_else(|| {
-                    panic!(
-                        "{session}: token {t1} ({}) never ended, yet token {t2} ({}) started",
-                        first.owner, next.owner
-                    )
-                });
-            assert!(
-                end <= next.start,
-                "{session}: {} (token {t1}) held it until {end}, {} (token {t2}) from {}",
-                first.owner,
-                next.owner,
-                next.start
-            );
-            handovers += 1;
-        }
-    }
-    handovers
 }
 
 /// Sessions whose credentials say paired, with who wrote them.
