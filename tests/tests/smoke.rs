@@ -192,6 +192,48 @@ async fn kubectl_apply_of_the_examples_works() {
         out.contains("whatsappsession.whatsapp.gateway.dev/sales-line"),
         "{out}"
     );
+    // Unknown fields: kubectl's (default) strict server-side field validation rejects them and
+    // names the field, instead of silently pruning it.
+    let bad = plane.dir().join("unknown-field.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: whatsapp.gateway.dev/v1alpha1\nkind: WhatsappSession\nmetadata:\n  name: typo\nspec:\n  logoutOnDelet: false\n",
+    )
+    .unwrap();
+    let err = plane
+        .kubectl(&[
+            "apply",
+            "-n",
+            "smoke-kubectl",
+            "-f",
+            &bad.display().to_string(),
+        ])
+        .expect_err("unknown field is rejected");
+    assert!(
+        err.to_string().contains("unknown field") && err.to_string().contains("logoutOnDelet"),
+        "{err}"
+    );
+    // Missing required fields inside an object: a webhook without its url.
+    let bad = plane.dir().join("missing-field.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: whatsapp.gateway.dev/v1alpha1\nkind: WhatsappSession\nmetadata:\n  name: nourl\nspec:\n  webhook:\n    secretRef: {name: s, key: k}\n",
+    )
+    .unwrap();
+    let err = plane
+        .kubectl(&[
+            "apply",
+            "-n",
+            "smoke-kubectl",
+            "-f",
+            &bad.display().to_string(),
+        ])
+        .expect_err("webhook without url is rejected");
+    assert!(
+        err.to_string().contains("spec.webhook.url") && err.to_string().contains("Required"),
+        "{err}"
+    );
+
     let table = plane
         .kubectl(&["get", "wasession", "-n", "smoke-kubectl"])
         .unwrap();
