@@ -211,7 +211,8 @@ impl Default for BatchConfig {
 }
 
 impl BatchConfig {
-    /// Adaptive defaults: QR waits at most 800 ms so p99 event-to-backend stays under 1 s, and
+    /// Adaptive defaults: QR waits at most 600 ms so p99 event-to-backend (wait, PNG rendering,
+    /// request) stays under 1 s, and
     /// batches of up to 500 items so it sends fewer requests than the seed's 50.
     pub fn adaptive() -> Self {
         BatchConfig {
@@ -226,7 +227,7 @@ impl BatchConfig {
             high_linger: Duration::ZERO,
             high_min_spacing: Duration::from_millis(75),
             normal_max_delay: Duration::from_secs(1),
-            qr_max_delay: Duration::from_millis(800),
+            qr_max_delay: Duration::from_millis(600),
             qr_validity_fraction: 0.25,
         }
     }

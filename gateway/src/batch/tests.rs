@@ -361,7 +361,7 @@ async fn adaptive_qr_flushes_at_deadline() {
     sleep(Duration::from_secs(2)).await;
     let batches = sink.batches();
     assert_eq!(batches.len(), 1);
-    assert_eq!(batches[0].0, 800 * MS);
+    assert_eq!(batches[0].0, BatchConfig::adaptive().qr_max_delay);
     assert_eq!(batches[0].1.items.len(), 2);
     assert_eq!(batches[0].1.reason, FlushReason::Deadline);
     task.shutdown().await;
@@ -370,7 +370,7 @@ async fn adaptive_qr_flushes_at_deadline() {
 #[tokio::test(start_paused = true)]
 async fn adaptive_qr_is_not_held_past_share_of_validity() {
     let (sink, handle, task) = start(BatchConfig::adaptive());
-    // 25% of 400 ms is 100 ms, sooner than the 800 ms maximum delay.
+    // 25% of 400 ms is 100 ms, sooner than the maximum delay.
     handle.submit(qr("a", 1, 400 * MS)).await.unwrap();
     sleep(Duration::from_secs(1)).await;
     let batches = sink.batches();
@@ -415,7 +415,7 @@ async fn newer_qr_replaces_unsent_older_and_keeps_its_deadline() {
     sleep(Duration::from_secs(2)).await;
     let batches = sink.batches();
     assert_eq!(batches.len(), 1);
-    assert_eq!(batches[0].0, 800 * MS);
+    assert_eq!(batches[0].0, BatchConfig::adaptive().qr_max_delay);
     assert_eq!(batches[0].1.items.len(), 1);
     assert_eq!(qr_seq(&batches[0].1.items[0]), 2);
     assert_eq!(task.stats().superseded(Lane::Qr), 1);
