@@ -5,6 +5,8 @@ pub mod credentials;
 pub mod ownership;
 pub mod sim;
 pub mod supervisor;
+#[cfg(feature = "whatsapp")]
+pub mod whatsapp;
 
 use std::future::Future;
 use std::pin::Pin;

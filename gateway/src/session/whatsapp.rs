@@ -1,0 +1,499 @@
+//! The `whatsapp` driver: real WhatsApp sessions on `whatsapp-rust` 0.7.
+//!
+//! One [`Bot`] per running session, built anew on every start: 0.7.0 leaves a dead connection
+//! when a running client is disconnected and connected again (see the crate notes), so a restart
+//! never reuses a client. The client's events are mapped onto the gateway's by [`EventMapper`]:
+//!
+//! | client event | gateway event |
+//! |---|---|
+//! | `PairingQrCode { code, timeout }` | `qr_pending` (on the first code of a cycle), then a QR (`seq` = rotation number, valid for `timeout`) |
+//! | `PairSuccess`, `Connected` | high-priority `active` |
+//! | `Disconnected` | high-priority `inactive`, reason `disconnected: ...` |
+//! | `StreamReplaced` | high-priority `inactive`, reason `stream_replaced` |
+//! | `LoggedOut` | high-priority `logged_out`, reason `logged_out: ...` |
+//! | `PairingQrCodesExhausted` | high-priority `inactive`, reason `qr_exhausted` |
+//! | `TemporaryBan` | high-priority `banned`, reason `temporary_ban: ...` |
+//! | `ConnectFailure`, `PairError`, `ClientOutdated` | high-priority `inactive` with a reason |
+//!
+//! There is no "connecting" event in the client: the driver reports `connecting` itself when it
+//! starts a bot.
+//!
+//! Storage is a fresh [`InMemoryBackend`] per start for now, so a restarted session has to be
+//! paired again; a Redis backend (issue 5) will make credentials survive restarts and moves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use whatsapp_rust::bot::{Bot, BotHandle};
+use whatsapp_rust::transport::TokioWebSocketTransportFactory;
+use whatsapp_rust::wacore::store::InMemoryBackend;
+use whatsapp_rust::wacore::types::events::{Event, EventHandler, EventInterest, EventKind};
+
+use super::{DriverError, EventSink, RunningSession, SessionDriver, StopSignal};
+use crate::events::{GatewayEvent, Priority, QrEvent, SessionStatus, StatusEvent};
+
+/// How the driver reaches WhatsApp.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WhatsappConfig {
+    /// WebSocket URL of the chat server; `None` is WhatsApp's own. Tests point it at the fake
+    /// server in `tests/` (which needs the `fake-server-tests` feature).
+    pub ws_url: Option<String>,
+    /// Client version to announce; `None` fetches the current one over HTTP at each start.
+    pub version: Option<(u32, u32, u32)>,
+    /// How long a stop waits for the client to flush and disconnect before aborting it.
+    pub shutdown_timeout: Duration,
+}
+
+impl WhatsappConfig {
+    /// WhatsApp's own server, with the current client version fetched at start.
+    pub fn production() -> Self {
+        WhatsappConfig {
+            ws_url: None,
+            version: None,
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), DriverError> {
+        if let Some(url) = &self.ws_url
+            && !(url.starts_with("ws://") || url.starts_with("wss://"))
+        {
+            return Err(DriverError::InvalidConfig {
+                field: "ws_url",
+                reason: format!("must be a ws:// or wss:// URL, got {url:?}"),
+            });
+        }
+        if self.shutdown_timeout.is_zero() {
+            return Err(DriverError::InvalidConfig {
+                field: "shutdown_timeout",
+                reason: "must be longer than zero".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Runs sessions on `whatsapp-rust`. Cheap to share.
+#[derive(Debug)]
+pub struct WhatsappDriver {
+    config: Arc<WhatsappConfig>,
+}
+
+impl WhatsappDriver {
+    pub fn new(config: WhatsappConfig) -> Result<Self, DriverError> {
+        config.validate()?;
+        Ok(WhatsappDriver {
+            config: Arc::new(config),
+        })
+    }
+
+    pub fn config(&self) -> &WhatsappConfig {
+        &self.config
+    }
+}
+
+impl SessionDriver for WhatsappDriver {
+    async fn start(
+        &self,
+        session_id: &str,
+        events: EventSink,
+    ) -> Result<RunningSession, DriverError> {
+        let session_id = session_id.to_owned();
+        let config = Arc::clone(&self.config);
+        events
+            .emit(StatusEvent::new(
+                &session_id,
+                SessionStatus::Connecting,
+                Priority::Normal,
+                None,
+            ))
+            .await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let bot = build_bot(&config, tx)
+            .await
+            .map_err(|reason| DriverError::StartFailed {
+                session_id: session_id.clone(),
+                reason,
+            })?;
+        let handle = bot.spawn();
+        let task_id = session_id.clone();
+        Ok(RunningSession::spawn(session_id, move |stop| {
+            run_session(task_id, config, handle, rx, events, stop)
+        }))
+    }
+}
+
+async fn build_bot(
+    config: &WhatsappConfig,
+    signals: mpsc::UnboundedSender<Signal>,
+) -> Result<Bot, String> {
+    let mut transport = TokioWebSocketTransportFactory::new();
+    if let Some(url) = &config.ws_url {
+        transport = transport.with_url(url.clone());
+    }
+    let mut builder = Bot::builder()
+        .with_backend(InMemoryBackend::new())
+        .with_transport_factory(transport)
+        .with_event_handler(Forward { signals });
+    if let Some(version) = config.version {
+        builder = builder.with_version(version);
+    }
+    builder.build().await.map_err(|err| err.to_string())
+}
+
+/// Runs inline on the client's dispatch path, so signals keep the client's event order.
+struct Forward {
+    signals: mpsc::UnboundedSender<Signal>,
+}
+
+impl EventHandler for Forward {
+    fn handle_event(&self, event: Arc<Event>) {
+        if let Some(signal) = Signal::from_event(&event) {
+            // The session task may be gone already; then nobody cares.
+            let _ = self.signals.send(signal);
+        }
+    }
+
+    fn interest(&self) -> EventInterest {
+        EventInterest::of(&[
+            EventKind::PairingQrCode,
+            EventKind::PairingQrCodesExhausted,
+            EventKind::PairSuccess,
+            EventKind::PairError,
+            EventKind::Connected,
+            EventKind::Disconnected,
+            EventKind::LoggedOut,
+            EventKind::StreamReplaced,
+            EventKind::TemporaryBan,
+            EventKind::ConnectFailure,
+            EventKind::ClientOutdated,
+        ])
+    }
+}
+
+async fn run_session(
+    session_id: String,
+    config: Arc<WhatsappConfig>,
+    mut handle: BotHandle,
+    mut signals: mpsc::UnboundedReceiver<Signal>,
+    events: EventSink,
+    mut stop: StopSignal,
+) {
+    let mut mapper = EventMapper::new(session_id.clone());
+    let stopped = 'run: loop {
+        tokio::select! {
+            biased;
+            () = &mut stop => break true,
+            signal = signals.recv() => {
+                let Some(signal) = signal else { break false };
+                for event in mapper.map(signal) {
+                    if events.emit(event).await.is_err() {
+                        // The gateway is gone: nobody to report to, so stop the client.
+                        break 'run true;
+                    }
+                }
+            }
+            () = &mut handle => break false,
+        }
+    };
+    if stopped {
+        let client = handle.client();
+        if tokio::time::timeout(config.shutdown_timeout, client.disconnect())
+            .await
+            .is_err()
+        {
+            tracing::warn!(%session_id, "whatsapp client did not disconnect in time; aborting it");
+        }
+        handle.abort();
+        return;
+    }
+    // The client ended by itself (logout, exhausted QR codes, ...): report what it said last.
+    while let Ok(signal) = signals.try_recv() {
+        for event in mapper.map(signal) {
+            let _ = events.emit(event).await;
+        }
+    }
+    if let Some(event) = mapper.client_stopped() {
+        let _ = events.emit(event).await;
+    }
+}
+
+/// What the driver takes from one client event: the parts the gateway reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    Qr { code: String, timeout: Duration },
+    QrExhausted,
+    Paired,
+    PairError(String),
+    Connected,
+    Disconnected(String),
+    LoggedOut(String),
+    StreamReplaced,
+    TemporaryBan(String),
+    ConnectFailure(String),
+    ClientOutdated,
+}
+
+impl Signal {
+    pub fn from_event(event: &Event) -> Option<Signal> {
+        Some(match event {
+            Event::PairingQrCode(qr) => Signal::Qr {
+                code: qr.code.clone(),
+                timeout: qr.timeout,
+            },
+            Event::PairingQrCodesExhausted(_) => Signal::QrExhausted,
+            Event::PairSuccess(_) => Signal::Paired,
+            Event::PairError(err) => Signal::PairError(err.error.clone()),
+            Event::Connected(_) => Signal::Connected,
+            Event::Disconnected(disconnected) => {
+                Signal::Disconnected(disconnected.reason.to_string())
+            }
+            Event::LoggedOut(logged_out) => Signal::LoggedOut(format!("{:?}", logged_out.reason)),
+            Event::StreamReplaced(_) => Signal::StreamReplaced,
+            Event::TemporaryBan(ban) => {
+                Signal::TemporaryBan(format!("{} for {}s", ban.code, ban.expire.num_seconds()))
+            }
+            Event::ConnectFailure(failure) => {
+                Signal::ConnectFailure(format!("{:?}", failure.reason))
+            }
+            Event::ClientOutdated(_) => Signal::ClientOutdated,
+            _ => return None,
+        })
+    }
+}
+
+/// Turns a session's [`Signal`]s into gateway events: numbers QR rotations within a pairing
+/// cycle and reports `qr_pending` once per cycle.
+#[derive(Debug)]
+pub struct EventMapper {
+    session_id: String,
+    /// QR codes shown in the current pairing cycle.
+    qr_seq: u32,
+    /// The last status reported.
+    status: SessionStatus,
+}
+
+impl EventMapper {
+    pub fn new(session_id: impl Into<String>) -> Self {
+        EventMapper {
+            session_id: session_id.into(),
+            qr_seq: 0,
+            status: SessionStatus::Connecting,
+        }
+    }
+
+    pub fn status(&self) -> SessionStatus {
+        self.status
+    }
+
+    pub fn map(&mut self, signal: Signal) -> Vec<GatewayEvent> {
+        let (status, reason) = match signal {
+            Signal::Qr { code, timeout } => {
+                let mut events = Vec::with_capacity(2);
+                if self.status != SessionStatus::QrPending {
+                    self.qr_seq = 0;
+                    events.push(self.status_event(
+                        SessionStatus::QrPending,
+                        Priority::Normal,
+                        None,
+                    ));
+                }
+                self.qr_seq += 1;
+                events.push(QrEvent::new(&self.session_id, code, self.qr_seq, timeout).into());
+                return events;
+            }
+            Signal::Paired | Signal::Connected => {
+                if self.status == SessionStatus::Active {
+                    return Vec::new();
+                }
+                (SessionStatus::Active, None)
+            }
+            Signal::QrExhausted => (SessionStatus::Inactive, Some("qr_exhausted".to_owned())),
+            Signal::PairError(err) => (SessionStatus::Inactive, Some(format!("pair_error: {err}"))),
+            Signal::Disconnected(reason) => (
+                SessionStatus::Inactive,
+                Some(format!("disconnected: {reason}")),
+            ),
+            Signal::StreamReplaced => (SessionStatus::Inactive, Some("stream_replaced".to_owned())),
+            Signal::LoggedOut(reason) => (
+                SessionStatus::LoggedOut,
+                Some(format!("logged_out: {reason}")),
+            ),
+            Signal::TemporaryBan(reason) => (
+                SessionStatus::Banned,
+                Some(format!("temporary_ban: {reason}")),
+            ),
+            Signal::ConnectFailure(reason) => (
+                SessionStatus::Inactive,
+                Some(format!("connect_failure: {reason}")),
+            ),
+            Signal::ClientOutdated => (SessionStatus::Inactive, Some("client_outdated".to_owned())),
+        };
+        vec![self.status_event(status, Priority::High, reason)]
+    }
+
+    /// The final status when the client ended by itself without one.
+    pub fn client_stopped(&mut self) -> Option<GatewayEvent> {
+        match self.status {
+            SessionStatus::Active | SessionStatus::Connecting | SessionStatus::QrPending => {
+                Some(self.status_event(
+                    SessionStatus::Inactive,
+                    Priority::High,
+                    Some("client_stopped".to_owned()),
+                ))
+            }
+            SessionStatus::Inactive | SessionStatus::LoggedOut | SessionStatus::Banned => None,
+        }
+    }
+
+    fn status_event(
+        &mut self,
+        status: SessionStatus,
+        priority: Priority,
+        reason: Option<String>,
+    ) -> GatewayEvent {
+        self.status = status;
+        StatusEvent::new(&self.session_id, status, priority, reason).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn statuses(events: &[GatewayEvent]) -> Vec<(SessionStatus, Priority, Option<String>)> {
+        events
+            .iter()
+            .filter_map(|event| match event {
+                GatewayEvent::Status(s) => Some((s.status, s.priority, s.reason.clone())),
+                GatewayEvent::Qr(_) => None,
+            })
+            .collect()
+    }
+
+    fn qr(n: u32, secs: u64) -> Signal {
+        Signal::Qr {
+            code: format!("2@ref-{n},a,b,c,9"),
+            timeout: Duration::from_secs(secs),
+        }
+    }
+
+    #[tokio::test]
+    async fn qr_rotation_numbers_codes_and_reports_pending_once() {
+        let mut mapper = EventMapper::new("s");
+        let first = mapper.map(qr(1, 60));
+        assert_eq!(
+            statuses(&first),
+            vec![(SessionStatus::QrPending, Priority::Normal, None)]
+        );
+        match &first[1] {
+            GatewayEvent::Qr(qr) => {
+                assert_eq!(qr.seq, 1);
+                assert_eq!(qr.code, "2@ref-1,a,b,c,9");
+                assert_eq!(qr.valid_until - qr.created, Duration::from_secs(60));
+            }
+            other => panic!("expected a QR, got {other:?}"),
+        }
+        let second = mapper.map(qr(2, 20));
+        assert_eq!(second.len(), 1);
+        assert!(matches!(&second[0], GatewayEvent::Qr(qr) if qr.seq == 2));
+
+        let exhausted = mapper.map(Signal::QrExhausted);
+        assert_eq!(
+            statuses(&exhausted),
+            vec![(
+                SessionStatus::Inactive,
+                Priority::High,
+                Some("qr_exhausted".into())
+            )]
+        );
+        // A new cycle starts numbering again and reports qr_pending again.
+        let again = mapper.map(qr(1, 60));
+        assert_eq!(statuses(&again).len(), 1);
+        assert!(matches!(&again[1], GatewayEvent::Qr(qr) if qr.seq == 1));
+    }
+
+    #[tokio::test]
+    async fn pairing_and_connection_report_active_once() {
+        let mut mapper = EventMapper::new("s");
+        mapper.map(qr(1, 60));
+        let paired = mapper.map(Signal::Paired);
+        assert_eq!(
+            statuses(&paired),
+            vec![(SessionStatus::Active, Priority::High, None)]
+        );
+        assert!(mapper.map(Signal::Connected).is_empty());
+        let dropped = mapper.map(Signal::Disconnected("stream ended (EOF)".into()));
+        assert_eq!(
+            statuses(&dropped),
+            vec![(
+                SessionStatus::Inactive,
+                Priority::High,
+                Some("disconnected: stream ended (EOF)".into())
+            )]
+        );
+        assert_eq!(statuses(&mapper.map(Signal::Connected)).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn account_losses_are_high_priority_with_reasons() {
+        let mut mapper = EventMapper::new("s");
+        let cases = [
+            (
+                Signal::StreamReplaced,
+                SessionStatus::Inactive,
+                "stream_replaced",
+            ),
+            (
+                Signal::LoggedOut("LoggedOut".into()),
+                SessionStatus::LoggedOut,
+                "logged_out: LoggedOut",
+            ),
+            (
+                Signal::TemporaryBan("sent to too many people for 3600s".into()),
+                SessionStatus::Banned,
+                "temporary_ban: sent to too many people for 3600s",
+            ),
+        ];
+        for (signal, status, reason) in cases {
+            assert_eq!(
+                statuses(&mapper.map(signal)),
+                vec![(status, Priority::High, Some(reason.to_owned()))]
+            );
+        }
+        // After a final status, a client that ends adds nothing.
+        assert!(mapper.client_stopped().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_client_that_ends_while_live_reports_inactive() {
+        let mut mapper = EventMapper::new("s");
+        mapper.map(Signal::Connected);
+        let event = mapper.client_stopped().expect("a final status");
+        assert_eq!(
+            statuses(&[event]),
+            vec![(
+                SessionStatus::Inactive,
+                Priority::High,
+                Some("client_stopped".into())
+            )]
+        );
+    }
+
+    #[test]
+    fn config_rejects_non_websocket_urls() {
+        let config = WhatsappConfig {
+            ws_url: Some("http://127.0.0.1:1/ws".into()),
+            ..WhatsappConfig::production()
+        };
+        assert!(matches!(
+            WhatsappDriver::new(config),
+            Err(DriverError::InvalidConfig {
+                field: "ws_url",
+                ..
+            })
+        ));
+        assert!(WhatsappDriver::new(WhatsappConfig::production()).is_ok());
+    }
+}
