@@ -5,6 +5,7 @@
 //! test process dies (panic, abort, `kill -9`): see [`process`].
 
 pub mod control_plane;
+pub mod fake_whatsapp;
 pub mod gateway;
 pub mod history;
 pub mod process;

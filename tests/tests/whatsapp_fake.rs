@@ -1,0 +1,122 @@
+//! The real `whatsapp-rust` client inside the real gateway pipeline (driver -> Pipeline ->
+//! delivery) against the project's fake WhatsApp server: the first QR code reaches the backend
+//! receiver as a PNG data URL and the session shows `qr_pending`.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use clap::Parser;
+use gateway::app::Pipeline;
+use gateway::config::{Cli, Mode as CliMode};
+use gateway::events::SessionStatus;
+use gateway::session::SessionDriver;
+use gateway::session::whatsapp::{WhatsappConfig, WhatsappDriver};
+use test_support::fake_whatsapp::FakeWhatsapp;
+use test_support::receiver::Receiver;
+use test_support::wait_until;
+
+fn settings(receiver: &Receiver) -> gateway::config::Settings {
+    let args = [
+        "gateway",
+        "standalone",
+        "--backend-url",
+        &receiver.url(),
+        "--resync-interval-s",
+        "0",
+    ];
+    let CliMode::Standalone(a) = Cli::try_parse_from(args).unwrap().mode else {
+        unreachable!("standalone args")
+    };
+    a.common.validate().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_client_reaches_qr_pending_through_the_gateway() {
+    let fake = FakeWhatsapp::start().await.unwrap();
+    let receiver = Receiver::start().await.unwrap();
+    let settings = settings(&receiver);
+    let mut registry = gateway::metrics::new_registry();
+    let pipeline = Pipeline::start(&settings, None, &mut registry, None)
+        .await
+        .unwrap();
+    let driver = WhatsappDriver::new(WhatsappConfig {
+        ws_url: Some(fake.url()),
+        version: Some((2, 3000, 0)),
+        ..WhatsappConfig::production()
+    })
+    .unwrap();
+
+    let started = Instant::now();
+    let session = driver
+        .start("wa-fake-1", pipeline.event_sink())
+        .await
+        .unwrap();
+    let qr = wait_until("a QR at the receiver", Duration::from_secs(30), || {
+        let items = receiver.items("/qr/batch");
+        async move {
+            items
+                .into_iter()
+                .next()
+                .ok_or_else(|| "no QR yet".to_owned())
+        }
+    })
+    .await
+    .unwrap();
+    let latency = started.elapsed();
+    eprintln!("first QR at the receiver {latency:?} after start");
+
+    assert_eq!(qr["sessionId"], "wa-fake-1");
+    assert_eq!(qr["seq"], 1);
+    let data_url = qr["qr"].as_str().unwrap();
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(
+            data_url
+                .strip_prefix("data:image/png;base64,")
+                .expect("PNG data URL"),
+        )
+        .unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    let state = pipeline.states.get("wa-fake-1").expect("session state");
+    assert_eq!(state.status, SessionStatus::QrPending);
+    let latest = state.latest_qr.expect("QR on display");
+    assert_eq!(latest.seq, 1);
+    // The code carries the fake's first ref: `ref,noise,identity,adv,client_type`.
+    let refs = FakeWhatsapp::refs(0);
+    assert!(
+        latest.code.starts_with(&format!("{},", refs[0])),
+        "{}",
+        latest.code
+    );
+    assert_eq!(latest.code.split(',').count(), 5, "{}", latest.code);
+
+    wait_until(
+        "qr_pending at the receiver",
+        Duration::from_secs(10),
+        || {
+            let statuses = receiver.items("/whatsapp/status/batch");
+            async move {
+                statuses
+                    .iter()
+                    .any(|s| s["sessionId"] == "wa-fake-1" && s["status"] == "qr_pending")
+                    .then_some(())
+                    .ok_or_else(|| format!("statuses so far: {statuses:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let stats = fake.stats();
+    assert_eq!(
+        stats.handshakes.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert!(
+        stats.acks.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "pair-device acked"
+    );
+
+    pipeline
+        .shutdown(vec![session], Duration::from_secs(10))
+        .await;
+}
