@@ -4,6 +4,7 @@
 //! `scripts/provision.sh` builds. Every process is reaped when its guard drops, and also when the
 //! test process dies (panic, abort, `kill -9`): see [`process`].
 
+pub mod cluster;
 pub mod control_plane;
 pub mod fake_whatsapp;
 pub mod gateway;

@@ -1,0 +1,136 @@
+//! Shared pieces of the cluster end-to-end tests: the CRD and namespace, gateway shards as
+//! processes, and waiting for sessions to be Connected on given shards.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crds::{Phase, SHARD_LABEL, WhatsappSession};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{CustomResourceExt, ResourceExt};
+
+use crate::gateway::GatewayProcess;
+use crate::{ControlPlane, RedisServer, wait_until};
+
+pub const NS: &str = "wa-e2e";
+pub const RELEASE: &str = "wa";
+
+pub async fn setup(client: &kube::Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = WhatsappSession::crd();
+    crds.patch(
+        &crd.name_any(),
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .unwrap();
+    wait_until("CRD served", Duration::from_secs(30), || {
+        let api: Api<WhatsappSession> = Api::all(client.clone());
+        async move {
+            api.list(&ListParams::default().limit(1))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await
+    .unwrap();
+    let ns: Api<Namespace> = Api::all(client.clone());
+    let obj: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": NS}})).unwrap();
+    let _ = ns.create(&PostParams::default(), &obj).await;
+}
+
+pub async fn start_gateway(
+    plane: &ControlPlane,
+    redis: &RedisServer,
+    ordinal: u32,
+) -> GatewayProcess {
+    let kubeconfig = plane.kubeconfig_path().display().to_string();
+    let pod = format!("{RELEASE}-gateway-{ordinal}");
+    GatewayProcess::start(
+        &[
+            "cluster",
+            "--lease-duration-s",
+            "6",
+            "--lease-renew-ms",
+            "1000",
+            "--sim-seed",
+            &ordinal.to_string(),
+            "--lock-ttl-ms",
+            "3000",
+        ],
+        &[
+            ("KUBECONFIG", &kubeconfig),
+            ("POD_NAME", &pod),
+            ("POD_NAMESPACE", NS),
+            ("WA_RELEASE", RELEASE),
+            ("WA_REDIS_URL", &redis.url()),
+        ],
+    )
+    .await
+    .unwrap()
+}
+
+/// name -> (shard label, phase)
+pub async fn snapshot(
+    api: &Api<WhatsappSession>,
+) -> HashMap<String, (Option<String>, Option<Phase>)> {
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| {
+            let shard = s.labels().get(SHARD_LABEL).cloned();
+            let phase = s.status.as_ref().and_then(|st| st.phase);
+            (s.name_any(), (shard, phase))
+        })
+        .collect()
+}
+
+pub async fn wait_connected_on(
+    api: &Api<WhatsappSession>,
+    total: usize,
+    shards: &[&str],
+    secs: u64,
+) -> HashMap<String, String> {
+    let shards: Vec<String> = shards.iter().map(|s| s.to_string()).collect();
+    wait_until(
+        "all sessions Connected on the expected shards",
+        Duration::from_secs(secs),
+        || {
+            let api = api.clone();
+            let shards = shards.clone();
+            async move {
+                let snap = snapshot(&api).await;
+                let good = snap
+                    .values()
+                    .filter(|(shard, phase)| {
+                        shard.as_ref().is_some_and(|s| shards.contains(s))
+                            && *phase == Some(Phase::Connected)
+                    })
+                    .count();
+                if good == total && snap.len() == total {
+                    Ok(snap
+                        .into_iter()
+                        .map(|(n, (s, _))| (n, s.unwrap()))
+                        .collect())
+                } else {
+                    Err(format!("{good}/{total} connected on {shards:?}"))
+                }
+            }
+        },
+    )
+    .await
+    .unwrap()
+}
+
+pub fn loads(placed: &HashMap<String, String>) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for shard in placed.values() {
+        *out.entry(shard.clone()).or_insert(0) += 1;
+    }
+    out
+}

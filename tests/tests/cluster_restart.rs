@@ -1,0 +1,77 @@
+//! An apiserver restart in the middle of a run: the operator and the gateways lose their watches,
+//! get them back, keep placing and running sessions, and no session ever has two owners.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crds::WhatsappSession;
+use kube::api::{Api, PostParams};
+use test_support::cluster::{NS, RELEASE, setup, start_gateway, wait_connected_on};
+use test_support::gateway::GatewayProcess;
+use test_support::{ControlPlane, RedisServer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_and_gateways_recover_their_watches_after_an_apiserver_restart() {
+    let mut plane = ControlPlane::start().await.unwrap();
+    let redis = RedisServer::start().await.unwrap();
+    let client = plane.client().await.unwrap();
+    setup(&client).await;
+    let kubeconfig = plane.kubeconfig_path().display().to_string();
+    let _operator = GatewayProcess::start_operator(
+        &["--resync-ms", "500"],
+        &[
+            ("KUBECONFIG", &kubeconfig),
+            ("POD_NAMESPACE", NS),
+            ("WA_RELEASE", RELEASE),
+            ("POD_NAME", "op-0"),
+        ],
+    )
+    .await
+    .unwrap();
+    let _gateways = [
+        start_gateway(&plane, &redis, 0).await,
+        start_gateway(&plane, &redis, 1).await,
+    ];
+    let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
+    for i in 0..60 {
+        api.create(
+            &PostParams::default(),
+            &WhatsappSession::new(&format!("r-{i:03}"), Default::default()),
+        )
+        .await
+        .unwrap();
+    }
+    let before = wait_connected_on(&api, 60, &["0", "1"], 90).await;
+
+    // Down for 5 s (shorter than the 6 s gateway Leases used here, so no shard is declared dead).
+    plane
+        .restart_apiserver(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let client = plane.client().await.unwrap();
+    let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
+    for i in 60..80 {
+        api.create(
+            &PostParams::default(),
+            &WhatsappSession::new(&format!("r-{i:03}"), Default::default()),
+        )
+        .await
+        .unwrap();
+    }
+    let after = wait_connected_on(&api, 80, &["0", "1"], 90).await;
+    let moved = before
+        .iter()
+        .filter(|(n, s)| after.get(*n) != Some(*s))
+        .count();
+    assert!(
+        moved <= 6,
+        "{moved} sessions moved although no shard went away"
+    );
+
+    let history = gateway::session::ownership::read_history(
+        &gateway::redis::connect(&redis.url()).await.unwrap(),
+    )
+    .await
+    .unwrap();
+    test_support::history::assert_no_overlap(&history, &HashMap::new());
+}
