@@ -45,7 +45,7 @@ pub struct Stats {
     pub acks: AtomicU64,
     /// Client `iq`s of type `get`/`set` answered (keepalive pings and the like).
     pub iqs_answered: AtomicU64,
-    /// Connections that ended with a protocol error.
+    /// Connections that ended with an error other than the client hanging up.
     pub errors: AtomicU64,
 }
 
@@ -78,7 +78,9 @@ impl FakeWhatsapp {
                 let stats = Arc::clone(&accept_stats);
                 let server = Arc::clone(&server);
                 tokio::spawn(async move {
-                    if let Err(err) = serve(stream, n, &server, &stats).await {
+                    if let Err(err) = serve(stream, n, &server, &stats).await
+                        && err.to_string() != CLIENT_CLOSED
+                    {
                         stats.errors.fetch_add(1, Ordering::Relaxed);
                         eprintln!("fake whatsapp: connection {n}: {err}");
                     }
@@ -167,6 +169,9 @@ fn cert(details: &[u8], signature: &[u8]) -> Vec<u8> {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How a connection ends when the client hangs up: normal, not a protocol error.
+const CLIENT_CLOSED: &str = "client closed the connection";
+
 fn err(msg: impl Into<String>) -> BoxError {
     msg.into().into()
 }
@@ -180,13 +185,9 @@ struct Conn {
 impl Conn {
     async fn fill(&mut self) -> Result<(), BoxError> {
         loop {
-            let msg = self
-                .ws
-                .next()
-                .await
-                .ok_or_else(|| err("client closed the connection"))??;
+            let msg = self.ws.next().await.ok_or_else(|| err(CLIENT_CLOSED))??;
             if msg.is_close() {
-                return Err(err("client closed the connection"));
+                return Err(err(CLIENT_CLOSED));
             }
             if msg.is_binary() {
                 self.buf.extend_from_slice(&msg.into_payload());

@@ -120,3 +120,66 @@ async fn real_client_reaches_qr_pending_through_the_gateway() {
         .shutdown(vec![session], Duration::from_secs(10))
         .await;
 }
+
+/// Every start builds a new client (0.7.0 cannot reconnect a stopped one): after a stop and a
+/// start, the fake sees a second connection and the session shows the new connection's first ref
+/// with the rotation count starting again at 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_session_runs_a_new_client() {
+    let fake = FakeWhatsapp::start().await.unwrap();
+    let receiver = Receiver::start().await.unwrap();
+    let settings = settings(&receiver);
+    let mut registry = gateway::metrics::new_registry();
+    let pipeline = Pipeline::start(&settings, None, &mut registry, None)
+        .await
+        .unwrap();
+    let driver = WhatsappDriver::new(WhatsappConfig {
+        ws_url: Some(fake.url()),
+        version: Some((2, 3000, 0)),
+        ..WhatsappConfig::production()
+    })
+    .unwrap();
+    let refs = [FakeWhatsapp::refs(0), FakeWhatsapp::refs(1)];
+
+    let mut sessions = Vec::new();
+    for (round, refs) in refs.iter().enumerate() {
+        let session = driver
+            .start("wa-fake-2", pipeline.event_sink())
+            .await
+            .unwrap();
+        let states = pipeline.states.clone();
+        let expected = format!("{},", refs[0]);
+        wait_until(
+            &format!("QR of connection {round}"),
+            Duration::from_secs(30),
+            || {
+                let qr = states.get("wa-fake-2").and_then(|s| s.latest_qr);
+                let expected = expected.clone();
+                async move {
+                    match qr {
+                        Some(qr) if qr.code.starts_with(&expected) && qr.seq == 1 => Ok(()),
+                        other => Err(format!("latest QR {other:?}")),
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap();
+        if round == 0 {
+            let stopping = Instant::now();
+            session.stop().await;
+            let took = stopping.elapsed();
+            eprintln!("stop took {took:?}");
+            assert!(took < Duration::from_secs(6), "stop took {took:?}");
+        } else {
+            sessions.push(session);
+        }
+    }
+    let stats = fake.stats();
+    assert_eq!(
+        stats.handshakes.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    assert_eq!(stats.errors.load(std::sync::atomic::Ordering::Relaxed), 0);
+    pipeline.shutdown(sessions, Duration::from_secs(10)).await;
+}
