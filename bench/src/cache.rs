@@ -22,6 +22,8 @@
 //!
 //! A read is stale when it returns a version older than one written more than
 //! `--propagation-budget-ms` before the read started (or "not found" for a live session).
+//! Measurement starts after `--warmup-seconds` of the same lookups: it reports the steady state
+//! of a running gateway, not the cold start.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,6 +66,10 @@ pub struct CacheArgs {
     propagation_budget_ms: u64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Lookups before the measurement, so it sees the steady state (warm local tier) rather
+    /// than the cold start of a gateway that just came up.
+    #[arg(long, default_value_t = 5)]
+    warmup_seconds: u64,
 }
 
 /// xorshift64*: reproducible, no RNG crate needed.
@@ -289,7 +295,6 @@ async fn run_async(args: CacheArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let fallback_before = lookups[1].calls.load(Ordering::Relaxed);
 
     // Zipf CDF over the sessions (rank r has weight 1 / r^s).
     let mut cdf = Vec::with_capacity(args.sessions);
@@ -304,6 +309,22 @@ async fn run_async(args: CacheArgs) -> anyhow::Result<()> {
     let cdf = Arc::new(cdf);
     let awaiting_scan = Arc::new(awaiting_scan);
 
+    // Warm-up: the same mix, not counted.
+    let warm_until = Instant::now() + Duration::from_secs(args.warmup_seconds);
+    {
+        let mut rng = Rng(args.seed.wrapping_add(7) | 1);
+        let mut n = 0u64;
+        while Instant::now() < warm_until {
+            let u = rng.unit();
+            let i = cdf.partition_point(|&c| c < u).min(cdf.len() - 1);
+            let _ = reader.get(&session_id(i)).await;
+            n += 1;
+            if n.is_multiple_of(64) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    let fallback_before = lookups[1].calls.load(Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let args_rate = args.lookups_per_second as f64;
     let readers = args.readers;
@@ -404,6 +425,15 @@ async fn run_async(args: CacheArgs) -> anyhow::Result<()> {
                             break;
                         }
                         tokio::time::sleep(Duration::from_micros(200)).await;
+                    }
+                    // On stderr, so a run that misses the budget says when it happened.
+                    if at.elapsed() > budget {
+                        eprintln!(
+                            "probe over the propagation budget: {:?}, {:?} before the end; owner pending writes {}",
+                            at.elapsed(),
+                            deadline.saturating_duration_since(Instant::now()),
+                            owner.pending_writes()
+                        );
                     }
                     probes.push(at.elapsed().as_nanos().min(u32::MAX as u128) as u32);
                 }
