@@ -424,7 +424,10 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     // Sessions stop, their events flush, and only then are the locks released.
     supervisor
-        .drain(SHUTDOWN_GRACE, pipeline.shutdown(Vec::new(), SHUTDOWN_GRACE))
+        .drain(
+            SHUTDOWN_GRACE,
+            pipeline.shutdown(Vec::new(), SHUTDOWN_GRACE),
+        )
         .await;
     stop.cancel();
     // The writer makes one last attempt at pending cache writes; do not wait long for it.

@@ -473,7 +473,9 @@ mod tests {
     fn parse(args: &[&str]) -> std::result::Result<Settings, String> {
         let cli = Cli::try_parse_from(["gateway", "standalone"].iter().chain(args))
             .map_err(|e| e.to_string())?;
-        let Mode::Standalone(a) = cli.mode else { unreachable!("parsed a standalone command line") };
+        let Mode::Standalone(a) = cli.mode else {
+            unreachable!("parsed a standalone command line")
+        };
         a.common.validate().map_err(|e| e.to_string())
     }
 

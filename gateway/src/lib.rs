@@ -11,8 +11,8 @@ pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod redis;
+pub mod session;
 pub mod shard;
 pub mod status;
-pub mod session;
 
 pub use error::{Error, Result};
