@@ -105,8 +105,17 @@ pub async fn run<D: SessionDriver>(
             let mut ticker = tokio::time::interval(settings.lease_renew);
             loop {
                 ticker.tick().await;
-                if let Err(err) = renew_lease(&leases, &settings, draining.is_cancelled()).await {
-                    tracing::warn!(%err, "lease renewal failed");
+                // Bounded: a call hanging on a dead apiserver connection must not stall the
+                // heartbeat past the lease duration once the apiserver is back.
+                match tokio::time::timeout(
+                    settings.lease_renew,
+                    renew_lease(&leases, &settings, draining.is_cancelled()),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => tracing::warn!(%err, "lease renewal failed"),
+                    Err(_) => tracing::warn!("lease renewal timed out"),
                 }
             }
         })

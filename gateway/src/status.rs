@@ -156,6 +156,8 @@ impl StatusCoalescer {
     }
 }
 
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Server-side apply of the gateway's status fields under its own field manager.
 pub struct StatusWriter {
     client: kube::Client,
@@ -184,7 +186,7 @@ impl StatusWriter {
         namespace: &str,
         name: &str,
         s: &StatusSnapshot,
-    ) -> Result<(), kube::Error> {
+    ) -> Result<(), String> {
         self.limiter.until_ready().await;
         let api: Api<WhatsappSession> = Api::namespaced(self.client.clone(), namespace);
         let connected = s.phase == Phase::Connected;
@@ -210,12 +212,18 @@ impl StatusWriter {
         let body = serde_json::json!({
             "apiVersion": "whatsapp.gateway.dev/v1alpha1", "kind": "WhatsappSession", "status": status,
         });
-        api.patch_status(
-            name,
-            &PatchParams::apply(GATEWAY_FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
+        // Bounded: a write stuck on a dead apiserver connection must not hold up the shard loop.
+        tokio::time::timeout(
+            WRITE_TIMEOUT,
+            api.patch_status(
+                name,
+                &PatchParams::apply(GATEWAY_FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            ),
         )
-        .await?;
+        .await
+        .map_err(|_| "status write timed out".to_string())?
+        .map_err(|e| e.to_string())?;
         self.writes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())

@@ -158,9 +158,17 @@ pub async fn run(args: Args) -> Result<()> {
         let _ = axum::serve(listener, app).await;
     });
 
-    // Leader election: only the leader places sessions.
-    let manager =
-        LeaseManagerBuilder::new(client.clone(), format!("{}-operator-leader", args.release))
+    // Leader election: only the leader places sessions. The lease manager's watch task ends on
+    // API errors (an apiserver restart, say): then placement stops and a new manager is built,
+    // instead of the operator exiting.
+    let lease_name = format!("{}-operator-leader", args.release);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut placement_task: Option<tokio::task::JoinHandle<Result<()>>> = None;
+    ready.store(true, Ordering::Relaxed);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    'elections: loop {
+        let manager = match LeaseManagerBuilder::new(client.clone(), &lease_name)
             .with_namespace(&args.namespace)
             .with_create_mode(kube_lease_manager::LeaseCreateMode::AutoCreate)
             .with_parameters(
@@ -169,48 +177,66 @@ pub async fn run(args: Args) -> Result<()> {
             )
             .build()
             .await
-            .map_err(|e| Error::Lease(e.to_string()))?;
-    let (mut leading, lease_task) = manager.watch().await;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut placement_task: Option<tokio::task::JoinHandle<Result<()>>> = None;
-    ready.store(true, Ordering::Relaxed);
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    loop {
-        let is_leader = *leading.borrow_and_update();
-        metrics.is_leader.set(is_leader as i64);
-        match (is_leader, placement_task.is_some()) {
-            (true, false) => {
-                tracing::info!(identity = %args.identity, "became leader: placing sessions");
-                let _ = stop_tx.send(false);
-                placement_task = Some(tokio::spawn(placement::run(
-                    client.clone(),
-                    settings.clone(),
-                    metrics.clone(),
-                    stop_rx.clone(),
-                )));
-            }
-            (false, true) => {
-                tracing::warn!("lost leadership: stopping placement");
-                let _ = stop_tx.send(true);
-                if let Some(task) = placement_task.take() {
-                    let _ = task.await;
+        {
+            Ok(manager) => manager,
+            Err(err) => {
+                tracing::warn!(%err, "leader election unavailable; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'elections,
+                    _ = &mut shutdown => break 'elections,
                 }
             }
-            _ => {}
+        };
+        let (mut leading, lease_task) = manager.watch().await;
+        loop {
+            let is_leader = *leading.borrow_and_update();
+            metrics.is_leader.set(is_leader as i64);
+            match (is_leader, placement_task.is_some()) {
+                (true, false) => {
+                    tracing::info!(identity = %args.identity, "became leader: placing sessions");
+                    let _ = stop_tx.send(false);
+                    placement_task = Some(tokio::spawn(placement::run(
+                        client.clone(),
+                        settings.clone(),
+                        metrics.clone(),
+                        stop_rx.clone(),
+                    )));
+                }
+                (false, true) => {
+                    tracing::warn!("lost leadership: stopping placement");
+                    let _ = stop_tx.send(true);
+                    if let Some(task) = placement_task.take() {
+                        let _ = task.await;
+                    }
+                }
+                _ => {}
+            }
+            tokio::select! {
+                changed = leading.changed() => if changed.is_err() {
+                    // The manager's task ended: leadership is unknown, so stop placing.
+                    tracing::warn!("leader election task ended; stopping placement and electing again");
+                    let _ = stop_tx.send(true);
+                    if let Some(task) = placement_task.take() {
+                        let _ = task.await;
+                    }
+                    metrics.is_leader.set(0);
+                    let _ = lease_task.await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue 'elections;
+                },
+                _ = &mut shutdown => {
+                    let _ = stop_tx.send(true);
+                    if let Some(task) = placement_task.take() {
+                        let _ = task.await;
+                    }
+                    drop(leading);
+                    if let Ok(Ok(manager)) = lease_task.await {
+                        let _ = manager.release().await;
+                    }
+                    break 'elections;
+                }
+            }
         }
-        tokio::select! {
-            changed = leading.changed() => if changed.is_err() { break },
-            _ = &mut shutdown => break,
-        }
-    }
-    let _ = stop_tx.send(true);
-    if let Some(task) = placement_task.take() {
-        let _ = task.await;
-    }
-    drop(leading);
-    if let Ok(Ok(manager)) = lease_task.await {
-        let _ = manager.release().await;
     }
     tracing::info!("operator stopped");
     Ok(())

@@ -58,7 +58,7 @@ async fn operator_and_gateways_recover_their_watches_after_an_apiserver_restart(
         .await
         .unwrap();
     }
-    let after = wait_connected_on(&api, 80, &["0", "1"], 90).await;
+    let after = wait_connected_on(&api, 80, &["0", "1"], 120).await;
     let moved = before
         .iter()
         .filter(|(n, s)| after.get(*n) != Some(*s))
