@@ -16,7 +16,13 @@ use crate::{ControlPlane, RedisServer, wait_until};
 pub const NS: &str = "wa-e2e";
 pub const RELEASE: &str = "wa";
 
+/// Installs the CRD (waits until it is served) and creates [`NS`].
 pub async fn setup(client: &kube::Client) {
+    setup_in(client, NS).await
+}
+
+/// Installs the CRD (waits until it is served) and creates `namespace`.
+pub async fn setup_in(client: &kube::Client, namespace: &str) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = WhatsappSession::crd();
     crds.patch(
@@ -39,7 +45,7 @@ pub async fn setup(client: &kube::Client) {
     .unwrap();
     let ns: Api<Namespace> = Api::all(client.clone());
     let obj: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": NS}})).unwrap();
+        serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}})).unwrap();
     let _ = ns.create(&PostParams::default(), &obj).await;
 }
 

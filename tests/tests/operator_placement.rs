@@ -9,42 +9,13 @@ use crds::{
     DRAIN_ACK_ANNOTATION, DRAIN_ANNOTATION, GATEWAY_LEASE_LABEL, SHARD_LABEL, WhatsappSession,
 };
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::{CustomResourceExt, ResourceExt};
 use operator::placement::PlacementSettings;
 use test_support::{control_plane, wait_until};
 
 const NS: &str = "placement";
 const RELEASE: &str = "wa-place";
-
-async fn setup(client: &kube::Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = WhatsappSession::crd();
-    crds.patch(
-        &crd.name_any(),
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .unwrap();
-    wait_until("CRD served", Duration::from_secs(30), || {
-        let api: Api<WhatsappSession> = Api::all(client.clone());
-        async move {
-            api.list(&ListParams::default().limit(1))
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }
-    })
-    .await
-    .unwrap();
-    let ns: Api<Namespace> = Api::all(client.clone());
-    let obj: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": NS}})).unwrap();
-    let _ = ns.create(&PostParams::default(), &obj).await;
-}
 
 /// Renews `<release>-gateway-<k>` every second, as a gateway would.
 fn heartbeat(client: kube::Client, shard: u32) -> tokio::task::JoinHandle<()> {
@@ -150,7 +121,7 @@ fn loads(placed: &HashMap<String, String>) -> HashMap<String, usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_spread_over_shards_within_cap_and_move_only_what_must() {
     let client = control_plane::shared().client().await.unwrap();
-    setup(&client).await;
+    test_support::cluster::setup_in(&client, NS).await;
     let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
     let mut beats: Vec<_> = (0..3).map(|k| heartbeat(client.clone(), k)).collect();
     let acker = drain_acker(client.clone());
