@@ -140,3 +140,19 @@ pub fn loads(placed: &HashMap<String, String>) -> HashMap<String, usize> {
     }
     out
 }
+
+/// The operator binary as a process against `plane`, placing sessions over this release's shards.
+pub async fn start_operator(plane: &ControlPlane) -> GatewayProcess {
+    let kubeconfig = plane.kubeconfig_path().display().to_string();
+    GatewayProcess::start_operator(
+        &["--resync-ms", "500"],
+        &[
+            ("KUBECONFIG", &kubeconfig),
+            ("POD_NAMESPACE", NS),
+            ("WA_RELEASE", RELEASE),
+            ("POD_NAME", "op-0"),
+        ],
+    )
+    .await
+    .unwrap()
+}

@@ -8,7 +8,7 @@ use crds::{Phase, WhatsappSession};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use test_support::cluster::{
-    NS, RELEASE, loads, setup, snapshot, start_gateway, wait_connected_on,
+    NS, RELEASE, loads, setup, snapshot, start_gateway, start_operator, wait_connected_on,
 };
 use test_support::gateway::GatewayProcess;
 use test_support::{ControlPlane, RedisServer, wait_until};
@@ -20,18 +20,7 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
     let client = plane.client().await.unwrap();
     setup(&client).await;
     let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
-    let kubeconfig = plane.kubeconfig_path().display().to_string();
-    let _operator = GatewayProcess::start_operator(
-        &["--resync-ms", "500"],
-        &[
-            ("KUBECONFIG", &kubeconfig),
-            ("POD_NAMESPACE", NS),
-            ("WA_RELEASE", RELEASE),
-            ("POD_NAME", "op-0"),
-        ],
-    )
-    .await
-    .unwrap();
+    let _operator = start_operator(&plane).await;
     let mut gateways: Vec<Option<GatewayProcess>> = Vec::new();
     for k in 0..3 {
         gateways.push(Some(start_gateway(&plane, &redis, k).await));

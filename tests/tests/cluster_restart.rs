@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use crds::WhatsappSession;
 use kube::api::{Api, PostParams};
-use test_support::cluster::{NS, RELEASE, setup, start_gateway, wait_connected_on};
-use test_support::gateway::GatewayProcess;
+use test_support::cluster::{NS, setup, start_gateway, start_operator, wait_connected_on};
 use test_support::{ControlPlane, RedisServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,18 +15,7 @@ async fn operator_and_gateways_recover_their_watches_after_an_apiserver_restart(
     let redis = RedisServer::start().await.unwrap();
     let client = plane.client().await.unwrap();
     setup(&client).await;
-    let kubeconfig = plane.kubeconfig_path().display().to_string();
-    let _operator = GatewayProcess::start_operator(
-        &["--resync-ms", "500"],
-        &[
-            ("KUBECONFIG", &kubeconfig),
-            ("POD_NAMESPACE", NS),
-            ("WA_RELEASE", RELEASE),
-            ("POD_NAME", "op-0"),
-        ],
-    )
-    .await
-    .unwrap();
+    let _operator = start_operator(&plane).await;
     let _gateways = [
         start_gateway(&plane, &redis, 0).await,
         start_gateway(&plane, &redis, 1).await,
