@@ -25,7 +25,8 @@ use crate::delivery::spill::{RedisSpill, SpillKeys};
 use crate::delivery::{BackendClient, DeliveredHook, Delivery};
 use crate::events::{GatewayEvent, SessionStatus};
 use crate::metrics::BatchStatsCollector;
-use crate::session::credentials::RestoringSim;
+use crate::session::LoginDirectory;
+use crate::session::any::AnyDriver;
 use crate::session::ownership::LeaseConfig;
 use crate::session::sim::SimConfig;
 use crate::session::supervisor::{Supervisor, SupervisorConfig, SupervisorOptions};
@@ -352,6 +353,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         &settings,
         redis.as_ref(),
         states.clone(),
+        None,
         &mut registry,
         &stop,
     )
@@ -378,16 +380,37 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         },
         &mut registry,
     );
-    let sim = RestoringSim::new(sim_config, options.credentials.clone())
-        .map_err(|e| Error::config("--sim-* / WA_SIM_*", e.to_string()))?;
-    let supervisor = Supervisor::with_options(Arc::new(sim), pipeline.event_sink(), options);
-    for i in 0..args.simulate {
-        supervisor.want(&format!("sim-{i:05}"));
+    let driver = AnyDriver::new(
+        &settings.driver,
+        sim_config,
+        options.credentials.clone(),
+        redis.as_ref(),
+        LoginDirectory::default(),
+    )
+    .map_err(|e| Error::config("--driver / WA_DRIVER, --sim-* / WA_SIM_*", e.to_string()))?;
+    let wanted: Vec<String> = match &driver {
+        AnyDriver::Sim(_) => (0..args.simulate).map(|i| format!("sim-{i:05}")).collect(),
+        #[cfg(feature = "whatsapp")]
+        AnyDriver::Whatsapp(_) => args.sessions.clone(),
+    };
+    if let Some(bad) = wanted
+        .iter()
+        .find(|id| !crate::cache::valid_session_id(id))
+    {
+        return Err(Error::config(
+            "--session / WA_SESSIONS",
+            format!("`{bad}` is not a valid session id (1-128 of A-Z a-z 0-9 - _ . @ :)"),
+        ));
     }
-    if args.simulate > 0 {
+    let supervisor = Supervisor::with_options(Arc::new(driver), pipeline.event_sink(), options);
+    for id in &wanted {
+        supervisor.want(id);
+    }
+    if !wanted.is_empty() {
         tracing::info!(
-            sessions = args.simulate,
-            "simulated sessions wanted; each starts once its lock is taken"
+            sessions = wanted.len(),
+            driver = supervisor.driver().name(),
+            "sessions wanted; each starts once its lock is taken"
         );
     }
 
@@ -442,10 +465,13 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
 
 /// The cache with its fallback (backend lookup if configured, then this gateway's own sessions),
 /// its Redis tier and invalidation listener when Redis is configured, and its background tasks.
+///
+/// `informer`, in cluster mode, answers between the two: what the `WhatsappSession` resources say.
 pub async fn start_cache(
     settings: &Settings,
     redis: Option<&fred::clients::Client>,
     states: Arc<SessionStates>,
+    informer: Option<Arc<dyn SessionLookup>>,
     registry: &mut Registry,
     stop: &CancellationToken,
 ) -> Result<(Arc<SessionCache>, Vec<JoinHandle<()>>)> {
@@ -453,6 +479,10 @@ pub async fn start_cache(
         states,
         settings.identity.clone(),
     ))];
+    if let Some(informer) = informer {
+        tracing::info!("cache fallback: the WhatsappSession informer store");
+        lookups.push(informer);
+    }
     if let (Some(backend), Some(path)) = (&settings.backend, &settings.session_lookup_path) {
         tracing::info!(path = %path, "cache fallback: backend session lookup");
         lookups.push(Arc::new(BackendLookup::new(backend, path)?));

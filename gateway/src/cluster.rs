@@ -8,7 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{Pipeline, SHUTDOWN_GRACE, SessionStates, init_logging};
 use crate::config::ClusterArgs;
-use crate::session::credentials::RestoringSim;
+use crate::informer::InformerLookup;
+use crate::session::LoginDirectory;
+use crate::session::any::AnyDriver;
 use crate::session::ownership::LeaseConfig;
 use crate::session::sim::SimConfig;
 use crate::session::supervisor::{Supervisor, SupervisorConfig, SupervisorOptions};
@@ -33,6 +35,7 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
             "must be > 0 and shorter than the lease duration",
         ));
     }
+    let logins = LoginDirectory::default();
     let shard_settings = ShardSettings {
         release: args.release.clone(),
         namespace: args.namespace.clone(),
@@ -42,6 +45,7 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
         lease_renew: Duration::from_millis(args.lease_renew_ms),
         status_qps: args.status_qps,
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
+        logins: logins.clone(),
     };
     let client = kube::Client::try_default().await?;
     let redis = match &settings.redis_url {
@@ -49,8 +53,30 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
         None => None,
     };
     let mut registry = crate::metrics::new_registry();
-    let pipeline = Pipeline::start(&settings, redis.clone(), &mut registry, None).await?;
-    let states: Arc<SessionStates> = pipeline.states.clone();
+    let stop_background = CancellationToken::new();
+    // The /v1 API answers for every session of the namespace, whichever shard runs it: owned
+    // sessions from memory, others from the cache tiers, then from the informer store.
+    let (informer, informer_task) =
+        InformerLookup::spawn(client.clone(), &args.namespace, stop_background.clone());
+    let states = Arc::new(SessionStates::default());
+    let (cache, cache_tasks) = crate::app::start_cache(
+        &settings,
+        redis.as_ref(),
+        states.clone(),
+        Some(Arc::new(informer)),
+        &mut registry,
+        &stop_background,
+    )
+    .await?;
+    let pipeline = Pipeline::start_with_cache(
+        &settings,
+        redis.clone(),
+        &mut registry,
+        None,
+        states.clone(),
+        Some(cache.clone()),
+    )
+    .await?;
     // A session runs only while this gateway holds its Redis lock (fencing token): a shard that
     // lost its Lease but still runs cannot drive an account another shard took over.
     let options = SupervisorOptions::new(
@@ -69,8 +95,15 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
         unpaired_share: args.sim_unpaired_share,
         ..SimConfig::default()
     };
-    let driver = RestoringSim::new(sim_config, options.credentials.clone())
-        .map_err(|e| Error::config("--sim-* / WA_SIM_*", e.to_string()))?;
+    let driver = AnyDriver::new(
+        &settings.driver,
+        sim_config,
+        options.credentials.clone(),
+        redis.as_ref(),
+        logins.clone(),
+    )
+    .map_err(|e| Error::config("--driver / WA_DRIVER, --sim-* / WA_SIM_*", e.to_string()))?;
+    tracing::info!(driver = driver.name(), "session driver");
     let supervisor = Arc::new(Supervisor::with_options(
         Arc::new(driver),
         pipeline.event_sink(),
@@ -83,13 +116,22 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
         redis,
         delivery: pipeline.delivery.clone(),
     };
+    let api = crate::api::ApiState {
+        cache,
+        events: Some(pipeline.event_sink()),
+        token: settings.api_token.as_deref().map(Arc::from),
+    };
+    if api.token.is_none() {
+        tracing::warn!("no API token (--api-token / WA_API_TOKEN): the /v1 API is open");
+    }
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
-    tracing::info!(listen = %listener.local_addr()?, shard = %shard_settings.shard, "gateway (cluster mode) listening");
+    tracing::info!(listen = %listener.local_addr()?, shard = %shard_settings.shard, "gateway (cluster mode) listening (/metrics, /healthz, /readyz, /v1)");
     let stop_http = CancellationToken::new();
     let server = {
         let stop = stop_http.clone();
+        let app = crate::http::router(http_state).merge(crate::api::router(api));
         tokio::spawn(async move {
-            axum::serve(listener, crate::http::router(http_state))
+            axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await
         })
@@ -111,9 +153,17 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
         shutdown,
     )
     .await?;
-    pipeline.shutdown(Vec::new(), SHUTDOWN_GRACE).await;
+    // The HTTP server stops first: the API holds a pipeline sink, and the pipeline flushes only
+    // once every sink is gone.
     stop_http.cancel();
-    let _ = server.await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    pipeline.shutdown(Vec::new(), SHUTDOWN_GRACE).await;
+    stop_background.cancel();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(3),
+        futures::future::join_all(cache_tasks.into_iter().chain([informer_task])),
+    )
+    .await;
     tracing::info!("stopped");
     Ok(())
 }

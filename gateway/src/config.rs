@@ -73,6 +73,9 @@ pub struct StandaloneArgs {
     /// Simulator: share of sessions that start awaiting a QR scan.
     #[arg(long, env = "WA_SIM_UNPAIRED_SHARE", default_value_t = 0.2)]
     pub sim_unpaired_share: f64,
+    /// `whatsapp` driver: ids of the sessions to run (comma-separated in the variable).
+    #[arg(long = "session", env = "WA_SESSIONS", value_delimiter = ',')]
+    pub sessions: Vec<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -179,6 +182,41 @@ pub struct CommonArgs {
     /// Most session connection attempts (lock, credentials, connect) in progress at once.
     #[arg(long, env = "WA_MAX_CONNECT_ATTEMPTS", default_value_t = 64)]
     pub max_connect_attempts: usize,
+    /// Session driver: `sim` (simulated sessions, no WhatsApp) or `whatsapp` (real sessions on
+    /// whatsapp-rust; the Helm chart's default).
+    #[arg(long, env = "WA_DRIVER", default_value = "sim")]
+    pub driver: String,
+    /// `whatsapp` driver: WebSocket URL of the chat server; WhatsApp's own when unset.
+    #[arg(long, env = "WA_WHATSAPP_URL")]
+    pub whatsapp_url: Option<String>,
+    /// `whatsapp` driver: client version to announce (`2.3000.1023456789`); fetched from
+    /// WhatsApp at each start when unset.
+    #[arg(long, env = "WA_WHATSAPP_VERSION")]
+    pub whatsapp_version: Option<String>,
+}
+
+/// Which driver runs the sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverChoice {
+    Sim,
+    /// Real WhatsApp sessions: chat server URL (`None` = WhatsApp's) and client version (`None` =
+    /// fetched at start).
+    Whatsapp {
+        url: Option<String>,
+        version: Option<(u32, u32, u32)>,
+    },
+}
+
+fn parse_version(field: &'static str, text: &str) -> Result<(u32, u32, u32)> {
+    let parts: Vec<&str> = text.split('.').collect();
+    let parsed: Option<Vec<u32>> = parts.iter().map(|p| p.parse().ok()).collect();
+    match parsed.as_deref() {
+        Some(&[a, b, c]) => Ok((a, b, c)),
+        _ => Err(Error::config(
+            field,
+            format!("`{text}` must be three dot-separated numbers, e.g. 2.3000.1023456789"),
+        )),
+    }
 }
 
 /// Validated settings.
@@ -199,6 +237,7 @@ pub struct Settings {
     /// TTL of the session ownership locks.
     pub lock_ttl: Duration,
     pub max_connect_attempts: usize,
+    pub driver: DriverChoice,
 }
 
 fn positive_ms(field: &'static str, ms: u64) -> Result<Duration> {
@@ -405,7 +444,44 @@ impl CommonArgs {
             log_json,
             lock_ttl: self.lock_ttl()?,
             max_connect_attempts: self.max_connect_attempts()?,
+            driver: self.driver_choice()?,
         })
+    }
+
+    fn driver_choice(&self) -> Result<DriverChoice> {
+        const DRIVER: &str = "--driver / WA_DRIVER";
+        match self.driver.as_str() {
+            "sim" => Ok(DriverChoice::Sim),
+            "whatsapp" if !cfg!(feature = "whatsapp") => Err(Error::config(
+                DRIVER,
+                "this build has no whatsapp driver (cargo feature `whatsapp`)",
+            )),
+            "whatsapp" => {
+                let url = match &self.whatsapp_url {
+                    Some(u) if u.trim().is_empty() => None,
+                    Some(u) if u.starts_with("ws://") || u.starts_with("wss://") => {
+                        Some(u.clone())
+                    }
+                    Some(u) => {
+                        return Err(Error::config(
+                            "--whatsapp-url / WA_WHATSAPP_URL",
+                            format!("`{u}` must be a ws:// or wss:// URL"),
+                        ));
+                    }
+                    None => None,
+                };
+                let version = match &self.whatsapp_version {
+                    Some(v) if v.trim().is_empty() => None,
+                    Some(v) => Some(parse_version("--whatsapp-version / WA_WHATSAPP_VERSION", v)?),
+                    None => None,
+                };
+                Ok(DriverChoice::Whatsapp { url, version })
+            }
+            other => Err(Error::config(
+                DRIVER,
+                format!("`{other}` is not one of sim, whatsapp"),
+            )),
+        }
     }
 
     fn lock_ttl(&self) -> Result<Duration> {
@@ -491,6 +567,28 @@ mod tests {
         assert_eq!(s.cache.redis_ttl, Duration::from_secs(120));
         assert_eq!(s.cache.negative_ttl, Duration::from_secs(5));
         assert!(s.api_token.is_none() && s.session_lookup_path.is_none());
+        assert_eq!(s.driver, DriverChoice::Sim);
+    }
+
+    #[cfg(feature = "whatsapp")]
+    #[test]
+    fn the_whatsapp_driver_takes_a_server_and_a_version() {
+        let s = parse(&[
+            "--driver",
+            "whatsapp",
+            "--whatsapp-url",
+            "ws://127.0.0.1:9/ws",
+            "--whatsapp-version",
+            "2.3000.1023456789",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.driver,
+            DriverChoice::Whatsapp {
+                url: Some("ws://127.0.0.1:9/ws".into()),
+                version: Some((2, 3000, 1_023_456_789)),
+            }
+        );
     }
 
     #[test]
@@ -532,6 +630,15 @@ mod tests {
             (
                 &["--backend-url", "http://x", "--session-lookup-path", "/s"][..],
                 "WA_SESSION_LOOKUP_PATH",
+            ),
+            (&["--driver", "baileys"][..], "WA_DRIVER"),
+            (
+                &["--driver", "whatsapp", "--whatsapp-url", "http://x"][..],
+                "WA_WHATSAPP_URL",
+            ),
+            (
+                &["--driver", "whatsapp", "--whatsapp-version", "2.3000"][..],
+                "WA_WHATSAPP_VERSION",
             ),
         ] {
             let err = parse(args).expect_err(&format!("{args:?} must be refused"));

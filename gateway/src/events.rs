@@ -71,6 +71,11 @@ pub struct QrEvent {
     pub expires_at: DateTime<Utc>,
     /// Rotation number within one pairing cycle, 1..=6.
     pub seq: u32,
+    /// A QR code to scan, or a pairing code to type on the phone (sent as `"type":
+    /// "pairing_code"`, never rendered to a PNG). Absent on the wire for QR codes, so the seed's
+    /// QR payload is unchanged.
+    #[serde(rename = "type", skip_serializing_if = "LinkCode::is_qr")]
+    pub kind: LinkCode,
     #[serde(skip)]
     pub created: Instant,
     /// `expires_at` on tokio's clock.
@@ -78,7 +83,35 @@ pub struct QrEvent {
     pub valid_until: Instant,
 }
 
+/// How a session is linked to a phone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkCode {
+    #[default]
+    Qr,
+    PairingCode,
+}
+
+impl LinkCode {
+    pub fn is_qr(&self) -> bool {
+        *self == LinkCode::Qr
+    }
+}
+
 impl QrEvent {
+    /// A pairing code (typed on the phone under Linked devices) valid for `validity`.
+    pub fn pairing_code(
+        session_id: impl Into<String>,
+        code: impl Into<String>,
+        seq: u32,
+        validity: Duration,
+    ) -> Self {
+        QrEvent {
+            kind: LinkCode::PairingCode,
+            ..QrEvent::new(session_id, code, seq, validity)
+        }
+    }
+
     /// A QR code created now that stays valid for `validity`.
     pub fn new(
         session_id: impl Into<String>,
@@ -93,6 +126,7 @@ impl QrEvent {
             code: code.into(),
             expires_at: Utc::now() + wall_validity,
             seq,
+            kind: LinkCode::Qr,
             created,
             valid_until: created + validity,
         }

@@ -9,6 +9,7 @@ pub mod delivery;
 mod error;
 pub mod events;
 pub mod http;
+pub mod informer;
 pub mod metrics;
 pub mod redis;
 pub mod session;

@@ -38,6 +38,8 @@ pub struct ShardSettings {
     pub status_qps: u32,
     /// Longest the gateway waits on SIGTERM for the operator to move its sessions away.
     pub drain_timeout: Duration,
+    /// Filled from each session's `spec.login`, read by the driver at start.
+    pub logins: crate::session::LoginDirectory,
 }
 
 /// The shard ordinal of a pod named `<release>-gateway-<k>`.
@@ -272,6 +274,7 @@ async fn reconcile<D: SessionDriver>(
             continue;
         }
         wanted.insert(id.clone());
+        settings.logins.set(&id, &session.spec.login);
         placements.insert(id.clone(), Placement { namespace, name });
         match supervisor.ensure_running(&id).await {
             Ok(true) => tracing::debug!(session_id = %id, "session started"),
@@ -289,6 +292,7 @@ async fn reconcile<D: SessionDriver>(
         if !keep {
             coalescer.forget(id);
             states.remove(id);
+            settings.logins.remove(id);
         }
         keep
     });

@@ -208,6 +208,7 @@ pub async fn place_once(
         let reason = mv.reason;
         let api = api.clone();
         let session = session.clone();
+        let recorder = settings.recorder.clone();
         writes.push(async move {
             if handoff && annotation(&session, DRAIN_ACK_ANNOTATION) != Some(from.as_str()) {
                 if annotation(&session, DRAIN_ANNOTATION) != Some(from.as_str()) {
@@ -216,6 +217,13 @@ pub async fn place_once(
                 return Ok::<Option<MoveReason>, Error>(None);
             }
             assign_to(&api, &session, &to).await?;
+            // A first placement is visible in the label and status; a move between shards is
+            // worth an Event (`kubectl describe` shows why a session reconnected elsewhere).
+            if reason != MoveReason::New
+                && let Some(recorder) = recorder
+            {
+                publish_move(&recorder, &session, &from, &to, reason).await;
+            }
             Ok(Some(reason))
         });
         // Bound the number of concurrent apiserver writes.
@@ -281,6 +289,36 @@ async fn request_drain(
         .await?;
     tracing::info!(session = %session.name_any(), from, "handoff: asked the shard to drain the session");
     Ok(())
+}
+
+async fn publish_move(
+    recorder: &kube::runtime::events::Recorder,
+    session: &WhatsappSession,
+    from: &str,
+    to: &str,
+    reason: MoveReason,
+) {
+    let (event_reason, why) = match reason {
+        MoveReason::ShardGone => ("MovedFromLostShard", "its shard stopped heartbeating"),
+        MoveReason::Draining => ("HandedOff", "its shard is draining"),
+        MoveReason::OverCap => ("HandedOff", "its shard was over capacity"),
+        MoveReason::Rebalance => ("HandedOff", "rebalanced onto a new shard"),
+        MoveReason::New => ("Assigned", "first placement"),
+    };
+    let from = if from.is_empty() { "none" } else { from };
+    let event = kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Normal,
+        reason: event_reason.into(),
+        note: Some(format!("moved from shard {from} to shard {to}: {why}")),
+        action: "Place".into(),
+        secondary: None,
+    };
+    if let Err(err) = recorder
+        .publish(&event, &kube::Resource::object_ref(session, &()))
+        .await
+    {
+        tracing::warn!(%err, session = %session.name_any(), "could not record the move Event");
+    }
 }
 
 /// Relabels the session and records `status.shard` (phase Assigned, condition Assigned).

@@ -218,3 +218,77 @@ async fn sessions_spread_over_shards_within_cap_and_move_only_what_must() {
         b.abort();
     }
 }
+
+/// Cluster mode's cache fallback: the informer index answers for every session of the namespace
+/// by session id, follows status changes and forgets deleted sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_informer_index_answers_by_session_id_and_follows_changes() {
+    use gateway::cache::SessionLookup;
+    use gateway::events::SessionStatus;
+    const NS_INF: &str = "informer";
+    let client = control_plane::shared().client().await.unwrap();
+    test_support::cluster::setup_in(&client, NS_INF).await;
+    let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS_INF);
+    let spec = crds::WhatsappSessionSpec {
+        session_id: Some("acct-inf-1".into()),
+        ..Default::default()
+    };
+    api.create(
+        &PostParams::default(),
+        &WhatsappSession::new("inf-one", spec),
+    )
+    .await
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (informer, task) =
+        gateway::informer::InformerLookup::spawn(client.clone(), NS_INF, stop.clone());
+    tokio::time::timeout(Duration::from_secs(30), informer.ready())
+        .await
+        .expect("informer listed");
+    // Listed before any status: a session that exists but is not connected yet.
+    let view = informer.lookup("acct-inf-1").await.unwrap().unwrap();
+    assert_eq!(view.status.status, SessionStatus::Connecting);
+    assert!(
+        informer.lookup("inf-one").await.unwrap().is_none(),
+        "keyed by sessionId, not name"
+    );
+
+    let status =
+        serde_json::json!({"status": {"phase": "Connected", "gatewayPod": "wa-gateway-2"}});
+    api.patch_status("inf-one", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    wait_until("informer sees Connected", Duration::from_secs(20), || {
+        let informer = informer.clone();
+        async move {
+            match informer.lookup("acct-inf-1").await.unwrap() {
+                Some(v) if v.status.status == SessionStatus::Active => {
+                    assert_eq!(v.session.gateway.as_deref(), Some("wa-gateway-2"));
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await
+    .unwrap();
+
+    api.delete("inf-one", &Default::default()).await.unwrap();
+    wait_until(
+        "informer forgets the deleted session",
+        Duration::from_secs(20),
+        || {
+            let informer = informer.clone();
+            async move {
+                match informer.lookup("acct-inf-1").await.unwrap() {
+                    None => Ok(()),
+                    Some(v) => Err(format!("still there: {v:?}")),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    stop.cancel();
+    task.await.unwrap();
+}

@@ -92,7 +92,7 @@ impl WireBatch {
             let (body, expires_unix_ms) = match event {
                 GatewayEvent::Qr(qr) => {
                     let mut body = serde_json::to_value(event)?;
-                    if qr_format == QrFormat::Png {
+                    if qr_format == QrFormat::Png && qr.kind.is_qr() {
                         match qr_png_data_url(&qr.code) {
                             Ok(url) => body["qr"] = serde_json::Value::String(url),
                             // Never lose the code: the backend can still render the raw string.
@@ -199,6 +199,21 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&raw.body()).unwrap();
         assert_eq!(body["batchId"], raw.batch_id);
         assert_eq!(body["items"][0]["sessionId"], "s1");
+        assert!(body["items"][0].get("type").is_none(), "QR items keep the seed's shape");
+    }
+
+    #[tokio::test]
+    async fn pairing_codes_go_raw_with_their_type() {
+        let batch = Batch {
+            lane: Lane::Qr,
+            items: vec![
+                QrEvent::pairing_code("s1", "ABCD1234", 1, Duration::from_secs(180)).into(),
+            ],
+            reason: FlushReason::Deadline,
+        };
+        let png = WireBatch::render(&batch, QrFormat::Png).unwrap();
+        assert_eq!(png.items[0].body["qr"], "ABCD1234");
+        assert_eq!(png.items[0].body["type"], "pairing_code");
     }
 
     #[tokio::test]

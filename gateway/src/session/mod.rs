@@ -1,14 +1,19 @@
 //! How the gateway runs sessions: a [`SessionDriver`] starts one task per session, which reports
 //! [`GatewayEvent`]s into an [`EventSink`] until it is stopped.
 
+pub mod any;
 pub mod credentials;
 pub mod ownership;
 pub mod sim;
 pub mod supervisor;
 #[cfg(feature = "whatsapp")]
+pub mod wa_store;
+#[cfg(feature = "whatsapp")]
 pub mod whatsapp;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, RwLock};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -19,7 +24,8 @@ use tokio::time::Instant;
 
 use crate::events::{GatewayEvent, Priority, QrEvent, SessionStatus, StatusEvent};
 
-/// Starts sessions. Implementations: [`sim::SimDriver`]; a `whatsapp-rust` driver comes later.
+/// Starts sessions. Implementations: [`sim::SimDriver`], [`credentials::RestoringSim`] and, with
+/// the `whatsapp` feature, `whatsapp::WhatsappDriver`.
 pub trait SessionDriver: Send + Sync + 'static {
     /// Starts `session_id`, whose events go to `events` until the returned session is stopped.
     fn start(
@@ -27,6 +33,50 @@ pub trait SessionDriver: Send + Sync + 'static {
         session_id: &str,
         events: EventSink,
     ) -> impl Future<Output = Result<RunningSession, DriverError>> + Send;
+
+    /// Starts `session_id` on behalf of the holder of its ownership lock, `fence`. A driver that
+    /// persists session state (the `whatsapp` driver's Redis store) fences every write with it,
+    /// so a gateway that lost the lock cannot overwrite what the new owner wrote. Drivers without
+    /// such state start as [`SessionDriver::start`] does.
+    fn start_owned(
+        &self,
+        session_id: &str,
+        events: EventSink,
+        fence: Option<&credentials::Fence>,
+    ) -> impl Future<Output = Result<RunningSession, DriverError>> + Send {
+        let _ = fence;
+        self.start(session_id, events)
+    }
+}
+
+/// How each session links to its phone (from the `WhatsappSession` spec in cluster mode), shared
+/// between whoever learns it and the driver that starts the session. Unknown sessions link by QR.
+#[derive(Debug, Clone, Default)]
+pub struct LoginDirectory(Arc<RwLock<HashMap<String, crds::Login>>>);
+
+impl LoginDirectory {
+    pub fn set(&self, session_id: &str, login: &crds::Login) {
+        let mut map = self.0.write().expect("login directory lock");
+        if map.get(session_id) != Some(login) {
+            map.insert(session_id.to_owned(), login.clone());
+        }
+    }
+
+    pub fn get(&self, session_id: &str) -> crds::Login {
+        self.0
+            .read()
+            .expect("login directory lock")
+            .get(session_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn remove(&self, session_id: &str) {
+        self.0
+            .write()
+            .expect("login directory lock")
+            .remove(session_id);
+    }
 }
 
 /// Errors of session drivers.

@@ -725,7 +725,10 @@ async fn worker<D: SessionDriver>(
             continue;
         };
         let started = match shared.gate_sink() {
-            Ok(sink) => shared.driver.start(&id, sink).await,
+            Ok(sink) => {
+                let fence = Fence::of(&current);
+                shared.driver.start_owned(&id, sink, Some(&fence)).await
+            }
             Err(err) => Err(err),
         };
         drop(attempt);

@@ -18,8 +18,14 @@
 //! There is no "connecting" event in the client: the driver reports `connecting` itself when it
 //! starts a bot.
 //!
-//! Storage is a fresh [`InMemoryBackend`] per start for now, so a restarted session has to be
-//! paired again; a Redis backend (issue 5) will make credentials survive restarts and moves.
+//! Storage: with [`WhatsappDriver::with_redis_store`], each session's keys live in Redis
+//! ([`RedisStore`]), every write fenced by the owner's lock token, so a restart or a move to
+//! another gateway reconnects without a new scan. Without Redis, a fresh [`InMemoryBackend`] per
+//! start (a restarted session pairs again).
+//!
+//! Sessions whose resource asks for `login.method: pairingCode` get the client's pairing-code
+//! flow: the 8-character code goes to the QR endpoint as `"type": "pairing_code"`, refreshed when
+//! the server voids it; the client's QR codes are not forwarded for them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,10 +33,14 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use whatsapp_rust::bot::{Bot, BotHandle};
 use whatsapp_rust::transport::TokioWebSocketTransportFactory;
+use whatsapp_rust::pair_code::PairCodeOptions;
 use whatsapp_rust::wacore::store::InMemoryBackend;
+use whatsapp_rust::wacore::store::traits::Backend;
 use whatsapp_rust::wacore::types::events::{Event, EventHandler, EventInterest, EventKind};
 
-use super::{DriverError, EventSink, RunningSession, SessionDriver, StopSignal};
+use super::credentials::Fence;
+use super::wa_store::RedisStore;
+use super::{DriverError, EventSink, LoginDirectory, RunningSession, SessionDriver, StopSignal};
 use crate::events::{GatewayEvent, Priority, QrEvent, SessionStatus, StatusEvent};
 
 /// How the driver reaches WhatsApp.
@@ -78,6 +88,9 @@ impl WhatsappConfig {
 #[derive(Debug)]
 pub struct WhatsappDriver {
     config: Arc<WhatsappConfig>,
+    /// Where session keys live: Redis (fenced per owner) when set, else memory per start.
+    store: Option<fred::clients::Client>,
+    logins: LoginDirectory,
 }
 
 impl WhatsappDriver {
@@ -85,19 +98,33 @@ impl WhatsappDriver {
         config.validate()?;
         Ok(WhatsappDriver {
             config: Arc::new(config),
+            store: None,
+            logins: LoginDirectory::default(),
         })
+    }
+
+    /// Keeps every session's keys in Redis, so a restart or a move to another gateway
+    /// reconnects without a new scan. Writes are fenced by the owner's lock token.
+    pub fn with_redis_store(mut self, client: fred::clients::Client) -> Self {
+        self.store = Some(client);
+        self
+    }
+
+    /// Where the driver learns how each session links (QR or pairing code).
+    pub fn with_logins(mut self, logins: LoginDirectory) -> Self {
+        self.logins = logins;
+        self
     }
 
     pub fn config(&self) -> &WhatsappConfig {
         &self.config
     }
-}
 
-impl SessionDriver for WhatsappDriver {
-    async fn start(
+    async fn start_with(
         &self,
         session_id: &str,
         events: EventSink,
+        fence: Option<&Fence>,
     ) -> Result<RunningSession, DriverError> {
         let session_id = session_id.to_owned();
         let config = Arc::clone(&self.config);
@@ -109,8 +136,10 @@ impl SessionDriver for WhatsappDriver {
                 None,
             ))
             .await?;
+        let backend = self.backend_for(&session_id, fence)?;
+        let pair_code = pair_code_options(&self.logins.get(&session_id));
         let (tx, rx) = mpsc::unbounded_channel();
-        let bot = build_bot(&config, tx)
+        let bot = build_bot(&config, backend, pair_code.clone(), tx)
             .await
             .map_err(|reason| DriverError::StartFailed {
                 session_id: session_id.clone(),
@@ -119,13 +148,66 @@ impl SessionDriver for WhatsappDriver {
         let handle = bot.spawn();
         let task_id = session_id.clone();
         Ok(RunningSession::spawn(session_id, move |stop| {
-            run_session(task_id, config, handle, rx, events, stop)
+            run_session(task_id, config, handle, rx, events, stop, pair_code)
         }))
+    }
+
+    fn backend_for(
+        &self,
+        session_id: &str,
+        fence: Option<&Fence>,
+    ) -> Result<Arc<dyn Backend>, DriverError> {
+        match (&self.store, fence) {
+            (Some(client), Some(fence)) => Ok(Arc::new(RedisStore::new(
+                client.clone(),
+                session_id,
+                fence.clone(),
+            ))),
+            // Never run a Redis-backed session without ownership: its writes could not be fenced.
+            (Some(_), None) => Err(DriverError::StartFailed {
+                session_id: session_id.to_owned(),
+                reason: "the Redis store needs the session's ownership lock (fencing token)".into(),
+            }),
+            (None, _) => Ok(Arc::new(InMemoryBackend::new())),
+        }
+    }
+}
+
+/// The client's pairing-code request for a session that links by phone number.
+fn pair_code_options(login: &crds::Login) -> Option<PairCodeOptions> {
+    match (login.method, &login.phone_number) {
+        (crds::LoginMethod::PairingCode, Some(phone)) => Some(PairCodeOptions {
+            // The client wants digits only; the resource allows a leading `+` (E.164).
+            phone_number: phone.trim_start_matches('+').to_owned(),
+            ..PairCodeOptions::default()
+        }),
+        _ => None,
+    }
+}
+
+impl SessionDriver for WhatsappDriver {
+    async fn start(
+        &self,
+        session_id: &str,
+        events: EventSink,
+    ) -> Result<RunningSession, DriverError> {
+        self.start_with(session_id, events, None).await
+    }
+
+    async fn start_owned(
+        &self,
+        session_id: &str,
+        events: EventSink,
+        fence: Option<&Fence>,
+    ) -> Result<RunningSession, DriverError> {
+        self.start_with(session_id, events, fence).await
     }
 }
 
 async fn build_bot(
     config: &WhatsappConfig,
+    backend: Arc<dyn Backend>,
+    pair_code: Option<PairCodeOptions>,
     signals: mpsc::UnboundedSender<Signal>,
 ) -> Result<Bot, String> {
     let mut transport = TokioWebSocketTransportFactory::new();
@@ -133,11 +215,17 @@ async fn build_bot(
         transport = transport.with_url(url.clone());
     }
     let mut builder = Bot::builder()
-        .with_backend(InMemoryBackend::new())
+        .with_backend_arc(backend)
         .with_transport_factory(transport)
-        .with_event_handler(Forward { signals });
+        .with_event_handler(Forward {
+            signals,
+            pairing_code: pair_code.is_some(),
+        });
     if let Some(version) = config.version {
         builder = builder.with_version(version);
+    }
+    if let Some(options) = pair_code {
+        builder = builder.with_pair_code(options);
     }
     builder.build().await.map_err(|err| err.to_string())
 }
@@ -145,11 +233,17 @@ async fn build_bot(
 /// Runs inline on the client's dispatch path, so signals keep the client's event order.
 struct Forward {
     signals: mpsc::UnboundedSender<Signal>,
+    /// The session links by pairing code: the client's QR codes (it shows both) are not
+    /// forwarded, or a rotating QR would replace the unsent pairing code in the QR lane.
+    pairing_code: bool,
 }
 
 impl EventHandler for Forward {
     fn handle_event(&self, event: Arc<Event>) {
         if let Some(signal) = Signal::from_event(&event) {
+            if self.pairing_code && matches!(signal, Signal::Qr { .. }) {
+                return;
+            }
             // The session task may be gone already; then nobody cares.
             let _ = self.signals.send(signal);
         }
@@ -159,6 +253,9 @@ impl EventHandler for Forward {
         EventInterest::of(&[
             EventKind::PairingQrCode,
             EventKind::PairingQrCodesExhausted,
+            EventKind::PairingCode,
+            EventKind::PairingCodeRefresh,
+            EventKind::PairingCodeError,
             EventKind::PairSuccess,
             EventKind::PairError,
             EventKind::Connected,
@@ -179,6 +276,7 @@ async fn run_session(
     mut signals: mpsc::UnboundedReceiver<Signal>,
     events: EventSink,
     mut stop: StopSignal,
+    pair_code: Option<PairCodeOptions>,
 ) {
     let mut mapper = EventMapper::new(session_id.clone());
     let stopped = 'run: loop {
@@ -187,6 +285,17 @@ async fn run_session(
             () = &mut stop => break true,
             signal = signals.recv() => {
                 let Some(signal) = signal else { break false };
+                if signal == Signal::PairingCodeRefresh
+                    && let Some(options) = pair_code.clone()
+                {
+                    // The old code is void; ask for a new one (it arrives as a signal).
+                    let client = handle.client();
+                    tokio::spawn(async move {
+                        if let Err(err) = client.pair_with_code(options).await {
+                            tracing::warn!(%err, "pairing code refresh failed");
+                        }
+                    });
+                }
                 for event in mapper.map(signal) {
                     if events.emit(event).await.is_err() {
                         // The gateway is gone: nobody to report to, so stop the client.
@@ -223,6 +332,9 @@ async fn run_session(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signal {
     Qr { code: String, timeout: Duration },
+    PairingCode { code: String, timeout: Duration },
+    PairingCodeRefresh,
+    PairingCodeError(String),
     QrExhausted,
     Paired,
     PairError(String),
@@ -243,6 +355,12 @@ impl Signal {
                 timeout: qr.timeout,
             },
             Event::PairingQrCodesExhausted(_) => Signal::QrExhausted,
+            Event::PairingCode(pc) => Signal::PairingCode {
+                code: pc.code.clone(),
+                timeout: pc.timeout,
+            },
+            Event::PairingCodeRefresh(_) => Signal::PairingCodeRefresh,
+            Event::PairingCodeError(err) => Signal::PairingCodeError(err.error.clone()),
             Event::PairSuccess(_) => Signal::Paired,
             Event::PairError(err) => Signal::PairError(err.error.clone()),
             Event::Connected(_) => Signal::Connected,
@@ -303,6 +421,28 @@ impl EventMapper {
                 events.push(QrEvent::new(&self.session_id, code, self.qr_seq, timeout).into());
                 return events;
             }
+            Signal::PairingCode { code, timeout } => {
+                let mut events = Vec::with_capacity(2);
+                if self.status != SessionStatus::QrPending {
+                    self.qr_seq = 0;
+                    events.push(self.status_event(
+                        SessionStatus::QrPending,
+                        Priority::Normal,
+                        None,
+                    ));
+                }
+                self.qr_seq += 1;
+                events.push(
+                    QrEvent::pairing_code(&self.session_id, code, self.qr_seq, timeout).into(),
+                );
+                return events;
+            }
+            // The driver asks for a new code; the code itself reports the change.
+            Signal::PairingCodeRefresh => return Vec::new(),
+            Signal::PairingCodeError(err) => (
+                SessionStatus::Inactive,
+                Some(format!("pairing_code_error: {err}")),
+            ),
             Signal::Paired | Signal::Connected => {
                 if self.status == SessionStatus::Active {
                     return Vec::new();

@@ -1,0 +1,228 @@
+//! Cluster mode's cache fallback: every `WhatsappSession` of the namespace, indexed by session id
+//! and kept current by a watch. A lookup for a session that no cache tier knows (another shard's
+//! session that Redis has forgotten, a session not started yet) is answered from memory instead of
+//! the apiserver or the backend.
+//!
+//! The index holds a small [`SessionView`] per session, not the objects: at tens of thousands of
+//! sessions the managed fields and annotations would cost far more than the answers need. The QR
+//! payload is never on the resource, so this tier never answers with one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+use crds::{Phase, WhatsappSession};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::Result;
+use crate::cache::{SessionLookup, SessionView};
+use crate::events::SessionStatus;
+
+/// The status a session's phase stands for.
+pub fn status_of(phase: Option<Phase>) -> SessionStatus {
+    match phase.unwrap_or_default() {
+        Phase::Pending | Phase::Assigned | Phase::Connecting => SessionStatus::Connecting,
+        Phase::AwaitingScan => SessionStatus::QrPending,
+        Phase::Connected => SessionStatus::Active,
+        Phase::Disconnected | Phase::Failed => SessionStatus::Inactive,
+        Phase::LoggedOut => SessionStatus::LoggedOut,
+    }
+}
+
+/// What the resource says about a session. Version 0: an informer answer is never newer than
+/// anything an owning gateway wrote to the cache.
+pub fn view_of(session: &WhatsappSession) -> SessionView {
+    let id = session.session_id();
+    let status = session.status.clone().unwrap_or_default();
+    let mut view = SessionView::with_status(
+        &id,
+        status_of(status.phase),
+        status
+            .last_disconnect_reason
+            .clone()
+            .filter(|_| status.phase != Some(Phase::Connected)),
+    );
+    // The newest condition transition is when the phase last changed, as far as the resource
+    // knows; without one, the resource's creation.
+    let since = status
+        .conditions
+        .iter()
+        .filter_map(|c| c.last_transition_time.as_deref())
+        .filter_map(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .max()
+        .or_else(|| {
+            let created = session.metadata.creation_timestamp.as_ref()?;
+            DateTime::<Utc>::from_timestamp_millis(created.0.as_millisecond())
+        });
+    if let Some(since) = since {
+        view.status.since = since;
+        view.connection.since = since;
+    }
+    view.status.version = 0;
+    view.session.gateway = status.gateway_pod;
+    view
+}
+
+/// The index, shared between the watch task and lookups.
+#[derive(Clone, Default)]
+pub struct InformerLookup {
+    index: Arc<RwLock<HashMap<String, Arc<SessionView>>>>,
+    ready: Option<watch::Receiver<bool>>,
+}
+
+impl InformerLookup {
+    /// Watches the sessions of `namespace` until `stop`.
+    pub fn spawn(
+        client: kube::Client,
+        namespace: &str,
+        stop: CancellationToken,
+    ) -> (Self, JoinHandle<()>) {
+        let api: Api<WhatsappSession> = Api::namespaced(client, namespace);
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let lookup = InformerLookup {
+            index: Arc::default(),
+            ready: Some(ready_rx),
+        };
+        let index = lookup.index.clone();
+        let task = tokio::spawn(async move {
+            let mut events = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            // A relist builds a fresh index and swaps it in whole, so sessions deleted while the
+            // watch was down do not linger.
+            let mut relist: Option<HashMap<String, Arc<SessionView>>> = None;
+            loop {
+                let event = tokio::select! {
+                    () = stop.cancelled() => break,
+                    event = events.next() => event,
+                };
+                let Some(event) = event else { break };
+                match event {
+                    Ok(watcher::Event::Init) => relist = Some(HashMap::new()),
+                    Ok(watcher::Event::InitApply(s)) => {
+                        let view = view_of(&s);
+                        relist
+                            .get_or_insert_with(HashMap::new)
+                            .insert(view.session_id.clone(), Arc::new(view));
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        let fresh = relist.take().unwrap_or_default();
+                        tracing::debug!(sessions = fresh.len(), "informer index (re)listed");
+                        *index.write().expect("index lock") = fresh;
+                        let _ = ready_tx.send(true);
+                    }
+                    Ok(watcher::Event::Apply(s)) => {
+                        let view = view_of(&s);
+                        index
+                            .write()
+                            .expect("index lock")
+                            .insert(view.session_id.clone(), Arc::new(view));
+                    }
+                    Ok(watcher::Event::Delete(s)) => {
+                        index.write().expect("index lock").remove(&s.session_id());
+                    }
+                    Err(err) => tracing::warn!(%err, "session informer: watch error (retrying)"),
+                }
+            }
+        });
+        (lookup, task)
+    }
+
+    /// Waits until the first list is in (a lookup before that answers "unknown").
+    pub async fn ready(&self) {
+        if let Some(mut ready) = self.ready.clone() {
+            let _ = ready.wait_for(|r| *r).await;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.read().expect("index lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The session as the resource describes it.
+    pub fn get(&self, session_id: &str) -> Option<SessionView> {
+        self.index
+            .read()
+            .expect("index lock")
+            .get(session_id)
+            .map(|v| (**v).clone())
+    }
+}
+
+impl SessionLookup for InformerLookup {
+    fn lookup<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, Result<Option<SessionView>>> {
+        let found = self.get(session_id);
+        Box::pin(async move { Ok(found) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crds::{Condition, WhatsappSessionStatus};
+
+    fn session(phase: Option<Phase>) -> WhatsappSession {
+        let mut s = WhatsappSession::new("res-name", Default::default());
+        s.spec.session_id = Some("acct-7".into());
+        s.status = Some(WhatsappSessionStatus {
+            phase,
+            gateway_pod: Some("wa-gateway-2".into()),
+            last_disconnect_reason: Some("disconnected: network".into()),
+            conditions: vec![
+                Condition {
+                    type_: "Assigned".into(),
+                    status: "True".into(),
+                    last_transition_time: Some("2026-11-01T10:00:00Z".into()),
+                    ..Default::default()
+                },
+                Condition {
+                    type_: "Connected".into(),
+                    status: "False".into(),
+                    last_transition_time: Some("2026-11-01T10:05:00Z".into()),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        });
+        s
+    }
+
+    #[test]
+    fn phases_map_onto_gateway_statuses() {
+        assert_eq!(status_of(None), SessionStatus::Connecting);
+        assert_eq!(status_of(Some(Phase::Assigned)), SessionStatus::Connecting);
+        assert_eq!(
+            status_of(Some(Phase::AwaitingScan)),
+            SessionStatus::QrPending
+        );
+        assert_eq!(status_of(Some(Phase::Connected)), SessionStatus::Active);
+        assert_eq!(status_of(Some(Phase::Disconnected)), SessionStatus::Inactive);
+        assert_eq!(status_of(Some(Phase::LoggedOut)), SessionStatus::LoggedOut);
+    }
+
+    #[test]
+    fn a_view_carries_id_gateway_reason_and_last_transition() {
+        let view = view_of(&session(Some(Phase::Disconnected)));
+        assert_eq!(view.session_id, "acct-7");
+        assert_eq!(view.status.status, SessionStatus::Inactive);
+        assert_eq!(view.status.reason.as_deref(), Some("disconnected: network"));
+        assert_eq!(view.session.gateway.as_deref(), Some("wa-gateway-2"));
+        assert_eq!(view.status.since.to_rfc3339(), "2026-11-01T10:05:00+00:00");
+        assert_eq!(view.version(), 0);
+        assert!(view.qr.is_none());
+        // A connected session shows no stale disconnect reason.
+        let view = view_of(&session(Some(Phase::Connected)));
+        assert_eq!(view.status.reason, None);
+    }
+}
