@@ -393,10 +393,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         #[cfg(feature = "whatsapp")]
         AnyDriver::Whatsapp(_) => args.sessions.clone(),
     };
-    if let Some(bad) = wanted
-        .iter()
-        .find(|id| !crate::cache::valid_session_id(id))
-    {
+    if let Some(bad) = wanted.iter().find(|id| !crate::cache::valid_session_id(id)) {
         return Err(Error::config(
             "--session / WA_SESSIONS",
             format!("`{bad}` is not a valid session id (1-128 of A-Z a-z 0-9 - _ . @ :)"),

@@ -459,9 +459,7 @@ impl CommonArgs {
             "whatsapp" => {
                 let url = match &self.whatsapp_url {
                     Some(u) if u.trim().is_empty() => None,
-                    Some(u) if u.starts_with("ws://") || u.starts_with("wss://") => {
-                        Some(u.clone())
-                    }
+                    Some(u) if u.starts_with("ws://") || u.starts_with("wss://") => Some(u.clone()),
                     Some(u) => {
                         return Err(Error::config(
                             "--whatsapp-url / WA_WHATSAPP_URL",
@@ -472,7 +470,10 @@ impl CommonArgs {
                 };
                 let version = match &self.whatsapp_version {
                     Some(v) if v.trim().is_empty() => None,
-                    Some(v) => Some(parse_version("--whatsapp-version / WA_WHATSAPP_VERSION", v)?),
+                    Some(v) => Some(parse_version(
+                        "--whatsapp-version / WA_WHATSAPP_VERSION",
+                        v,
+                    )?),
                     None => None,
                 };
                 Ok(DriverChoice::Whatsapp { url, version })

@@ -207,7 +207,10 @@ mod tests {
             SessionStatus::QrPending
         );
         assert_eq!(status_of(Some(Phase::Connected)), SessionStatus::Active);
-        assert_eq!(status_of(Some(Phase::Disconnected)), SessionStatus::Inactive);
+        assert_eq!(
+            status_of(Some(Phase::Disconnected)),
+            SessionStatus::Inactive
+        );
         assert_eq!(status_of(Some(Phase::LoggedOut)), SessionStatus::LoggedOut);
     }
 

@@ -199,7 +199,10 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&raw.body()).unwrap();
         assert_eq!(body["batchId"], raw.batch_id);
         assert_eq!(body["items"][0]["sessionId"], "s1");
-        assert!(body["items"][0].get("type").is_none(), "QR items keep the seed's shape");
+        assert!(
+            body["items"][0].get("type").is_none(),
+            "QR items keep the seed's shape"
+        );
     }
 
     #[tokio::test]

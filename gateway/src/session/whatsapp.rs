@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use whatsapp_rust::bot::{Bot, BotHandle};
-use whatsapp_rust::transport::TokioWebSocketTransportFactory;
 use whatsapp_rust::pair_code::PairCodeOptions;
+use whatsapp_rust::transport::TokioWebSocketTransportFactory;
 use whatsapp_rust::wacore::store::InMemoryBackend;
 use whatsapp_rust::wacore::store::traits::Backend;
 use whatsapp_rust::wacore::types::events::{Event, EventHandler, EventInterest, EventKind};
