@@ -183,3 +183,133 @@ async fn a_restarted_session_runs_a_new_client() {
     assert_eq!(stats.errors.load(std::sync::atomic::Ordering::Relaxed), 0);
     pipeline.shutdown(sessions, Duration::from_secs(10)).await;
 }
+
+/// The fake plays the phone: the test reads the QR code the gateway received and scans it; the
+/// fake sends `pair-success`, the client signs its device identity, the fake restarts the stream
+/// (515), the client logs in again as the paired device, gets `<success>`, passes its start-up
+/// IQs and app-state sync, and emits `Connected`. The session shows `active` and the receiver gets
+/// a high-priority `active` status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scanning_the_qr_pairs_the_real_client_and_logs_it_in() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let fake = FakeWhatsapp::start().await.unwrap();
+    let receiver = Receiver::start().await.unwrap();
+    let settings = settings(&receiver);
+    let mut registry = gateway::metrics::new_registry();
+    let pipeline = Pipeline::start(&settings, None, &mut registry, None)
+        .await
+        .unwrap();
+    let driver = WhatsappDriver::new(WhatsappConfig {
+        ws_url: Some(fake.url()),
+        version: Some((2, 3000, 0)),
+        ..WhatsappConfig::production()
+    })
+    .unwrap();
+    let session = driver
+        .start("wa-fake-3", pipeline.event_sink())
+        .await
+        .unwrap();
+
+    wait_until("a QR at the receiver", Duration::from_secs(30), || {
+        let items = receiver.items("/qr/batch");
+        async move {
+            items
+                .iter()
+                .any(|qr| qr["sessionId"] == "wa-fake-3")
+                .then_some(())
+                .ok_or_else(|| "no QR yet".to_owned())
+        }
+    })
+    .await
+    .unwrap();
+    // What the phone's camera would read off the PNG: the code on display.
+    let code = pipeline
+        .states
+        .get("wa-fake-3")
+        .and_then(|s| s.latest_qr)
+        .expect("QR on display")
+        .code;
+
+    let scanned = Instant::now();
+    let device = fake.scan(&code).await.unwrap();
+    eprintln!("paired as {} ({})", device.jid(), device.lid_jid());
+    assert_eq!(fake.paired_devices(), vec![device.clone()]);
+    assert_eq!(fake.stats().pair_successes.load(Relaxed), 1);
+
+    // The client restarts its connection and logs in as the paired device.
+    wait_until(
+        "the paired device to log in",
+        Duration::from_secs(30),
+        || {
+            let logins = fake.stats().logins.load(Relaxed);
+            async move {
+                (logins >= 1)
+                    .then_some(())
+                    .ok_or_else(|| "no login yet".to_owned())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    // The client syncs the regular app-state collections only after it has emitted
+    // `Connected` (the critical ones first wait up to 10 s for an app-state key share that this
+    // fake does not send).
+    wait_until(
+        "the client to emit Connected (post-connect app-state sync)",
+        Duration::from_secs(60),
+        || {
+            let syncs = fake.stats().post_connect_syncs.load(Relaxed);
+            async move {
+                (syncs >= 1)
+                    .then_some(())
+                    .ok_or_else(|| "no post-connect sync yet".to_owned())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!("connected {:?} after the scan", scanned.elapsed());
+
+    let state = pipeline.states.get("wa-fake-3").expect("session state");
+    assert_eq!(state.status, SessionStatus::Active);
+    wait_until(
+        "a high-priority active status at the receiver",
+        Duration::from_secs(10),
+        || {
+            let statuses = receiver.items("/whatsapp/status/batch");
+            async move {
+                statuses
+                    .iter()
+                    .any(|s| {
+                        s["sessionId"] == "wa-fake-3"
+                            && s["status"] == "active"
+                            && s["priority"] == "high"
+                    })
+                    .then_some(())
+                    .ok_or_else(|| format!("statuses so far: {statuses:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    // Nothing after `active`: the 515 restart is an expected disconnect, not an outage.
+    let statuses = receiver.items("/whatsapp/status/batch");
+    let last = statuses
+        .iter()
+        .filter(|s| s["sessionId"] == "wa-fake-3")
+        .last()
+        .expect("statuses");
+    assert_eq!(last["status"], "active", "{statuses:?}");
+
+    let stats = fake.stats();
+    assert_eq!(stats.handshakes.load(Relaxed), 2, "registration + login");
+    assert_eq!(stats.logins.load(Relaxed), 1);
+    assert_eq!(stats.login_failures.load(Relaxed), 0);
+    assert_eq!(stats.pair_errors.load(Relaxed), 0);
+    assert_eq!(stats.errors.load(Relaxed), 0);
+
+    pipeline
+        .shutdown(vec![session], Duration::from_secs(10))
+        .await;
+}
