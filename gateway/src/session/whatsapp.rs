@@ -136,7 +136,10 @@ impl WhatsappDriver {
                 None,
             ))
             .await?;
-        let backend = self.backend_for(&session_id, fence)?;
+        let Storage {
+            backend,
+            redis: redis_store,
+        } = self.backend_for(&session_id, fence)?;
         let pair_code = pair_code_options(&self.logins.get(&session_id));
         let (tx, rx) = mpsc::unbounded_channel();
         let bot = build_bot(&config, backend, pair_code.clone(), tx)
@@ -148,27 +151,34 @@ impl WhatsappDriver {
         let handle = bot.spawn();
         let task_id = session_id.clone();
         Ok(RunningSession::spawn(session_id, move |stop| {
-            run_session(task_id, config, handle, rx, events, stop, pair_code)
+            let session = SessionTask {
+                session_id: task_id,
+                config,
+                pair_code,
+                redis_store,
+            };
+            run_session(session, handle, rx, events, stop)
         }))
     }
 
-    fn backend_for(
-        &self,
-        session_id: &str,
-        fence: Option<&Fence>,
-    ) -> Result<Arc<dyn Backend>, DriverError> {
+    fn backend_for(&self, session_id: &str, fence: Option<&Fence>) -> Result<Storage, DriverError> {
         match (&self.store, fence) {
-            (Some(client), Some(fence)) => Ok(Arc::new(RedisStore::new(
-                client.clone(),
-                session_id,
-                fence.clone(),
-            ))),
+            (Some(client), Some(fence)) => {
+                let store = Arc::new(RedisStore::new(client.clone(), session_id, fence.clone()));
+                Ok(Storage {
+                    backend: store.clone(),
+                    redis: Some(store),
+                })
+            }
             // Never run a Redis-backed session without ownership: its writes could not be fenced.
             (Some(_), None) => Err(DriverError::StartFailed {
                 session_id: session_id.to_owned(),
                 reason: "the Redis store needs the session's ownership lock (fencing token)".into(),
             }),
-            (None, _) => Ok(Arc::new(InMemoryBackend::new())),
+            (None, _) => Ok(Storage {
+                backend: Arc::new(InMemoryBackend::new()),
+                redis: None,
+            }),
         }
     }
 }
@@ -269,15 +279,35 @@ impl EventHandler for Forward {
     }
 }
 
-async fn run_session(
+/// One running session's own settings.
+struct SessionTask {
     session_id: String,
     config: Arc<WhatsappConfig>,
+    /// Set for sessions that link by pairing code (refreshes ask for a new one).
+    pair_code: Option<PairCodeOptions>,
+    /// The Redis store, to wipe on logout.
+    redis_store: Option<Arc<RedisStore>>,
+}
+
+/// A session's key store: what the client uses, and the Redis store behind it when there is one.
+struct Storage {
+    backend: Arc<dyn Backend>,
+    redis: Option<Arc<RedisStore>>,
+}
+
+async fn run_session(
+    task: SessionTask,
     mut handle: BotHandle,
     mut signals: mpsc::UnboundedReceiver<Signal>,
     events: EventSink,
     mut stop: StopSignal,
-    pair_code: Option<PairCodeOptions>,
 ) {
+    let SessionTask {
+        session_id,
+        config,
+        pair_code,
+        redis_store,
+    } = task;
     let mut mapper = EventMapper::new(session_id.clone());
     let stopped = 'run: loop {
         tokio::select! {
@@ -296,10 +326,18 @@ async fn run_session(
                         }
                     });
                 }
+                let logged_out = matches!(signal, Signal::LoggedOut(_));
                 for event in mapper.map(signal) {
                     if events.emit(event).await.is_err() {
                         // The gateway is gone: nobody to report to, so stop the client.
                         break 'run true;
+                    }
+                }
+                if logged_out && let Some(store) = &redis_store {
+                    // The device is unlinked: its keys are worthless and must not linger.
+                    match store.wipe().await {
+                        Ok(keys) => tracing::info!(%session_id, keys, "logged out: session keys wiped"),
+                        Err(err) => tracing::warn!(%session_id, %err, "logged out: wiping the session keys failed"),
                     }
                 }
             }
