@@ -239,9 +239,14 @@ async fn reconcile<D: SessionDriver>(
             continue;
         }
         if session.metadata.deletion_timestamp.is_some() {
-            // Deleted: stop; with logoutOnDelete log out and wipe the credentials, then tell the
-            // operator it may remove the finalizer.
-            supervisor.stop(&id).await;
+            // Deleted: stop; with logoutOnDelete log out (a live whatsapp session unlinks its
+            // device) and wipe the credentials, then tell the operator it may remove the
+            // finalizer.
+            if session.spec.logout_on_delete {
+                supervisor.logout(&id).await;
+            } else {
+                supervisor.stop(&id).await;
+            }
             if session.spec.logout_on_delete
                 && session.annotations().get(CLEANED_ANNOTATION).is_none()
             {

@@ -13,8 +13,8 @@ pub mod whatsapp;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, RwLock};
 use std::pin::Pin;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
 use chrono::{DateTime, Utc};
@@ -122,13 +122,30 @@ impl EventSink {
 /// Resolves when the session should end: on [`RunningSession::stop`] or when the
 /// `RunningSession` is dropped, so a forgotten session cannot keep running.
 #[derive(Debug)]
-pub struct StopSignal(oneshot::Receiver<()>);
+pub struct StopSignal {
+    rx: oneshot::Receiver<bool>,
+    logout: bool,
+}
+
+impl StopSignal {
+    /// Whether the stop asked the session to log out (unlink the device) first: the resource
+    /// was deleted with `logoutOnDelete`. Meaningful once the signal has resolved.
+    pub fn wants_logout(&self) -> bool {
+        self.logout
+    }
+}
 
 impl Future for StopSignal {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        Pin::new(&mut self.0).poll(cx).map(|_| ())
+        match Pin::new(&mut self.rx).poll(cx) {
+            Poll::Ready(logout) => {
+                self.logout = logout.unwrap_or(false);
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -137,7 +154,8 @@ impl Future for StopSignal {
 #[derive(Debug)]
 pub struct RunningSession {
     session_id: String,
-    stop: oneshot::Sender<()>,
+    /// `true` asks for a logout before the stop.
+    stop: oneshot::Sender<bool>,
     task: JoinHandle<()>,
 }
 
@@ -149,7 +167,10 @@ impl RunningSession {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let (stop, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(body(StopSignal(stop_rx)));
+        let task = tokio::spawn(body(StopSignal {
+            rx: stop_rx,
+            logout: false,
+        }));
         RunningSession {
             session_id: session_id.into(),
             stop,
@@ -168,8 +189,18 @@ impl RunningSession {
 
     /// Asks the session to end and waits until its task has.
     pub async fn stop(self) {
+        self.end(false).await
+    }
+
+    /// Asks the session to log out (unlink the device from the phone, where the driver can) and
+    /// end, and waits until its task has.
+    pub async fn stop_and_logout(self) {
+        self.end(true).await
+    }
+
+    async fn end(self, logout: bool) {
         // The task may have ended by itself; then nobody listens and that is fine.
-        let _ = self.stop.send(());
+        let _ = self.stop.send(logout);
         if let Err(err) = self.task.await
             && err.is_panic()
         {

@@ -581,7 +581,11 @@ mod tests {
         let driver = SimDriver::new(SimConfig::default()).unwrap();
         let session = SimSession::new("a-session-id", driver.config.clone(), sink);
         let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let task = session.run(StopSignal(stop_rx), driver.bursts.subscribe());
+        let stop = StopSignal {
+            rx: stop_rx,
+            logout: false,
+        };
+        let task = session.run(stop, driver.bursts.subscribe());
         let size = std::mem::size_of_val(&task);
         assert!(size <= 2048, "session task is {size} bytes");
     }

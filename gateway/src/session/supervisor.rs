@@ -227,6 +227,8 @@ const RUN: u8 = 0;
 const PAUSE: u8 = 1;
 const STOP: u8 = 2;
 const DRAIN: u8 = 3;
+/// As STOP, logging the session out first (its resource was deleted).
+const LOGOUT: u8 = 4;
 
 /// Outcome of a session's first attempt, for [`Supervisor::ensure_running`].
 #[derive(Debug)]
@@ -403,12 +405,22 @@ impl<D: SessionDriver> Supervisor<D> {
     /// Stops the session if it runs (releasing its lock) and forgets it. Returns whether it had a
     /// live connection.
     pub async fn stop(&self, session_id: &str) -> bool {
+        self.end(session_id, STOP).await
+    }
+
+    /// Like [`Supervisor::stop`], but a live session logs out first (the driver unlinks the
+    /// device where it can): for a deleted resource with `logoutOnDelete`.
+    pub async fn logout(&self, session_id: &str) -> bool {
+        self.end(session_id, LOGOUT).await
+    }
+
+    async fn end(&self, session_id: &str, how: u8) -> bool {
         let slot = self.slots.lock().expect("slots").remove(session_id);
         let Some(slot) = slot else {
             return false;
         };
         let was_live = slot.ctl.live.load(Ordering::Acquire);
-        slot.ctl.set(STOP);
+        slot.ctl.set(how);
         let _ = slot.worker.await;
         was_live
     }
@@ -673,7 +685,7 @@ async fn worker<D: SessionDriver>(
     let mut failures: u32 = 0;
     loop {
         match ctl.desired() {
-            STOP => {
+            STOP | LOGOUT => {
                 if let Some(lease) = lease.take() {
                     shared.ownership.release(lease).await;
                 }
@@ -754,7 +766,11 @@ async fn worker<D: SessionDriver>(
         ctl.settle(First::Started);
         let started_at = Instant::now();
         let end = supervise(&ctl, &current, &session, shared.ownership.config()).await;
-        session.stop().await;
+        if ctl.desired() == LOGOUT && matches!(end, End::Command) {
+            session.stop_and_logout().await;
+        } else {
+            session.stop().await;
+        }
         ctl.live.store(false, Ordering::Release);
         shared.metrics.running.dec();
         match end {
@@ -943,6 +959,8 @@ mod tests {
         starts: Mutex<Vec<(String, Instant)>>,
         connecting: AtomicUsize,
         max_connecting: AtomicUsize,
+        /// Sessions that were stopped with a logout request.
+        logged_out: Arc<Mutex<Vec<String>>>,
     }
 
     impl SessionDriver for TestDriver {
@@ -960,17 +978,28 @@ mod tests {
                 .unwrap()
                 .push((session_id.to_string(), Instant::now()));
             let live_for = self.live_for;
-            Ok(RunningSession::spawn(session_id, move |stop| async move {
-                match live_for {
-                    Some(d) => {
-                        tokio::select! {
-                            () = stop => {}
-                            () = tokio::time::sleep(d) => {}
+            let logged_out = self.logged_out.clone();
+            let id = session_id.to_string();
+            Ok(RunningSession::spawn(
+                session_id,
+                move |mut stop| async move {
+                    let stopped = match live_for {
+                        Some(d) => {
+                            tokio::select! {
+                                () = &mut stop => true,
+                                () = tokio::time::sleep(d) => false,
+                            }
                         }
+                        None => {
+                            (&mut stop).await;
+                            true
+                        }
+                    };
+                    if stopped && stop.wants_logout() {
+                        logged_out.lock().unwrap().push(id);
                     }
-                    None => stop.await,
-                }
-            }))
+                },
+            ))
         }
     }
 
@@ -990,6 +1019,28 @@ mod tests {
             config,
             metrics: SupervisorMetrics::default(),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn logout_reaches_the_running_session_and_stop_does_not() {
+        let driver = Arc::new(TestDriver::default());
+        let (events, _rx) = EventSink::channel(16);
+        let store = Arc::new(LocalLockStore::new());
+        let supervisor = Supervisor::with_options(
+            driver.clone(),
+            events,
+            options(store, "g", SupervisorConfig::default()),
+        );
+        for id in ["deleted", "moved"] {
+            assert!(supervisor.ensure_running(id).await.unwrap());
+        }
+        assert!(supervisor.logout("deleted").await);
+        assert!(supervisor.stop("moved").await);
+        assert_eq!(
+            *driver.logged_out.lock().unwrap(),
+            vec!["deleted".to_string()]
+        );
+        assert!(supervisor.running().await.is_empty());
     }
 
     #[test]

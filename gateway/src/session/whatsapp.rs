@@ -346,6 +346,18 @@ async fn run_session(
     };
     if stopped {
         let client = handle.client();
+        if stop.wants_logout() {
+            // Unlink the device from the user's phone, then forget its keys.
+            match tokio::time::timeout(config.shutdown_timeout, client.logout()).await {
+                Ok(()) => tracing::info!(%session_id, "logged out"),
+                Err(_) => tracing::warn!(%session_id, "logout timed out"),
+            }
+            if let Some(store) = &redis_store
+                && let Err(err) = store.wipe().await
+            {
+                tracing::warn!(%session_id, %err, "wiping the session keys failed");
+            }
+        }
         if tokio::time::timeout(config.shutdown_timeout, client.disconnect())
             .await
             .is_err()
