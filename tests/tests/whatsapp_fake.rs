@@ -188,7 +188,8 @@ async fn a_restarted_session_runs_a_new_client() {
 /// fake sends `pair-success`, the client signs its device identity, the fake restarts the stream
 /// (515), the client logs in again as the paired device, gets `<success>`, passes its start-up
 /// IQs and app-state sync, and emits `Connected`. The session shows `active` and the receiver gets
-/// a high-priority `active` status.
+/// a high-priority `active` status. Then the fake drops the connection: the client resumes with
+/// Noise IK and logs in again without a new scan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scanning_the_qr_pairs_the_real_client_and_logs_it_in() {
     use std::sync::atomic::Ordering::Relaxed;
@@ -297,16 +298,65 @@ async fn scanning_the_qr_pairs_the_real_client_and_logs_it_in() {
     let statuses = receiver.items("/whatsapp/status/batch");
     let last = statuses
         .iter()
-        .filter(|s| s["sessionId"] == "wa-fake-3")
-        .last()
+        .rfind(|s| s["sessionId"] == "wa-fake-3")
         .expect("statuses");
     assert_eq!(last["status"], "active", "{statuses:?}");
 
     let stats = fake.stats();
     assert_eq!(stats.handshakes.load(Relaxed), 2, "registration + login");
+    assert_eq!(stats.ik_handshakes.load(Relaxed), 0, "both XX");
     assert_eq!(stats.logins.load(Relaxed), 1);
     assert_eq!(stats.login_failures.load(Relaxed), 0);
     assert_eq!(stats.pair_errors.load(Relaxed), 0);
+
+    // The server goes away: the client reports the outage, resumes with Noise IK (it cached the
+    // server's key at login), logs in without a new scan and is active again.
+    let before = statuses.len();
+    fake.drop_logged_in_connections();
+    wait_until(
+        "inactive, then active again at the receiver",
+        Duration::from_secs(30),
+        || {
+            let statuses = receiver.items("/whatsapp/status/batch");
+            async move {
+                let after: Vec<_> = statuses[before.min(statuses.len())..]
+                    .iter()
+                    .filter(|s| s["sessionId"] == "wa-fake-3")
+                    .map(|s| {
+                        (
+                            s["status"].as_str().unwrap_or("").to_owned(),
+                            s["priority"].clone(),
+                        )
+                    })
+                    .collect();
+                let inactive = after.iter().position(|(s, _)| s == "inactive");
+                match inactive {
+                    Some(i)
+                        if after[i + 1..]
+                            .iter()
+                            .any(|(s, p)| s == "active" && p == "high") =>
+                    {
+                        Ok(())
+                    }
+                    _ => Err(format!("statuses since the drop: {after:?}")),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        pipeline
+            .states
+            .get("wa-fake-3")
+            .expect("session state")
+            .status,
+        SessionStatus::Active
+    );
+    assert_eq!(stats.connections_dropped.load(Relaxed), 1);
+    assert_eq!(stats.ik_handshakes.load(Relaxed), 1, "resumed with IK");
+    assert_eq!(stats.logins.load(Relaxed), 2);
+    assert_eq!(stats.pair_successes.load(Relaxed), 1, "no new pairing");
     assert_eq!(stats.errors.load(Relaxed), 0);
 
     pipeline

@@ -37,6 +37,9 @@ pub(super) async fn serve(stream: TcpStream, n: u64, shared: &Arc<Shared>) -> Re
     let mut conn = Conn::new(ws);
     let handshake = handshake::respond(&mut conn, &shared.keys).await?;
     Stats::bump(&shared.stats.handshakes);
+    if handshake.resumed {
+        Stats::bump(&shared.stats.ik_handshakes);
+    }
     let payload = ClientPayload::decode_from_slice(&handshake.client_payload)
         .map_err(|e| err(format!("undecodable ClientPayload: {e}")))?;
     match payload.username {
@@ -259,6 +262,9 @@ fn pair_success(identity: Vec<u8>, device: &PairedDevice) -> Node {
         .children([
             NodeBuilder::new("device-identity").bytes(identity).build(),
             NodeBuilder::new("platform").attr("name", "fake").build(),
+            NodeBuilder::new("biz")
+                .attr("name", format!("Fake Account {}", device.phone))
+                .build(),
             NodeBuilder::new("device")
                 .attr("jid", device.jid())
                 .attr("lid", device.lid_jid())
@@ -324,11 +330,24 @@ async fn login(
         .attr("location", "fake")
         .attr("lid", paired.lid_jid())
         .build();
+    let mut drops = shared.drops.subscribe();
     transport.send_node(&mut conn, &success).await?;
     Stats::bump(&shared.stats.logins);
 
     loop {
-        let frame = conn.read_frame().await?;
+        let frame = loop {
+            if let Some(frame) = conn.take_frame() {
+                break frame;
+            }
+            tokio::select! {
+                filled = conn.fill() => filled?,
+                Ok(()) = drops.changed() => {
+                    Stats::bump(&shared.stats.connections_dropped);
+                    conn.close().await?;
+                    return Ok(());
+                }
+            }
+        };
         let Some(node) = open_stanza(&mut transport, frame)? else {
             continue;
         };

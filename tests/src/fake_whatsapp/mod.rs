@@ -19,7 +19,8 @@
 //!    `<stream:error code="515"/>` ("restart required"), as the real server does;
 //! 4. the client reconnects as a paired device (Noise XX again, with a login `ClientPayload`
 //!    carrying its phone number and device); the fake checks that the Noise key is the paired
-//!    one and sends `<success>`;
+//!    one and sends `<success>`. Later reconnects of the device use Noise IK (the client caches
+//!    the server's static key at its first login), which the fake also answers;
 //! 5. it then answers the client's start-up IQs: the `passive`/`active` IQ (followed by
 //!    `<ib><offline count="0"/></ib>`, which ends offline delivery), app-state syncs (every
 //!    requested collection comes back empty), and empty results for the rest (pre-key upload,
@@ -62,6 +63,8 @@ pub struct Stats {
     pub connections: AtomicU64,
     /// Connections that completed the Noise handshake.
     pub handshakes: AtomicU64,
+    /// Of those, Noise IK handshakes (a paired device resuming with the cached server key).
+    pub ik_handshakes: AtomicU64,
     /// `pair-device` stanzas sent.
     pub pair_devices_sent: AtomicU64,
     /// Client `iq`s of type `result` (the acks of `pair-device`), other than `pair-device-sign`.
@@ -81,6 +84,8 @@ pub struct Stats {
     pub logins: AtomicU64,
     /// Logins refused with `<failure>` (unknown device or wrong Noise key).
     pub login_failures: AtomicU64,
+    /// Logged-in connections the fake closed ([`FakeWhatsapp::drop_logged_in_connections`]).
+    pub connections_dropped: AtomicU64,
     /// App-state sync IQs answered.
     pub app_state_syncs: AtomicU64,
     /// App-state syncs of the regular collections: the client starts them right after it emits
@@ -127,6 +132,8 @@ struct Shared {
     devices: Mutex<HashMap<(u64, u32), PairedDevice>>,
     /// Accounts created so far (one per accepted scan).
     accounts: AtomicU64,
+    /// Bumped to make every logged-in connection close.
+    drops: tokio::sync::watch::Sender<u64>,
 }
 
 /// The running fake. Stops accepting when dropped.
@@ -152,6 +159,7 @@ impl FakeWhatsapp {
             waiting: Mutex::new(HashMap::new()),
             devices: Mutex::new(HashMap::new()),
             accounts: AtomicU64::new(0),
+            drops: tokio::sync::watch::Sender::new(0),
         });
         let accept_shared = Arc::clone(&shared);
         let accept = tokio::spawn(async move {
@@ -219,6 +227,12 @@ impl FakeWhatsapp {
             Ok(Err(_)) => Err(ScanError::ConnectionGone),
             Err(_) => Err(ScanError::Timeout(SCAN_TIMEOUT)),
         }
+    }
+
+    /// Closes every logged-in connection, as when the server goes away: the clients reconnect on
+    /// their own (with Noise IK, since they cached the server's key at login).
+    pub fn drop_logged_in_connections(&self) {
+        self.shared.drops.send_modify(|n| *n += 1);
     }
 
     /// The devices paired so far.

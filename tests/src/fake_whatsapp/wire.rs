@@ -37,7 +37,12 @@ impl Conn {
     /// nothing is lost when the future is dropped.
     pub(super) async fn fill(&mut self) -> Result<(), BoxError> {
         loop {
-            let msg = self.ws.next().await.ok_or_else(|| err(CLIENT_CLOSED))??;
+            let msg = self
+                .ws
+                .next()
+                .await
+                .ok_or_else(|| err(CLIENT_CLOSED))?
+                .map_err(ws_error)?;
             if msg.is_close() {
                 return Err(err(CLIENT_CLOSED));
             }
@@ -83,14 +88,29 @@ impl Conn {
         let mut frame = Vec::with_capacity(3 + payload.len());
         frame.extend_from_slice(&len.to_be_bytes()[1..]);
         frame.extend_from_slice(payload);
-        self.ws.send(Message::binary(frame)).await?;
-        Ok(())
+        self.ws.send(Message::binary(frame)).await.map_err(ws_error)
     }
 
     /// Sends a WebSocket close frame.
     pub(super) async fn close(&mut self) -> Result<(), BoxError> {
-        self.ws.close().await?;
-        Ok(())
+        self.ws.close().await.map_err(ws_error)
+    }
+}
+
+/// A WebSocket error; the peer going away (reset, broken pipe, closed) is [`CLIENT_CLOSED`].
+fn ws_error(e: tokio_websockets::Error) -> BoxError {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    match &e {
+        tokio_websockets::Error::AlreadyClosed => err(CLIENT_CLOSED),
+        tokio_websockets::Error::Io(io)
+            if matches!(
+                io.kind(),
+                BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof
+            ) =>
+        {
+            err(CLIENT_CLOSED)
+        }
+        _ => e.into(),
     }
 }
 
