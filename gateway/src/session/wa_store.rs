@@ -53,9 +53,10 @@
 //! (even one that does not know it yet) cannot overwrite what the new owner wrote. Read-modify-write
 //! methods (`create`'s counter, `touch_tc_token_sender_timestamp`, `store_received_tc_token`,
 //! `put_lid_mapping`, `put_msg_secrets`' merge, `take_sent_message`) run entirely inside their
-//! script, so they are atomic as well. The scripts also touch keys they compute (`skd:g:<group>`
-//! from `skd:groups`, the wipe's index members): all carry the session's hash tag, so they are in
-//! the script's slot.
+//! script, so they are atomic as well. A batch method called with nothing to write is a no-op
+//! that does not reach Redis (it writes nothing, so there is nothing to fence). The scripts also
+//! touch keys they compute (`skd:g:<group>` from `skd:groups`, the wipe's index members): all
+//! carry the session's hash tag, so they are in the script's slot.
 //!
 //! Reads are not fenced: a stale reader can only see data, and the data it could act on is
 //! protected by the fenced writes. Fencing reads would cost a check per read for no safety gain.
@@ -74,6 +75,9 @@
 //! - Timestamps are compared in Lua (doubles) and sorted-set scores are doubles: exact for values
 //!   up to 2^53, far beyond unix seconds.
 //! - `resource_report` says `memory_bytes: Some(0)` (the data is not in this process).
+//! - `has_signal_state_for_user` is an `HSCAN ... MATCH` over the session and identity hashes,
+//!   and `get_max_prekey_id` reads the pre-key ids (`HKEYS`): linear in those hashes, as the
+//!   in-memory scans are. Both are rare (PN->LID migration, counter initialisation).
 
 use std::collections::HashMap;
 use std::sync::Arc;
