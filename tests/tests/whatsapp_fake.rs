@@ -189,7 +189,7 @@ async fn a_restarted_session_runs_a_new_client() {
 /// (515), the client logs in again as the paired device, gets `<success>`, passes its start-up
 /// IQs and app-state sync, and emits `Connected`. The session shows `active` and the receiver gets
 /// a high-priority `active` status. Then the fake drops the connection: the client resumes with
-/// Noise IK and logs in again without a new scan.
+/// Noise IK and logs in again without a new scan. Last, a stop with logout unlinks the device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scanning_the_qr_pairs_the_real_client_and_logs_it_in() {
     use std::sync::atomic::Ordering::Relaxed;
@@ -359,7 +359,9 @@ async fn scanning_the_qr_pairs_the_real_client_and_logs_it_in() {
     assert_eq!(stats.pair_successes.load(Relaxed), 1, "no new pairing");
     assert_eq!(stats.errors.load(Relaxed), 0);
 
-    pipeline
-        .shutdown(vec![session], Duration::from_secs(10))
-        .await;
+    // Stopping with a logout unlinks the device at the "phone".
+    session.stop_and_logout().await;
+    assert_eq!(stats.logouts.load(Relaxed), 1);
+    assert!(fake.paired_devices().is_empty());
+    pipeline.shutdown(Vec::new(), Duration::from_secs(10)).await;
 }

@@ -386,6 +386,23 @@ async fn answer_iq(
                 .build();
             transport.send_node(conn, &offline).await
         }
+        // Logout: the device is unlinked; logging in with it again fails with a 401.
+        Some("md") if iq.get_optional_child("remove-companion-device").is_some() => {
+            let jid = iq
+                .get_optional_child("remove-companion-device")
+                .and_then(|r| attr(r, "jid"))
+                .unwrap_or_default();
+            let removed = {
+                let mut devices = shared.devices.lock().expect("devices map");
+                let before = devices.len();
+                devices.retain(|_, d| d.jid() != jid);
+                before != devices.len()
+            };
+            if removed {
+                Stats::bump(&shared.stats.logouts);
+            }
+            transport.send_node(conn, &iq_result(id, Vec::new())).await
+        }
         // App-state sync: every requested collection, empty (no snapshot, no patches).
         Some("w:sync:app:state") => {
             let names: Vec<String> = iq

@@ -26,7 +26,8 @@
 //!    requested collection comes back empty), and empty results for the rest (pre-key upload,
 //!    props, blocklist, privacy, digest, usync, pings). After the critical app-state collections
 //!    are synced the client emits `Connected`, then syncs the regular collections, which the fake
-//!    counts in [`Stats::post_connect_syncs`].
+//!    counts in [`Stats::post_connect_syncs`]. A client's logout (`remove-companion-device`)
+//!    unlinks the device: its next login gets `<failure reason="401"/>`.
 //!
 //! Written from the protocol note and the client's sources, not from the upstream tests. The
 //! Noise symmetric state (MixHash, MixKey, AES-GCM, Split), X25519/XEdDSA, the binary-node codec
@@ -84,6 +85,8 @@ pub struct Stats {
     pub logins: AtomicU64,
     /// Logins refused with `<failure>` (unknown device or wrong Noise key).
     pub login_failures: AtomicU64,
+    /// Devices unlinked by their own logout (`remove-companion-device`); they can no longer log in.
+    pub logouts: AtomicU64,
     /// Logged-in connections the fake closed ([`FakeWhatsapp::drop_logged_in_connections`]).
     pub connections_dropped: AtomicU64,
     /// App-state sync IQs answered.
