@@ -365,3 +365,145 @@ async fn scanning_the_qr_pairs_the_real_client_and_logs_it_in() {
     assert!(fake.paired_devices().is_empty());
     pipeline.shutdown(Vec::new(), Duration::from_secs(10)).await;
 }
+
+/// One gateway of a pair: its own pipeline, supervisor (Redis ownership locks) and whatsapp
+/// driver keeping session keys in the shared Redis.
+struct RedisGateway {
+    pipeline: Pipeline,
+    supervisor: gateway::session::supervisor::Supervisor<WhatsappDriver>,
+}
+
+impl RedisGateway {
+    async fn start(
+        identity: &str,
+        receiver: &Receiver,
+        redis_url: &str,
+        fake: &FakeWhatsapp,
+    ) -> Self {
+        use gateway::session::ownership::LeaseConfig;
+        use gateway::session::supervisor::{Supervisor, SupervisorConfig, SupervisorOptions};
+        let settings = settings(receiver);
+        let redis = gateway::redis::connect(redis_url).await.unwrap();
+        let mut registry = gateway::metrics::new_registry();
+        let pipeline = Pipeline::start(&settings, Some(redis.clone()), &mut registry, None)
+            .await
+            .unwrap();
+        let options = SupervisorOptions::new(
+            Some(&redis),
+            identity,
+            LeaseConfig::new(Duration::from_secs(3)),
+            SupervisorConfig::default(),
+            &mut registry,
+        );
+        let driver = WhatsappDriver::new(WhatsappConfig {
+            ws_url: Some(fake.url()),
+            version: Some((2, 3000, 0)),
+            ..WhatsappConfig::production()
+        })
+        .unwrap()
+        .with_redis_store(redis);
+        let supervisor =
+            Supervisor::with_options(std::sync::Arc::new(driver), pipeline.event_sink(), options);
+        RedisGateway {
+            pipeline,
+            supervisor,
+        }
+    }
+
+    async fn stop(self) {
+        self.supervisor
+            .drain(
+                Duration::from_secs(10),
+                self.pipeline.shutdown(Vec::new(), Duration::from_secs(10)),
+            )
+            .await;
+    }
+}
+
+/// The stretch goal of the session runtime: a session paired on one gateway keeps its keys in
+/// Redis (fenced by its ownership lock); after that gateway stops, another gateway takes the
+/// session and the real client logs in from the stored keys: no new QR code, no new pairing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paired_session_moves_to_another_gateway_without_a_new_scan() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const ID: &str = "wa-fake-moves";
+
+    let fake = FakeWhatsapp::start().await.unwrap();
+    let redis = test_support::RedisServer::start().await.unwrap();
+    let first_backend = Receiver::start().await.unwrap();
+    let first = RedisGateway::start("gw-a", &first_backend, &redis.url(), &fake).await;
+    first.supervisor.want(ID);
+    wait_until("a QR on gateway A", Duration::from_secs(30), || {
+        let qr = first.pipeline.states.get(ID).and_then(|s| s.latest_qr);
+        async move { qr.ok_or_else(|| "no QR yet".to_owned()) }
+    })
+    .await
+    .unwrap();
+    let code = first
+        .pipeline
+        .states
+        .get(ID)
+        .and_then(|s| s.latest_qr)
+        .unwrap()
+        .code;
+    fake.scan(&code).await.unwrap();
+    wait_until("connected on gateway A", Duration::from_secs(60), || {
+        let syncs = fake.stats().post_connect_syncs.load(Relaxed);
+        async move {
+            (syncs >= 1)
+                .then_some(())
+                .ok_or_else(|| "not connected yet".to_owned())
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        first.pipeline.states.get(ID).unwrap().status,
+        SessionStatus::Active
+    );
+    let client = gateway::redis::connect(&redis.url()).await.unwrap();
+    let device: Option<Vec<u8>> =
+        fred::prelude::KeysInterface::get(&client, format!("wa:{{{ID}}}:wa:device"))
+            .await
+            .unwrap();
+    assert!(device.is_some(), "the paired device is stored in Redis");
+    let logins_before = fake.stats().logins.load(Relaxed);
+    first.stop().await;
+
+    // Gateway B, with a backend receiver of its own: whatever it reports, it reports there.
+    let second_backend = Receiver::start().await.unwrap();
+    let second = RedisGateway::start("gw-b", &second_backend, &redis.url(), &fake).await;
+    second.supervisor.want(ID);
+    wait_until(
+        "active on gateway B at its backend",
+        Duration::from_secs(60),
+        || {
+            let statuses = second_backend.items("/whatsapp/status/batch");
+            async move {
+                statuses
+                    .iter()
+                    .any(|s| s["sessionId"] == ID && s["status"] == "active")
+                    .then_some(())
+                    .ok_or_else(|| format!("statuses so far: {statuses:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        second_backend.items("/qr/batch").is_empty(),
+        "no QR code after the move"
+    );
+    assert!(
+        second.pipeline.states.get(ID).unwrap().latest_qr.is_none(),
+        "no QR on display"
+    );
+    let stats = fake.stats();
+    assert_eq!(stats.pair_successes.load(Relaxed), 1, "paired once");
+    assert!(
+        stats.logins.load(Relaxed) > logins_before,
+        "gateway B logged in as the paired device"
+    );
+    assert_eq!(stats.login_failures.load(Relaxed), 0);
+    second.stop().await;
+}
