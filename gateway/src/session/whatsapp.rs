@@ -605,6 +605,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pairing_codes_go_to_the_qr_lane_typed_and_errors_are_reported() {
+        use crate::events::LinkCode;
+        let mut mapper = EventMapper::new("s");
+        let first = mapper.map(Signal::PairingCode {
+            code: "K7XQ2M9B".into(),
+            timeout: Duration::from_secs(180),
+        });
+        assert_eq!(
+            statuses(&first),
+            vec![(SessionStatus::QrPending, Priority::Normal, None)]
+        );
+        match &first[1] {
+            GatewayEvent::Qr(qr) => {
+                assert_eq!(qr.kind, LinkCode::PairingCode);
+                assert_eq!(qr.code, "K7XQ2M9B");
+                assert_eq!(qr.seq, 1);
+            }
+            other => panic!("expected a pairing code, got {other:?}"),
+        }
+        assert!(mapper.map(Signal::PairingCodeRefresh).is_empty());
+        let refreshed = mapper.map(Signal::PairingCode {
+            code: "M2B7K9XQ".into(),
+            timeout: Duration::from_secs(180),
+        });
+        assert!(matches!(&refreshed[..], [GatewayEvent::Qr(qr)] if qr.seq == 2));
+        assert_eq!(
+            statuses(&mapper.map(Signal::PairingCodeError("rate limited".into()))),
+            vec![(
+                SessionStatus::Inactive,
+                Priority::High,
+                Some("pairing_code_error: rate limited".into())
+            )]
+        );
+    }
+
+    #[test]
+    fn pairing_code_options_only_for_pairing_code_logins() {
+        let by_phone = crds::Login {
+            method: crds::LoginMethod::PairingCode,
+            phone_number: Some("+15551234567".into()),
+        };
+        let options = pair_code_options(&by_phone).expect("options");
+        assert_eq!(options.phone_number, "15551234567");
+        assert!(pair_code_options(&crds::Login::default()).is_none());
+    }
+
+    #[tokio::test]
     async fn pairing_and_connection_report_active_once() {
         let mut mapper = EventMapper::new("s");
         mapper.map(qr(1, 60));
