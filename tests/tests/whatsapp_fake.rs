@@ -507,3 +507,226 @@ async fn a_paired_session_moves_to_another_gateway_without_a_new_scan() {
     assert_eq!(stats.login_failures.load(Relaxed), 0);
     second.stop().await;
 }
+
+/// A gateway whose whatsapp driver links `id` by pairing code for `phone`, with its pipeline.
+async fn pairing_code_gateway(
+    fake: &FakeWhatsapp,
+    receiver: &Receiver,
+    id: &str,
+    phone: &str,
+) -> (Pipeline, WhatsappDriver) {
+    let settings = settings(receiver);
+    let mut registry = gateway::metrics::new_registry();
+    let pipeline = Pipeline::start(&settings, None, &mut registry, None)
+        .await
+        .unwrap();
+    let logins = gateway::session::LoginDirectory::default();
+    logins.set(
+        id,
+        &crds::Login {
+            method: crds::LoginMethod::PairingCode,
+            phone_number: Some(phone.into()),
+        },
+    );
+    let driver = WhatsappDriver::new(WhatsappConfig {
+        ws_url: Some(fake.url()),
+        version: Some((2, 3000, 0)),
+        ..WhatsappConfig::production()
+    })
+    .unwrap()
+    .with_logins(logins);
+    (pipeline, driver)
+}
+
+/// Waits for a status of `id` at the receiver that `matches`.
+async fn wait_for_status(
+    receiver: &Receiver,
+    id: &str,
+    what: &str,
+    matches: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    wait_until(what, Duration::from_secs(60), || {
+        let statuses = receiver.items("/whatsapp/status/batch");
+        let found = statuses
+            .iter()
+            .find(|s| s["sessionId"] == id && matches(s))
+            .cloned();
+        async move { found.ok_or_else(|| format!("statuses so far: {statuses:?}")) }
+    })
+    .await
+    .unwrap()
+}
+
+/// Linking by phone number: a session whose login is a pairing code asks the fake for a code
+/// (`companion_hello`); the 8-character code reaches the backend raw in the QR lane as
+/// `"type": "pairing_code"` with `qr_pending`, and never a QR code. The fake's phone then types
+/// codes: a wrong one does not open the client's key bundle and pairs nothing; the one the backend
+/// got does, the fake vouches for the companion under the requested number, and the session
+/// logs in and is `active`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pairing_code_reaches_the_backend_and_typing_it_links_the_session() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const ID: &str = "wa-fake-code";
+    const PHONE: &str = "+15551234567";
+
+    let fake = FakeWhatsapp::start().await.unwrap();
+    let receiver = Receiver::start().await.unwrap();
+    let (pipeline, driver) = pairing_code_gateway(&fake, &receiver, ID, PHONE).await;
+    let session = driver.start(ID, pipeline.event_sink()).await.unwrap();
+
+    let item = wait_until(
+        "a pairing code at the receiver",
+        Duration::from_secs(60),
+        || {
+            let items = receiver.items("/qr/batch");
+            async move {
+                items
+                    .into_iter()
+                    .find(|qr| qr["sessionId"] == ID)
+                    .ok_or_else(|| "no pairing code yet".to_owned())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(item["type"], "pairing_code", "{item}");
+    let code = item["qr"].as_str().expect("code").to_owned();
+    assert_eq!(code.len(), 8, "{code}");
+    assert!(
+        code.bytes()
+            .all(|b| b"123456789ABCDEFGHJKLMNPQRSTVWXYZ".contains(&b)),
+        "{code}"
+    );
+    wait_for_status(&receiver, ID, "qr_pending at the receiver", |s| {
+        s["status"] == "qr_pending"
+    })
+    .await;
+    let requests = fake.pairing_code_requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].phone_number, "15551234567");
+    assert_eq!(requests[0].code, None, "the code travels wrapped");
+    assert_eq!(fake.stats().pairing_code_requests.load(Relaxed), 1);
+
+    // A mistyped code: the client's key bundle does not open, the phone pairs nothing.
+    let wrong = if code == "ABCDEFGH" {
+        "HGFEDCBA"
+    } else {
+        "ABCDEFGH"
+    };
+    let refused = fake.enter_pairing_code(PHONE, wrong).await.unwrap_err();
+    assert!(
+        matches!(refused, test_support::fake_whatsapp::ScanError::Refused(_)),
+        "{refused}"
+    );
+    let stats = fake.stats();
+    assert_eq!(stats.key_bundle_failures.load(Relaxed), 1);
+    assert_eq!(stats.pair_successes_sent.load(Relaxed), 0);
+    assert_eq!(fake.pairing_code_requests()[0].code, None);
+
+    // The code the backend got: the bundle opens, the phone vouches for the companion.
+    let linked = Instant::now();
+    let device = fake.enter_pairing_code(PHONE, &code).await.unwrap();
+    eprintln!(
+        "linked by code as {} in {:?}",
+        device.jid(),
+        linked.elapsed()
+    );
+    assert_eq!(device.phone, 15_551_234_567);
+    assert_eq!(
+        fake.pairing_code_requests()[0].code.as_deref(),
+        Some(code.as_str()),
+        "the code the fake saw is the one the backend got"
+    );
+    assert_eq!(stats.key_bundles_opened.load(Relaxed), 1);
+    assert_eq!(stats.primary_hellos_sent.load(Relaxed), 2);
+    assert_eq!(stats.pair_successes.load(Relaxed), 1);
+
+    wait_for_status(
+        &receiver,
+        ID,
+        "a high-priority active status at the receiver",
+        |s| s["status"] == "active" && s["priority"] == "high",
+    )
+    .await;
+    wait_until(
+        "the client to emit Connected (post-connect app-state sync)",
+        Duration::from_secs(60),
+        || {
+            let syncs = stats.post_connect_syncs.load(Relaxed);
+            async move {
+                (syncs >= 1)
+                    .then_some(())
+                    .ok_or_else(|| "no post-connect sync yet".to_owned())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        pipeline.states.get(ID).expect("session state").status,
+        SessionStatus::Active
+    );
+    assert_eq!(stats.logins.load(Relaxed), 1);
+    assert_eq!(stats.login_failures.load(Relaxed), 0);
+    assert_eq!(stats.errors.load(Relaxed), 0);
+
+    // Only the pairing code ever went to the QR lane: the client's QR codes were held back.
+    let items: Vec<_> = receiver
+        .items("/qr/batch")
+        .into_iter()
+        .filter(|qr| qr["sessionId"] == ID)
+        .collect();
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["type"], "pairing_code");
+    let statuses = receiver.items("/whatsapp/status/batch");
+    let last = statuses
+        .iter()
+        .rfind(|s| s["sessionId"] == ID)
+        .expect("statuses");
+    assert_eq!(last["status"], "active", "{statuses:?}");
+
+    pipeline
+        .shutdown(vec![session], Duration::from_secs(10))
+        .await;
+}
+
+/// The server refuses the pairing-code request (`429 rate-overlimit`): no code is coming, so the
+/// session reports `inactive` with a `pairing_code_error` reason, and nothing reaches the QR lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_pairing_code_request_reports_inactive() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const ID: &str = "wa-fake-code-refused";
+
+    let fake = FakeWhatsapp::start().await.unwrap();
+    fake.refuse_pairing_codes(Some((429, "rate-overlimit")));
+    let receiver = Receiver::start().await.unwrap();
+    let (pipeline, driver) = pairing_code_gateway(&fake, &receiver, ID, "+15557654321").await;
+    let session = driver.start(ID, pipeline.event_sink()).await.unwrap();
+
+    let status = wait_for_status(
+        &receiver,
+        ID,
+        "inactive with a pairing_code_error reason",
+        |s| s["status"] == "inactive",
+    )
+    .await;
+    let reason = status["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("pairing_code_error"), "{status}");
+    assert!(reason.contains("429"), "{status}");
+    let requests = fake.pairing_code_requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].phone_number, "15557654321");
+    assert!(requests[0].pairing_ref.is_empty(), "refused: no ref");
+    assert_eq!(fake.stats().pairing_code_refusals.load(Relaxed), 1);
+    assert!(
+        !receiver
+            .items("/qr/batch")
+            .iter()
+            .any(|qr| qr["sessionId"] == ID),
+        "no code and no QR code in the QR lane"
+    );
+
+    pipeline
+        .shutdown(vec![session], Duration::from_secs(10))
+        .await;
+}

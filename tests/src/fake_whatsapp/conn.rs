@@ -10,13 +10,17 @@ use tokio::sync::mpsc;
 use tokio_websockets::ServerBuilder;
 use wacore_binary::builder::NodeBuilder;
 use wacore_binary::{Node, NodeContent};
+use wacore_libsignal::core::curve::{PrivateKey, PublicKey};
 use waproto::buffa::Message;
 use waproto::whatsapp::ClientPayload;
 
-use super::handshake::{self, Handshake};
+use super::handshake::{self, Handshake, public_bytes};
+use super::link_code::{self, WRAPPED_EPHEMERAL_LEN};
 use super::phone::{Account, PairedDevice, QrCode};
 use super::wire::{Conn, SERVER, Transport, attr, decode_node, iq_result, pair_device_stanza};
-use super::{BoxError, FakeWhatsapp, Scan, ScanError, Shared, Stats, err};
+use super::{
+    BoxError, FakeWhatsapp, Link, PairingCodeRequest, Scan, ScanError, Shared, Stats, err,
+};
 
 /// The device number the fake gives every companion it pairs.
 const COMPANION_DEVICE: u32 = 1;
@@ -75,6 +79,16 @@ impl<'a> Waiting<'a> {
             refs: refs.to_vec(),
         }
     }
+
+    /// Another ref the connection answers to (a pairing ref), on the same channel.
+    fn add(&mut self, reference: &str) {
+        let mut waiting = self.shared.waiting.lock().expect("waiting map");
+        let Some(scans) = self.refs.first().and_then(|r| waiting.get(r)).cloned() else {
+            return;
+        };
+        waiting.insert(reference.to_owned(), scans);
+        self.refs.push(reference.to_owned());
+    }
 }
 
 impl Drop for Waiting<'_> {
@@ -115,7 +129,37 @@ struct PendingPair {
     reply: tokio::sync::oneshot::Sender<Result<PairedDevice, ScanError>>,
 }
 
-/// A fresh client: show it refs, pair it when one is scanned.
+/// The client's latest `companion_hello` on this connection.
+struct CodeRequest {
+    pairing_ref: String,
+    phone: u64,
+    wrapped_ephemeral: Vec<u8>,
+}
+
+/// A `primary_hello` sent (a code typed on the phone), its `companion_finish` not answered yet.
+struct PendingCode {
+    account: Account,
+    code: String,
+    pairing_ref: String,
+    primary_ephemeral: PrivateKey,
+    companion_ephemeral: [u8; 32],
+    reply: tokio::sync::oneshot::Sender<Result<PairedDevice, ScanError>>,
+}
+
+/// What a fresh client's connection is in the middle of.
+struct Registration<'a> {
+    shared: &'a Shared,
+    n: u64,
+    client_static: [u8; 32],
+    identity: Option<[u8; 32]>,
+    waiting: Waiting<'a>,
+    pending: Option<PendingPair>,
+    code_request: Option<CodeRequest>,
+    pending_code: Option<PendingCode>,
+    notifications: u64,
+}
+
+/// A fresh client: show it refs, pair it when one is scanned or its pairing code typed.
 async fn register(
     mut conn: Conn,
     handshake: Handshake,
@@ -130,21 +174,34 @@ async fn register(
     } = handshake;
     let refs = FakeWhatsapp::refs(n);
     let (scans_tx, mut scans) = mpsc::unbounded_channel();
-    let _waiting = Waiting::register(shared, &refs, scans_tx);
+    let waiting = Waiting::register(shared, &refs, scans_tx);
     transport
         .send(&mut conn, &pair_device_stanza("pd-1", &refs))
         .await?;
     Stats::bump(&shared.stats.pair_devices_sent);
 
-    let mut pending: Option<PendingPair> = None;
+    let mut reg = Registration {
+        shared,
+        n,
+        client_static,
+        identity,
+        waiting,
+        pending: None,
+        code_request: None,
+        pending_code: None,
+        notifications: 0,
+    };
     loop {
         match next_input(&mut conn, &mut scans).await? {
-            Input::Scan(Scan { qr, reply }) => {
+            Input::Scan(Scan {
+                link: Link::Qr(qr),
+                reply,
+            }) => {
                 let refused = if qr.noise_public != client_static {
                     Some(ScanError::Mismatch("noise key"))
                 } else if identity.is_some_and(|i| i != qr.identity_public) {
                     Some(ScanError::Mismatch("identity key"))
-                } else if pending.is_some() {
+                } else if reg.pending.is_some() || reg.pending_code.is_some() {
                     Some(ScanError::Mismatch("already scanned"))
                 } else {
                     None
@@ -154,30 +211,15 @@ async fn register(
                     continue;
                 }
                 let account = Account::new(shared.accounts.fetch_add(1, Ordering::Relaxed));
-                let device = PairedDevice {
-                    phone: account.phone,
-                    lid: account.lid,
-                    device: COMPANION_DEVICE,
-                    noise_public: qr.noise_public,
-                    identity_public: qr.identity_public,
-                };
-                let identity = match account.device_identity(&qr, now()) {
-                    Ok(identity) => identity,
-                    Err(e) => {
-                        let _ = reply.send(Err(ScanError::Refused(format!("signing: {e}"))));
-                        continue;
-                    }
-                };
-                transport
-                    .send_node(&mut conn, &pair_success(identity, &device))
+                reg.send_pair_success(&mut conn, &mut transport, account, qr, reply)
                     .await?;
-                Stats::bump(&shared.stats.pair_successes_sent);
-                pending = Some(PendingPair {
-                    account,
-                    device,
-                    qr,
-                    reply,
-                });
+            }
+            Input::Scan(Scan {
+                link: Link::Code(code),
+                reply,
+            }) => {
+                reg.type_code(&mut conn, &mut transport, code, reply)
+                    .await?;
             }
             Input::Frame(frame) => {
                 let Some(node) = open_stanza(&mut transport, frame)? else {
@@ -189,7 +231,7 @@ async fn register(
                 let id = attr(&node, "id").unwrap_or_default();
                 let kind = attr(&node, "type").unwrap_or_default();
                 if id == PAIR_SUCCESS_ID
-                    && let Some(pair) = pending.take()
+                    && let Some(pair) = reg.pending.take()
                 {
                     if kind == "result" {
                         match signed_identity(&node)
@@ -228,6 +270,23 @@ async fn register(
                     }
                     continue;
                 }
+                if kind == "set"
+                    && let Some(link) = node.get_optional_child("link_code_companion_reg")
+                {
+                    match attr(link, "stage").as_deref() {
+                        Some("companion_hello") => {
+                            reg.companion_hello(&mut conn, &mut transport, &id, link)
+                                .await?;
+                            continue;
+                        }
+                        Some("companion_finish") => {
+                            reg.companion_finish(&mut conn, &mut transport, &id, link)
+                                .await?;
+                            continue;
+                        }
+                        _ => {}
+                    }
+                }
                 match kind.as_str() {
                     "result" => Stats::bump(&shared.stats.acks),
                     "get" | "set" => {
@@ -241,6 +300,306 @@ async fn register(
             }
         }
     }
+}
+
+impl Registration<'_> {
+    /// Vouches for the companion of `qr` (a scanned QR code, or the keys of a pairing-code
+    /// exchange) with `pair-success`; the client's `pair-device-sign` completes it.
+    async fn send_pair_success(
+        &mut self,
+        conn: &mut Conn,
+        transport: &mut Transport,
+        account: Account,
+        qr: QrCode,
+        reply: tokio::sync::oneshot::Sender<Result<PairedDevice, ScanError>>,
+    ) -> Result<(), BoxError> {
+        let device = PairedDevice {
+            phone: account.phone,
+            lid: account.lid,
+            device: COMPANION_DEVICE,
+            noise_public: qr.noise_public,
+            identity_public: qr.identity_public,
+        };
+        let identity = match account.device_identity(&qr, now()) {
+            Ok(identity) => identity,
+            Err(e) => {
+                let _ = reply.send(Err(ScanError::Refused(format!("signing: {e}"))));
+                return Ok(());
+            }
+        };
+        transport
+            .send_node(conn, &pair_success(identity, &device))
+            .await?;
+        Stats::bump(&self.shared.stats.pair_successes_sent);
+        self.pending = Some(PendingPair {
+            account,
+            device,
+            qr,
+            reply,
+        });
+        Ok(())
+    }
+
+    /// `companion_hello`: the client asks for a pairing code for a phone number. Answered with a
+    /// pairing ref (or the configured refusal).
+    async fn companion_hello(
+        &mut self,
+        conn: &mut Conn,
+        transport: &mut Transport,
+        id: &str,
+        link: &Node,
+    ) -> Result<(), BoxError> {
+        Stats::bump(&self.shared.stats.pairing_code_requests);
+        let jid = attr(link, "jid").unwrap_or_default();
+        let phone_number = jid.split('@').next().unwrap_or_default().to_owned();
+        let wrapped_ephemeral =
+            child_bytes(link, "link_code_pairing_wrapped_companion_ephemeral_pub")
+                .unwrap_or_default();
+        let auth_key = child_bytes(link, "companion_server_auth_key_pub").unwrap_or_default();
+        let refusal = self
+            .shared
+            .code_refusal
+            .lock()
+            .expect("code refusal")
+            .clone();
+        let phone = phone_number.parse::<u64>().ok();
+        let refusal = refusal.or_else(|| {
+            if phone.is_none() || wrapped_ephemeral.len() != WRAPPED_EPHEMERAL_LEN {
+                Some((400, "bad-request".to_owned()))
+            } else if auth_key != self.client_static {
+                // The companion names the Noise key it connected with.
+                Some((401, "not-authorized".to_owned()))
+            } else {
+                None
+            }
+        });
+        let mut request = PairingCodeRequest {
+            phone_number,
+            pairing_ref: String::new(),
+            connection: self.n,
+            code: None,
+        };
+        if let Some((code, text)) = refusal {
+            Stats::bump(&self.shared.stats.pairing_code_refusals);
+            self.shared
+                .code_requests
+                .lock()
+                .expect("code requests")
+                .push(request);
+            return transport.send_node(conn, &iq_error(id, code, &text)).await;
+        }
+        let pairing_ref = {
+            let mut requests = self.shared.code_requests.lock().expect("code requests");
+            request.pairing_ref = format!("3@FAKE-CODE-{}-{}", self.n, requests.len());
+            requests.push(request.clone());
+            request.pairing_ref
+        };
+        self.waiting.add(&pairing_ref);
+        self.code_request = Some(CodeRequest {
+            pairing_ref: pairing_ref.clone(),
+            phone: phone.unwrap_or_default(),
+            wrapped_ephemeral,
+        });
+        let answer = NodeBuilder::new("link_code_companion_reg")
+            .children([NodeBuilder::new("link_code_pairing_ref")
+                .bytes(pairing_ref.into_bytes())
+                .build()])
+            .build();
+        transport
+            .send_node(conn, &iq_result(id, vec![answer]))
+            .await
+    }
+
+    /// The person types `code` on the phone: unwrap the client's ephemeral key with it and send
+    /// `primary_hello` with the phone's own ephemeral key, wrapped with the same code.
+    async fn type_code(
+        &mut self,
+        conn: &mut Conn,
+        transport: &mut Transport,
+        code: String,
+        reply: tokio::sync::oneshot::Sender<Result<PairedDevice, ScanError>>,
+    ) -> Result<(), BoxError> {
+        let Some(request) = &self.code_request else {
+            let _ = reply.send(Err(ScanError::NoPairingCodeRequest(format!(
+                "connection {}",
+                self.n
+            ))));
+            return Ok(());
+        };
+        if self.pending.is_some() || self.pending_code.is_some() {
+            let _ = reply.send(Err(ScanError::Mismatch("already scanned")));
+            return Ok(());
+        }
+        let primary_ephemeral = PrivateKey::deserialize(&rand::random::<[u8; 32]>())
+            .map_err(|e| err(format!("ephemeral key: {e}")))?;
+        let primary_public = public_bytes(&primary_ephemeral);
+        let (wrapped_companion, typed) = (request.wrapped_ephemeral.clone(), code.clone());
+        // PBKDF2 twice (2^17 rounds each): off the async threads.
+        let (companion_ephemeral, wrapped_primary) = tokio::task::spawn_blocking(move || {
+            (
+                link_code::unwrap_ephemeral(&wrapped_companion, &typed),
+                link_code::wrap_ephemeral(&primary_public, &typed),
+            )
+        })
+        .await?;
+        let companion_ephemeral = companion_ephemeral.map_err(err)?;
+        let account = Account::with_phone(
+            self.shared.accounts.fetch_add(1, Ordering::Relaxed),
+            request.phone,
+        );
+        self.notifications += 1;
+        let link = NodeBuilder::new("link_code_companion_reg")
+            .attr("stage", "primary_hello")
+            .children([
+                NodeBuilder::new("link_code_pairing_wrapped_primary_ephemeral_pub")
+                    .bytes(wrapped_primary.to_vec())
+                    .build(),
+                NodeBuilder::new("primary_identity_pub")
+                    .bytes(account.identity_public().to_vec())
+                    .build(),
+                NodeBuilder::new("link_code_pairing_ref")
+                    .bytes(request.pairing_ref.clone().into_bytes())
+                    .build(),
+            ])
+            .build();
+        let notification = NodeBuilder::new("notification")
+            .attrs([
+                ("from", SERVER.to_owned()),
+                ("type", "link_code_companion_reg".to_owned()),
+                ("id", format!("lc-{}", self.notifications)),
+                ("t", now().to_string()),
+            ])
+            .children([link])
+            .build();
+        transport.send_node(conn, &notification).await?;
+        Stats::bump(&self.shared.stats.primary_hellos_sent);
+        self.pending_code = Some(PendingCode {
+            account,
+            code,
+            pairing_ref: request.pairing_ref.clone(),
+            primary_ephemeral,
+            companion_ephemeral,
+            reply,
+        });
+        Ok(())
+    }
+
+    /// `companion_finish`: the client's key bundle. If it opens with the typed code, the phone
+    /// vouches for the companion with `pair-success`, its HMAC keyed by the adv secret both sides
+    /// derive from the bundle.
+    async fn companion_finish(
+        &mut self,
+        conn: &mut Conn,
+        transport: &mut Transport,
+        id: &str,
+        link: &Node,
+    ) -> Result<(), BoxError> {
+        let reference = child_bytes(link, "link_code_pairing_ref").unwrap_or_default();
+        let Some(pending) = self
+            .pending_code
+            .take_if(|p| p.pairing_ref.as_bytes() == reference)
+        else {
+            // Nobody typed a code for this ref.
+            return transport
+                .send_node(conn, &iq_error(id, 400, "bad-request"))
+                .await;
+        };
+        // The server takes the bundle; whether the phone can open it is the phone's business.
+        transport
+            .send_node(conn, &iq_result(id, Vec::new()))
+            .await?;
+        let opened = self.open_bundle(&pending, link);
+        let (bundle, ephemeral_shared) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                Stats::bump(&self.shared.stats.key_bundle_failures);
+                let _ = pending.reply.send(Err(ScanError::Refused(e)));
+                return Ok(());
+            }
+        };
+        Stats::bump(&self.shared.stats.key_bundles_opened);
+        if let Some(request) = self
+            .shared
+            .code_requests
+            .lock()
+            .expect("code requests")
+            .iter_mut()
+            .find(|r| r.pairing_ref == pending.pairing_ref)
+        {
+            request.code = Some(pending.code.clone());
+        }
+        let identity_shared = match pending
+            .account
+            .identity_agreement(&bundle.companion_identity)
+        {
+            Ok(shared) => shared,
+            Err(e) => {
+                let _ = pending.reply.send(Err(ScanError::Refused(e)));
+                return Ok(());
+            }
+        };
+        let qr = QrCode {
+            reference: pending.pairing_ref,
+            noise_public: self.client_static,
+            identity_public: bundle.companion_identity,
+            adv_secret: link_code::adv_secret(&ephemeral_shared, &identity_shared, &bundle.random),
+            client_type: "pairing-code".into(),
+        };
+        self.send_pair_success(conn, transport, pending.account, qr, pending.reply)
+            .await
+    }
+
+    /// Opens the key bundle of a `companion_finish` and checks what it says.
+    fn open_bundle(
+        &self,
+        pending: &PendingCode,
+        link: &Node,
+    ) -> Result<(link_code::KeyBundle, [u8; 32]), String> {
+        let wrapped = child_bytes(link, "link_code_pairing_wrapped_key_bundle")
+            .ok_or("no link_code_pairing_wrapped_key_bundle")?;
+        let companion_identity: [u8; 32] = child_bytes(link, "companion_identity_public")
+            .and_then(|k| k.try_into().ok())
+            .ok_or("no 32-byte companion_identity_public")?;
+        let companion_ephemeral =
+            PublicKey::from_djb_public_key_bytes(&pending.companion_ephemeral)
+                .map_err(|e| e.to_string())?;
+        let ephemeral_shared = pending
+            .primary_ephemeral
+            .calculate_agreement(&companion_ephemeral)
+            .map_err(|e| e.to_string())?;
+        let bundle = link_code::open_key_bundle(&wrapped, &ephemeral_shared)
+            .map_err(|e| format!("code {}: {e}", pending.code))?;
+        if bundle.companion_identity != companion_identity {
+            return Err("the key bundle names another companion identity".into());
+        }
+        if self.identity.is_some_and(|i| i != companion_identity) {
+            return Err("the companion identity is not the one it registered with".into());
+        }
+        if bundle.primary_identity != pending.account.identity_public() {
+            return Err("the key bundle names another primary identity".into());
+        }
+        Ok((bundle, ephemeral_shared))
+    }
+}
+
+/// The bytes of a child node.
+fn child_bytes(node: &Node, tag: &str) -> Option<Vec<u8>> {
+    match node.get_optional_child(tag)?.content.as_ref()? {
+        NodeContent::Bytes(bytes) => Some(bytes.clone()),
+        NodeContent::String(s) => Some(s.as_bytes().to_vec()),
+        _ => None,
+    }
+}
+
+/// `<iq from="s.whatsapp.net" type="error" id=..><error code=.. text=../></iq>`.
+fn iq_error(id: &str, code: u16, text: &str) -> Node {
+    NodeBuilder::new("iq")
+        .attrs([("from", SERVER), ("type", "error"), ("id", id)])
+        .children([NodeBuilder::new("error")
+            .attr("code", code.to_string())
+            .attr("text", text)
+            .build()])
+        .build()
 }
 
 /// Decrypts and decodes a stanza; an undecodable one is logged and skipped.

@@ -29,6 +29,18 @@
 //!    counts in [`Stats::post_connect_syncs`]. A client's logout (`remove-companion-device`)
 //!    unlinks the device: its next login gets `<failure reason="401"/>`.
 //!
+//! Linking by pairing code (the client's `link_code_companion_reg` flow, see [`link_code`]):
+//! 1. a fresh client that was asked for a pairing code sends `companion_hello` for a phone number;
+//!    the fake answers with a pairing ref, so the client emits `PairingCode`, and records the
+//!    request ([`FakeWhatsapp::pairing_code_requests`]). The code only travels wrapped (it keys
+//!    the wrapping), so the fake learns it when the phone types it;
+//! 2. [`FakeWhatsapp::enter_pairing_code`] plays the person typing the code on the phone: the fake
+//!    unwraps the client's ephemeral key with it and sends `primary_hello`; the client answers with
+//!    `companion_finish`, a key bundle that opens only if the typed code is the client's. Then it
+//!    is step 2 of the QR pairing above, with the adv secret both sides derived from the bundle
+//!    and the account under the requested phone number;
+//! 3. [`FakeWhatsapp::refuse_pairing_codes`] makes it answer `companion_hello` with an error.
+//!
 //! Written from the protocol note and the client's sources, not from the upstream tests. The
 //! Noise symmetric state (MixHash, MixKey, AES-GCM, Split), X25519/XEdDSA, the binary-node codec
 //! and the protobuf messages of pairing come from the client's own crates (`wacore-noise`,
@@ -37,6 +49,7 @@
 
 mod conn;
 mod handshake;
+mod link_code;
 mod phone;
 mod wire;
 
@@ -57,6 +70,9 @@ pub use wire::{WA_HEADER, pair_device_stanza, pb_field};
 pub const REFS_PER_PAIRING: usize = 6;
 /// How long [`FakeWhatsapp::scan`] waits for the client to answer `pair-success`.
 pub const SCAN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long [`FakeWhatsapp::enter_pairing_code`] waits for the client to answer: longer than a
+/// scan, since both sides run PBKDF2 (2^17 rounds) on the code, slow in debug builds.
+pub const CODE_ENTRY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Counters of what the fake saw, for assertions.
 #[derive(Debug, Default)]
@@ -89,6 +105,16 @@ pub struct Stats {
     pub logouts: AtomicU64,
     /// Logged-in connections the fake closed ([`FakeWhatsapp::drop_logged_in_connections`]).
     pub connections_dropped: AtomicU64,
+    /// `companion_hello` requests (a client asking for a pairing code).
+    pub pairing_code_requests: AtomicU64,
+    /// Of those, the ones refused ([`FakeWhatsapp::refuse_pairing_codes`]).
+    pub pairing_code_refusals: AtomicU64,
+    /// `primary_hello` notifications sent (a code typed on the phone).
+    pub primary_hellos_sent: AtomicU64,
+    /// `companion_finish` key bundles that opened with the typed code.
+    pub key_bundles_opened: AtomicU64,
+    /// `companion_finish` key bundles that did not open (the typed code was not the client's).
+    pub key_bundle_failures: AtomicU64,
     /// App-state sync IQs answered.
     pub app_state_syncs: AtomicU64,
     /// App-state syncs of the regular collections: the client starts them right after it emits
@@ -109,20 +135,43 @@ pub enum ScanError {
     BadCode(String),
     #[error("no connection is showing ref {0}")]
     UnknownRef(String),
+    #[error("no client asked for a pairing code for {0}")]
+    NoPairingCodeRequest(String),
     #[error("the code does not match the connection that shows its ref: {0}")]
     Mismatch(&'static str),
     #[error("the client refused pair-success: {0}")]
     Refused(String),
-    #[error("the connection ended before the client answered pair-success")]
+    #[error("the connection ended before the client answered")]
     ConnectionGone,
-    #[error("the client did not answer pair-success within {0:?}")]
+    #[error("the client did not answer within {0:?}")]
     Timeout(Duration),
 }
 
-/// A scan handed to the connection that shows the ref.
+/// What the phone does to link a companion.
+enum Link {
+    /// Scans the QR code.
+    Qr(QrCode),
+    /// Types the pairing code.
+    Code(String),
+}
+
+/// A scan (or a typed code) handed to the connection that shows the ref.
 struct Scan {
-    qr: QrCode,
+    link: Link,
     reply: oneshot::Sender<Result<PairedDevice, ScanError>>,
+}
+
+/// A client's request for a pairing code (`companion_hello`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairingCodeRequest {
+    /// The phone number the client links to, digits only.
+    pub phone_number: String,
+    /// The pairing ref the fake answered with (empty if it refused the request).
+    pub pairing_ref: String,
+    /// The connection (0-based, in accept order) that asked.
+    pub connection: u64,
+    /// The code typed on the phone whose key bundle opened: the client's code. `None` until then.
+    pub code: Option<String>,
 }
 
 /// State shared by the accept loop, the connections and the test.
@@ -133,6 +182,10 @@ struct Shared {
     waiting: Mutex<HashMap<String, mpsc::UnboundedSender<Scan>>>,
     /// Paired devices, by (phone, device).
     devices: Mutex<HashMap<(u64, u32), PairedDevice>>,
+    /// Pairing-code requests, in order.
+    code_requests: Mutex<Vec<PairingCodeRequest>>,
+    /// When set, `companion_hello` is answered with `<error code=.. text=..>`.
+    code_refusal: Mutex<Option<(u16, String)>>,
     /// Accounts created so far (one per accepted scan).
     accounts: AtomicU64,
     /// Bumped to make every logged-in connection close.
@@ -161,6 +214,8 @@ impl FakeWhatsapp {
             keys: handshake::ServerKeys::new(),
             waiting: Mutex::new(HashMap::new()),
             devices: Mutex::new(HashMap::new()),
+            code_requests: Mutex::new(Vec::new()),
+            code_refusal: Mutex::new(None),
             accounts: AtomicU64::new(0),
             drops: tokio::sync::watch::Sender::new(0),
         });
@@ -223,12 +278,76 @@ impl FakeWhatsapp {
             .ok_or_else(|| ScanError::UnknownRef(qr.reference.clone()))?;
         let (reply, replied) = oneshot::channel();
         connection
-            .send(Scan { qr, reply })
+            .send(Scan {
+                link: Link::Qr(qr),
+                reply,
+            })
             .map_err(|_| ScanError::ConnectionGone)?;
         match tokio::time::timeout(SCAN_TIMEOUT, replied).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ScanError::ConnectionGone),
             Err(_) => Err(ScanError::Timeout(SCAN_TIMEOUT)),
+        }
+    }
+
+    /// The pairing codes clients asked for, in order, with the code once the phone typed it.
+    pub fn pairing_code_requests(&self) -> Vec<PairingCodeRequest> {
+        self.shared
+            .code_requests
+            .lock()
+            .expect("code requests")
+            .clone()
+    }
+
+    /// From now on, answers every `companion_hello` with `<error code=.. text=..>` (the real
+    /// server answers `429 rate-overlimit`, `400 bad-request`, ...), or again with a pairing ref
+    /// after `None`.
+    pub fn refuse_pairing_codes(&self, refusal: Option<(u16, &str)>) {
+        *self.shared.code_refusal.lock().expect("code refusal") =
+            refusal.map(|(code, text)| (code, text.to_owned()));
+    }
+
+    /// Types `code` on the phone of `phone_number` ("link with phone number instead"): the fake
+    /// sends `primary_hello` to the client that last asked for a code for that number, and waits
+    /// until the client has sent its key bundle, the bundle opened with `code`, and the client
+    /// signed the device identity of the `pair-success` that followed (then the client restarts
+    /// and logs in, as after a scan). A wrong code fails with [`ScanError::Refused`] and leaves the
+    /// client's code valid (the phone may try again; the client allows three attempts).
+    pub async fn enter_pairing_code(
+        &self,
+        phone_number: &str,
+        code: &str,
+    ) -> Result<PairedDevice, ScanError> {
+        let phone: String = phone_number.chars().filter(char::is_ascii_digit).collect();
+        let reference = self
+            .shared
+            .code_requests
+            .lock()
+            .expect("code requests")
+            .iter()
+            .rev()
+            .find(|r| r.phone_number == phone && !r.pairing_ref.is_empty())
+            .map(|r| r.pairing_ref.clone())
+            .ok_or_else(|| ScanError::NoPairingCodeRequest(phone.clone()))?;
+        let connection = self
+            .shared
+            .waiting
+            .lock()
+            .expect("waiting map")
+            .get(&reference)
+            .cloned()
+            .ok_or_else(|| ScanError::UnknownRef(reference.clone()))?;
+        let (reply, replied) = oneshot::channel();
+        connection
+            .send(Scan {
+                link: Link::Code(code.to_owned()),
+                reply,
+            })
+            .map_err(|_| ScanError::ConnectionGone)?;
+        match tokio::time::timeout(CODE_ENTRY_TIMEOUT, replied).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ScanError::ConnectionGone),
+            Err(_) => Err(ScanError::Timeout(CODE_ENTRY_TIMEOUT)),
         }
     }
 

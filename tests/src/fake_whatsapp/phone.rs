@@ -117,6 +117,32 @@ impl Account {
         }
     }
 
+    /// Account number `n` under a phone number of the test's choosing (a companion that links by
+    /// pairing code names the number it links to).
+    pub(super) fn with_phone(n: u64, phone: u64) -> Self {
+        Account {
+            phone,
+            ..Account::new(n)
+        }
+    }
+
+    /// The account's identity public key (the phone's, in a pairing-code `primary_hello`).
+    pub(super) fn identity_public(&self) -> [u8; 32] {
+        self.identity_public
+    }
+
+    /// X25519 agreement of the account's identity key with a companion's identity key.
+    pub(super) fn identity_agreement(
+        &self,
+        companion_identity: &[u8; 32],
+    ) -> Result<[u8; 32], String> {
+        let companion =
+            PublicKey::from_djb_public_key_bytes(companion_identity).map_err(|e| e.to_string())?;
+        self.identity
+            .calculate_agreement(&companion)
+            .map_err(|e| e.to_string())
+    }
+
     /// The `<device-identity>` content that vouches for the companion of `qr`.
     pub(super) fn device_identity(&self, qr: &QrCode, now: u64) -> Result<Vec<u8>, String> {
         let details = ADVDeviceIdentity {
