@@ -730,3 +730,87 @@ async fn a_refused_pairing_code_request_reports_inactive() {
         .shutdown(vec![session], Duration::from_secs(10))
         .await;
 }
+
+/// The server voids the code on display (`refresh_code`): the client emits `PairingCodeRefresh`,
+/// the driver asks for a new code, and the new code reaches the backend as the next item of the
+/// QR lane. The old code no longer links; the new one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_pairing_code_replaces_the_old_one_at_the_backend() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const ID: &str = "wa-fake-code-refresh";
+    const PHONE: &str = "+15550001111";
+
+    let fake = FakeWhatsapp::start().await.unwrap();
+    let receiver = Receiver::start().await.unwrap();
+    let (pipeline, driver) = pairing_code_gateway(&fake, &receiver, ID, PHONE).await;
+    let session = driver.start(ID, pipeline.event_sink()).await.unwrap();
+
+    let codes = |n: usize| {
+        let items = receiver.items("/qr/batch");
+        async move {
+            let codes: Vec<_> = items
+                .into_iter()
+                .filter(|qr| qr["sessionId"] == ID)
+                .collect();
+            if codes.len() >= n {
+                Ok(codes)
+            } else {
+                Err(format!("pairing codes so far: {codes:?}"))
+            }
+        }
+    };
+    let first = wait_until("a pairing code", Duration::from_secs(60), || codes(1))
+        .await
+        .unwrap()[0]
+        .clone();
+    fake.refresh_pairing_code(PHONE).await.unwrap();
+    let items = wait_until("a second pairing code", Duration::from_secs(60), || {
+        codes(2)
+    })
+    .await
+    .unwrap();
+    assert_eq!(items.len(), 2, "{items:?}");
+    let second = &items[1];
+    assert_eq!(second["type"], "pairing_code", "{second}");
+    assert_eq!(second["seq"], 2, "{second}");
+    let (old, new) = (
+        first["qr"].as_str().unwrap(),
+        second["qr"].as_str().unwrap(),
+    );
+    assert_eq!(new.len(), 8, "{new}");
+    assert_ne!(old, new);
+    let stats = fake.stats();
+    assert_eq!(stats.code_refreshes_sent.load(Relaxed), 1);
+    assert_eq!(stats.pairing_code_requests.load(Relaxed), 2);
+    let requests = fake.pairing_code_requests();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert_ne!(requests[0].pairing_ref, requests[1].pairing_ref);
+
+    // The old code is void: the client's bundle (made with the new one) does not open with it.
+    let refused = fake.enter_pairing_code(PHONE, old).await.unwrap_err();
+    assert!(
+        matches!(refused, test_support::fake_whatsapp::ScanError::Refused(_)),
+        "{refused}"
+    );
+    fake.enter_pairing_code(PHONE, new).await.unwrap();
+    assert_eq!(
+        fake.pairing_code_requests()[1].code.as_deref(),
+        Some(new),
+        "linked with the new code"
+    );
+    wait_for_status(&receiver, ID, "active at the receiver", |s| {
+        s["status"] == "active"
+    })
+    .await;
+    assert!(
+        !receiver
+            .items("/whatsapp/status/batch")
+            .iter()
+            .any(|s| s["sessionId"] == ID && s["status"] == "inactive"),
+        "a refresh is no outage"
+    );
+
+    pipeline
+        .shutdown(vec![session], Duration::from_secs(10))
+        .await;
+}

@@ -19,7 +19,7 @@ use super::link_code::{self, WRAPPED_EPHEMERAL_LEN};
 use super::phone::{Account, PairedDevice, QrCode};
 use super::wire::{Conn, SERVER, Transport, attr, decode_node, iq_result, pair_device_stanza};
 use super::{
-    BoxError, FakeWhatsapp, Link, PairingCodeRequest, Scan, ScanError, Shared, Stats, err,
+    BoxError, FakeWhatsapp, Link, PairingCodeRequest, Phone, Scan, ScanError, Shared, Stats, err,
 };
 
 /// The device number the fake gives every companion it pairs.
@@ -69,7 +69,7 @@ struct Waiting<'a> {
 }
 
 impl<'a> Waiting<'a> {
-    fn register(shared: &'a Shared, refs: &[String], scans: mpsc::UnboundedSender<Scan>) -> Self {
+    fn register(shared: &'a Shared, refs: &[String], scans: mpsc::UnboundedSender<Phone>) -> Self {
         let mut waiting = shared.waiting.lock().expect("waiting map");
         for r in refs {
             waiting.insert(r.clone(), scans.clone());
@@ -103,12 +103,12 @@ impl Drop for Waiting<'_> {
 
 enum Input {
     Frame(Vec<u8>),
-    Scan(Scan),
+    Phone(Phone),
 }
 
 async fn next_input(
     conn: &mut Conn,
-    scans: &mut mpsc::UnboundedReceiver<Scan>,
+    scans: &mut mpsc::UnboundedReceiver<Phone>,
 ) -> Result<Input, BoxError> {
     loop {
         if let Some(frame) = conn.take_frame() {
@@ -116,7 +116,7 @@ async fn next_input(
         }
         tokio::select! {
             filled = conn.fill() => filled?,
-            Some(scan) = scans.recv() => return Ok(Input::Scan(scan)),
+            Some(phone) = scans.recv() => return Ok(Input::Phone(phone)),
         }
     }
 }
@@ -193,10 +193,10 @@ async fn register(
     };
     loop {
         match next_input(&mut conn, &mut scans).await? {
-            Input::Scan(Scan {
+            Input::Phone(Phone::Scan(Scan {
                 link: Link::Qr(qr),
                 reply,
-            }) => {
+            })) => {
                 let refused = if qr.noise_public != client_static {
                     Some(ScanError::Mismatch("noise key"))
                 } else if identity.is_some_and(|i| i != qr.identity_public) {
@@ -214,12 +214,16 @@ async fn register(
                 reg.send_pair_success(&mut conn, &mut transport, account, qr, reply)
                     .await?;
             }
-            Input::Scan(Scan {
+            Input::Phone(Phone::Scan(Scan {
                 link: Link::Code(code),
                 reply,
-            }) => {
+            })) => {
                 reg.type_code(&mut conn, &mut transport, code, reply)
                     .await?;
+            }
+            Input::Phone(Phone::RefreshCode(reply)) => {
+                let refreshed = reg.refresh_code(&mut conn, &mut transport).await?;
+                let _ = reply.send(refreshed);
             }
             Input::Frame(frame) => {
                 let Some(node) = open_stanza(&mut transport, frame)? else {
@@ -410,6 +414,43 @@ impl Registration<'_> {
             .await
     }
 
+    /// `refresh_code`: the client's code is void; it drops it (and may ask for another).
+    async fn refresh_code(
+        &mut self,
+        conn: &mut Conn,
+        transport: &mut Transport,
+    ) -> Result<Result<(), ScanError>, BoxError> {
+        let Some(request) = self.code_request.take() else {
+            return Ok(Err(ScanError::NoPairingCodeRequest(format!(
+                "connection {}",
+                self.n
+            ))));
+        };
+        self.notifications += 1;
+        let link = NodeBuilder::new("link_code_companion_reg")
+            .attr("stage", "refresh_code")
+            .children([NodeBuilder::new("link_code_pairing_ref")
+                .bytes(request.pairing_ref.into_bytes())
+                .build()])
+            .build();
+        transport.send_node(conn, &self.notification(link)).await?;
+        Stats::bump(&self.shared.stats.code_refreshes_sent);
+        Ok(Ok(()))
+    }
+
+    /// `<notification from="s.whatsapp.net" type="link_code_companion_reg">` around `link`.
+    fn notification(&self, link: Node) -> Node {
+        NodeBuilder::new("notification")
+            .attrs([
+                ("from", SERVER.to_owned()),
+                ("type", "link_code_companion_reg".to_owned()),
+                ("id", format!("lc-{}", self.notifications)),
+                ("t", now().to_string()),
+            ])
+            .children([link])
+            .build()
+    }
+
     /// The person types `code` on the phone: unwrap the client's ephemeral key with it and send
     /// `primary_hello` with the phone's own ephemeral key, wrapped with the same code.
     async fn type_code(
@@ -462,16 +503,7 @@ impl Registration<'_> {
                     .build(),
             ])
             .build();
-        let notification = NodeBuilder::new("notification")
-            .attrs([
-                ("from", SERVER.to_owned()),
-                ("type", "link_code_companion_reg".to_owned()),
-                ("id", format!("lc-{}", self.notifications)),
-                ("t", now().to_string()),
-            ])
-            .children([link])
-            .build();
-        transport.send_node(conn, &notification).await?;
+        transport.send_node(conn, &self.notification(link)).await?;
         Stats::bump(&self.shared.stats.primary_hellos_sent);
         self.pending_code = Some(PendingCode {
             account,

@@ -39,7 +39,9 @@
 //!    `companion_finish`, a key bundle that opens only if the typed code is the client's. Then it
 //!    is step 2 of the QR pairing above, with the adv secret both sides derived from the bundle
 //!    and the account under the requested phone number;
-//! 3. [`FakeWhatsapp::refuse_pairing_codes`] makes it answer `companion_hello` with an error.
+//! 3. [`FakeWhatsapp::refuse_pairing_codes`] makes it answer `companion_hello` with an error, and
+//!    [`FakeWhatsapp::refresh_pairing_code`] tells the client to replace its code
+//!    (`refresh_code`).
 //!
 //! Written from the protocol note and the client's sources, not from the upstream tests. The
 //! Noise symmetric state (MixHash, MixKey, AES-GCM, Split), X25519/XEdDSA, the binary-node codec
@@ -109,6 +111,8 @@ pub struct Stats {
     pub pairing_code_requests: AtomicU64,
     /// Of those, the ones refused ([`FakeWhatsapp::refuse_pairing_codes`]).
     pub pairing_code_refusals: AtomicU64,
+    /// `refresh_code` notifications sent ([`FakeWhatsapp::refresh_pairing_code`]).
+    pub code_refreshes_sent: AtomicU64,
     /// `primary_hello` notifications sent (a code typed on the phone).
     pub primary_hellos_sent: AtomicU64,
     /// `companion_finish` key bundles that opened with the typed code.
@@ -161,6 +165,13 @@ struct Scan {
     reply: oneshot::Sender<Result<PairedDevice, ScanError>>,
 }
 
+/// What the phone (or the server on its behalf) does to a waiting connection.
+enum Phone {
+    Scan(Scan),
+    /// Tells the client to replace its pairing code (`refresh_code`).
+    RefreshCode(oneshot::Sender<Result<(), ScanError>>),
+}
+
 /// A client's request for a pairing code (`companion_hello`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PairingCodeRequest {
@@ -179,7 +190,7 @@ struct Shared {
     stats: Stats,
     keys: handshake::ServerKeys,
     /// Connections waiting for a scan, by the refs they handed out.
-    waiting: Mutex<HashMap<String, mpsc::UnboundedSender<Scan>>>,
+    waiting: Mutex<HashMap<String, mpsc::UnboundedSender<Phone>>>,
     /// Paired devices, by (phone, device).
     devices: Mutex<HashMap<(u64, u32), PairedDevice>>,
     /// Pairing-code requests, in order.
@@ -278,10 +289,10 @@ impl FakeWhatsapp {
             .ok_or_else(|| ScanError::UnknownRef(qr.reference.clone()))?;
         let (reply, replied) = oneshot::channel();
         connection
-            .send(Scan {
+            .send(Phone::Scan(Scan {
                 link: Link::Qr(qr),
                 reply,
-            })
+            }))
             .map_err(|_| ScanError::ConnectionGone)?;
         match tokio::time::timeout(SCAN_TIMEOUT, replied).await {
             Ok(Ok(result)) => result,
@@ -318,6 +329,39 @@ impl FakeWhatsapp {
         phone_number: &str,
         code: &str,
     ) -> Result<PairedDevice, ScanError> {
+        let connection = self.code_connection(phone_number)?;
+        let (reply, replied) = oneshot::channel();
+        connection
+            .send(Phone::Scan(Scan {
+                link: Link::Code(code.to_owned()),
+                reply,
+            }))
+            .map_err(|_| ScanError::ConnectionGone)?;
+        match tokio::time::timeout(CODE_ENTRY_TIMEOUT, replied).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ScanError::ConnectionGone),
+            Err(_) => Err(ScanError::Timeout(CODE_ENTRY_TIMEOUT)),
+        }
+    }
+
+    /// Tells the client that last asked for a code for `phone_number` to replace it
+    /// (`<notification type="link_code_companion_reg"><link_code_companion_reg
+    /// stage="refresh_code">`, as the server does): the client drops its code and emits
+    /// `PairingCodeRefresh`; a new code comes only if it asks again.
+    pub async fn refresh_pairing_code(&self, phone_number: &str) -> Result<(), ScanError> {
+        let connection = self.code_connection(phone_number)?;
+        let (reply, replied) = oneshot::channel();
+        connection
+            .send(Phone::RefreshCode(reply))
+            .map_err(|_| ScanError::ConnectionGone)?;
+        replied.await.map_err(|_| ScanError::ConnectionGone)?
+    }
+
+    /// The connection of the latest answered pairing-code request for a phone number.
+    fn code_connection(
+        &self,
+        phone_number: &str,
+    ) -> Result<mpsc::UnboundedSender<Phone>, ScanError> {
         let phone: String = phone_number.chars().filter(char::is_ascii_digit).collect();
         let reference = self
             .shared
@@ -328,27 +372,14 @@ impl FakeWhatsapp {
             .rev()
             .find(|r| r.phone_number == phone && !r.pairing_ref.is_empty())
             .map(|r| r.pairing_ref.clone())
-            .ok_or_else(|| ScanError::NoPairingCodeRequest(phone.clone()))?;
-        let connection = self
-            .shared
+            .ok_or(ScanError::NoPairingCodeRequest(phone))?;
+        self.shared
             .waiting
             .lock()
             .expect("waiting map")
             .get(&reference)
             .cloned()
-            .ok_or_else(|| ScanError::UnknownRef(reference.clone()))?;
-        let (reply, replied) = oneshot::channel();
-        connection
-            .send(Scan {
-                link: Link::Code(code.to_owned()),
-                reply,
-            })
-            .map_err(|_| ScanError::ConnectionGone)?;
-        match tokio::time::timeout(CODE_ENTRY_TIMEOUT, replied).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ScanError::ConnectionGone),
-            Err(_) => Err(ScanError::Timeout(CODE_ENTRY_TIMEOUT)),
-        }
+            .ok_or(ScanError::UnknownRef(reference))
     }
 
     /// Closes every logged-in connection, as when the server goes away: the clients reconnect on
