@@ -251,7 +251,17 @@ struct Forward {
 impl EventHandler for Forward {
     fn handle_event(&self, event: Arc<Event>) {
         if let Some(signal) = Signal::from_event(&event) {
-            if self.pairing_code && matches!(signal, Signal::Qr { .. }) {
+            // A pairing-code session shows no QR code, and the hidden QR codes running out
+            // while the client keeps the connection for the code is no news either.
+            if self.pairing_code
+                && matches!(
+                    signal,
+                    Signal::Qr { .. }
+                        | Signal::QrExhausted {
+                            still_connected: true
+                        }
+                )
+            {
                 return;
             }
             // The session task may be gone already; then nobody cares.
@@ -276,6 +286,13 @@ impl EventHandler for Forward {
             EventKind::ConnectFailure,
             EventKind::ClientOutdated,
         ])
+    }
+}
+
+async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -309,12 +326,29 @@ async fn run_session(
         redis_store,
     } = task;
     let mut mapper = EventMapper::new(session_id.clone());
+    // When the pairing code on display stops working. The client keeps the connection past it
+    // and asks for nothing, so the driver ends the session then, as an exhausted QR cycle does:
+    // the supervisor restarts it after its backoff and the user gets a fresh code.
+    let mut code_expires: Option<tokio::time::Instant> = None;
     let stopped = 'run: loop {
         tokio::select! {
             biased;
             () = &mut stop => break true,
+            () = sleep_until_or_never(code_expires) => {
+                for event in mapper.map(Signal::PairingCodeExpired) {
+                    let _ = events.emit(event).await;
+                }
+                break true;
+            }
             signal = signals.recv() => {
                 let Some(signal) = signal else { break false };
+                match &signal {
+                    Signal::PairingCode { timeout, .. } => {
+                        code_expires = Some(tokio::time::Instant::now() + *timeout);
+                    }
+                    Signal::Paired | Signal::Connected => code_expires = None,
+                    _ => {}
+                }
                 if signal == Signal::PairingCodeRefresh
                     && let Some(options) = pair_code.clone()
                 {
@@ -381,11 +415,23 @@ async fn run_session(
 /// What the driver takes from one client event: the parts the gateway reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signal {
-    Qr { code: String, timeout: Duration },
-    PairingCode { code: String, timeout: Duration },
+    Qr {
+        code: String,
+        timeout: Duration,
+    },
+    PairingCode {
+        code: String,
+        timeout: Duration,
+    },
     PairingCodeRefresh,
     PairingCodeError(String),
-    QrExhausted,
+    /// `still_connected`: the client kept the connection up because a pairing code is
+    /// outstanding (only the hidden QR codes ran out).
+    QrExhausted {
+        still_connected: bool,
+    },
+    /// The pairing code on display expired without being typed (the driver's own deadline).
+    PairingCodeExpired,
     Paired,
     PairError(String),
     Connected,
@@ -404,7 +450,9 @@ impl Signal {
                 code: qr.code.clone(),
                 timeout: qr.timeout,
             },
-            Event::PairingQrCodesExhausted(_) => Signal::QrExhausted,
+            Event::PairingQrCodesExhausted(exhausted) => Signal::QrExhausted {
+                still_connected: !exhausted.disconnected,
+            },
             Event::PairingCode(pc) => Signal::PairingCode {
                 code: pc.code.clone(),
                 timeout: pc.timeout,
@@ -499,7 +547,13 @@ impl EventMapper {
                 }
                 (SessionStatus::Active, None)
             }
-            Signal::QrExhausted => (SessionStatus::Inactive, Some("qr_exhausted".to_owned())),
+            Signal::QrExhausted { .. } => {
+                (SessionStatus::Inactive, Some("qr_exhausted".to_owned()))
+            }
+            Signal::PairingCodeExpired => (
+                SessionStatus::Inactive,
+                Some("pairing_code_expired".to_owned()),
+            ),
             Signal::PairError(err) => (SessionStatus::Inactive, Some(format!("pair_error: {err}"))),
             Signal::Disconnected(reason) => (
                 SessionStatus::Inactive,
@@ -589,7 +643,9 @@ mod tests {
         assert_eq!(second.len(), 1);
         assert!(matches!(&second[0], GatewayEvent::Qr(qr) if qr.seq == 2));
 
-        let exhausted = mapper.map(Signal::QrExhausted);
+        let exhausted = mapper.map(Signal::QrExhausted {
+            still_connected: false,
+        });
         assert_eq!(
             statuses(&exhausted),
             vec![(
@@ -630,6 +686,14 @@ mod tests {
             timeout: Duration::from_secs(180),
         });
         assert!(matches!(&refreshed[..], [GatewayEvent::Qr(qr)] if qr.seq == 2));
+        assert_eq!(
+            statuses(&mapper.map(Signal::PairingCodeExpired)),
+            vec![(
+                SessionStatus::Inactive,
+                Priority::High,
+                Some("pairing_code_expired".into())
+            )]
+        );
         assert_eq!(
             statuses(&mapper.map(Signal::PairingCodeError("rate limited".into()))),
             vec![(
