@@ -13,6 +13,16 @@
 //!   delivered it, divided by `count`. For `sim` every session starts unpaired and nobody scans.
 //! - `seconds_to_all_qr`: from wanting the sessions to the last session's first QR code passing
 //!   the supervisor's gate (counted by a tap in front of the pipeline).
+//!
+//! `--driver whatsapp` runs the real `whatsapp-rust` client inside the real gateway *binary*
+//! (`gateway standalone --driver whatsapp`, Redis store, supervisor, cache, delivery) against the
+//! project's fake WhatsApp server on loopback (`test_support::fake_whatsapp`, in this process).
+//! The fake's certificate is not WhatsApp's, so that binary is built with the test-only feature
+//! `fake-server-tests` into a target directory of its own (`<target>/fake-server`): the feature
+//! never reaches the gateway binary of a normal build. Per-session RSS is the gateway process's
+//! VmRSS with `count` sessions each showing a QR code, minus the same binary's VmRSS with no
+//! session, divided by `count`; `seconds_to_all_qr` runs from the process start to the backend
+//! receiver holding the first QR code of every session (so it includes the QR lane's batching).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,13 +71,16 @@ pub fn run(args: SessionsArgs) -> anyhow::Result<()> {
     if args.serve_receiver {
         return serve_receiver();
     }
-    if args.driver == DriverArg::Whatsapp {
-        bail!(
-            "--driver whatsapp: not built yet (the whatsapp-rust driver and the fake WhatsApp server are still to come); use --driver sim"
-        );
-    }
     if args.count == 0 {
         bail!("--count must be at least 1");
+    }
+    if args.driver == DriverArg::Whatsapp {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let report = runtime.block_on(measure_whatsapp(&args))?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
     }
     let mut receiver = ReceiverProcess::start()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -298,5 +311,189 @@ async fn measure(args: &SessionsArgs, backend_url: &str) -> anyhow::Result<serde
         "max_connect_attempts": settings.max_connect_attempts,
         "qr_format": "png",
         "drain_seconds": (drain_seconds * 1000.0).round() / 1000.0,
+    }))
+}
+
+/// The gateway binary with the fake server's certificate accepted, in `<target>/fake-server`.
+fn fake_server_gateway() -> anyhow::Result<std::path::PathBuf> {
+    let profile_dir = test_support::gateway::own_profile_dir()?;
+    let target = profile_dir
+        .parent()
+        .context("the bench binary lives in <target>/<profile>")?;
+    let dir = target.join("fake-server");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!(
+        "building the gateway with the test-only feature fake-server-tests into {}",
+        dir.display()
+    );
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "--release",
+            "-p",
+            "gateway",
+            "--bin",
+            "gateway",
+            "--features",
+            "fake-server-tests",
+        ])
+        .env("CARGO_TARGET_DIR", &dir)
+        .current_dir(test_support::tools::workspace_root())
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build of the fake-server gateway failed: {status}");
+    }
+    Ok(dir.join("release").join("gateway"))
+}
+
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
+async fn measure_whatsapp(args: &SessionsArgs) -> anyhow::Result<serde_json::Value> {
+    use test_support::fake_whatsapp::FakeWhatsapp;
+    use test_support::gateway::GatewayProcess;
+
+    let bin = fake_server_gateway()?;
+    let redis = match std::env::var("REDIS_URL") {
+        Ok(url) if !url.is_empty() => (None, url),
+        _ => {
+            let server = test_support::RedisServer::start()
+                .await
+                .context("starting redis-server (or set REDIS_URL)")?;
+            let url = server.url();
+            (Some(server), url)
+        }
+    };
+    let fake = FakeWhatsapp::start().await?;
+    let receiver = test_support::receiver::Receiver::start().await?;
+    let attempts = args.max_connect_attempts.to_string();
+    let backend = receiver.url();
+    let common = |identity: &'static str| {
+        vec![
+            "standalone",
+            "--driver",
+            "whatsapp",
+            "--whatsapp-version",
+            "2.3000.0",
+            "--backend-url",
+            backend.as_str(),
+            "--redis-url",
+            redis.1.as_str(),
+            "--identity",
+            identity,
+            "--resync-interval-s",
+            "0",
+            "--rate-limit-rps",
+            "100000",
+            "--rate-limit-burst",
+            "10000",
+            "--max-connect-attempts",
+            attempts.as_str(),
+        ]
+    };
+    let fake_url = fake.url();
+
+    // The same binary and configuration with no session: the baseline.
+    let mut baseline_args = common("bench-wa-baseline");
+    baseline_args.extend(["--whatsapp-url", fake_url.as_str()]);
+    let baseline = GatewayProcess::start_path(&bin, &baseline_args, &[]).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_empty = rss_of(baseline.child.id());
+    drop(baseline);
+
+    let ids: Vec<String> = (0..args.count)
+        .map(|i| format!("wa-bench-{i:05}"))
+        .collect();
+    let sessions = ids.join(",");
+    let mut run_args = common("bench-wa");
+    run_args.extend(["--whatsapp-url", fake_url.as_str()]);
+    let began = Instant::now();
+    let gateway =
+        GatewayProcess::start_path(&bin, &run_args, &[("WA_SESSIONS", sessions.as_str())]).await?;
+    let deadline = began + Duration::from_secs(args.timeout_s);
+    let first_qr_sessions = |receiver: &test_support::receiver::Receiver| {
+        receiver
+            .items("/qr/batch")
+            .iter()
+            .filter(|i| i["seq"] == 1)
+            .filter_map(|i| i["sessionId"].as_str().map(str::to_owned))
+            .collect::<std::collections::HashSet<String>>()
+            .len()
+    };
+    let mut seen = 0;
+    while seen < args.count {
+        if Instant::now() >= deadline {
+            bail!(
+                "only {seen} of {} sessions had a QR code at the backend within {} s\n{}",
+                args.count,
+                args.timeout_s,
+                gateway
+                    .log()
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen = first_qr_sessions(&receiver);
+    }
+    let seconds_to_all_qr = began.elapsed().as_secs_f64();
+    // Settled: every session waiting for a scan, its first QR delivered.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_full = rss_of(gateway.child.id());
+    let pending = receiver
+        .last_status_by_session()
+        .values()
+        .filter(|s| *s == "qr_pending")
+        .count();
+    let handshakes = fake
+        .stats()
+        .handshakes
+        .load(std::sync::atomic::Ordering::Relaxed);
+
+    let stop_began = Instant::now();
+    gateway.child.signal("TERM")?;
+    let mut gateway = gateway;
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = gateway.child.wait_timeout(Duration::from_secs(60));
+        (status, gateway)
+    })
+    .await?;
+    let drain_seconds = stop_began.elapsed().as_secs_f64();
+    let exited_cleanly = matches!(exited.0, Ok(Some(_)));
+    drop(redis.0);
+
+    let per_session = rss_full.saturating_sub(rss_empty) as f64 / args.count as f64;
+    Ok(json!({
+        "driver": "whatsapp",
+        "count": args.count,
+        "rss_per_session_kib": (per_session * 100.0).round() / 100.0,
+        "seconds_to_all_qr": (seconds_to_all_qr * 1000.0).round() / 1000.0,
+        "rss_no_sessions_kib": rss_empty,
+        "rss_with_sessions_kib": rss_full,
+        "sessions_qr_pending_at_backend": pending,
+        "fake_server_handshakes": handshakes,
+        "redis": true,
+        "max_connect_attempts": args.max_connect_attempts,
+        "qr_format": "png",
+        "drain_seconds": (drain_seconds * 1000.0).round() / 1000.0,
+        "exited_cleanly": exited_cleanly,
+        "targets": {
+            "rss_per_session_kib_max": 100,
+            "seconds_to_all_qr_max": 5,
+            "met": per_session <= 100.0 && seconds_to_all_qr <= 5.0,
+        },
     }))
 }
