@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod assign;
 mod cache;
 mod delivery;
+mod operator;
 mod sessions;
 
 #[derive(Parser)]
@@ -30,6 +31,10 @@ enum What {
     /// Sessions inside the real gateway (supervisor with Redis ownership, pipeline to a loopback
     /// backend): RSS per session and time until every session showed its first QR code.
     Sessions(sessions::SessionsArgs),
+    /// The operator and gateway shards as processes (sim driver) against a real kube-apiserver:
+    /// time until every session is assigned and Connected, apiserver writes per session, steady
+    /// status writes, moves and load balance when a shard is added.
+    Operator(operator::OperatorArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +44,6 @@ fn main() -> anyhow::Result<()> {
         What::Delivery(args) => delivery::run(args),
         What::Cache(args) => cache::run(args),
         What::Sessions(args) => sessions::run(args),
+        What::Operator(args) => operator::run(args),
     }
 }

@@ -156,3 +156,56 @@ pub async fn start_operator(plane: &ControlPlane) -> GatewayProcess {
     .await
     .unwrap()
 }
+
+/// Shard `ordinal` as [`start_gateway`] starts it, but from the binary at `bin` and with `args`
+/// after `cluster` (lease timing, status QPS, ...) instead of the tests' fast leases; `--sim-seed`
+/// is the ordinal unless `args` sets it. Errors are returned, not unwrapped.
+pub async fn start_gateway_with(
+    plane: &ControlPlane,
+    redis: &RedisServer,
+    ordinal: u32,
+    bin: &std::path::Path,
+    args: &[&str],
+) -> crate::Result<GatewayProcess> {
+    let kubeconfig = plane.kubeconfig_path().display().to_string();
+    let pod = format!("{RELEASE}-gateway-{ordinal}");
+    let seed = ordinal.to_string();
+    let mut full = vec!["cluster"];
+    if !args.contains(&"--sim-seed") {
+        full.extend(["--sim-seed", &seed]);
+    }
+    full.extend_from_slice(args);
+    GatewayProcess::start_path(
+        bin,
+        &full,
+        &[
+            ("KUBECONFIG", &kubeconfig),
+            ("POD_NAME", &pod),
+            ("POD_NAMESPACE", NS),
+            ("WA_RELEASE", RELEASE),
+            ("WA_REDIS_URL", &redis.url()),
+        ],
+    )
+    .await
+}
+
+/// The operator as [`start_operator`] starts it, but from the binary at `bin` and with `args`
+/// instead of the tests' `--resync-ms 500`. Errors are returned, not unwrapped.
+pub async fn start_operator_with(
+    plane: &ControlPlane,
+    bin: &std::path::Path,
+    args: &[&str],
+) -> crate::Result<GatewayProcess> {
+    let kubeconfig = plane.kubeconfig_path().display().to_string();
+    GatewayProcess::start_path(
+        bin,
+        args,
+        &[
+            ("KUBECONFIG", &kubeconfig),
+            ("POD_NAMESPACE", NS),
+            ("WA_RELEASE", RELEASE),
+            ("POD_NAME", "op-0"),
+        ],
+    )
+    .await
+}

@@ -241,6 +241,18 @@ impl ControlPlane {
         self.wait_ready().await
     }
 
+    /// The kube-apiserver's `/metrics` (Prometheus text), read as admin.
+    pub async fn apiserver_metrics(&self) -> Result<String> {
+        let client = self.client().await?;
+        let req = http::Request::get("/metrics")
+            .body(Vec::new())
+            .map_err(|e| Error::Command {
+                cmd: "GET /metrics".into(),
+                output: e.to_string(),
+            })?;
+        Ok(client.request_text(req).await?)
+    }
+
     /// Runs kubectl against this control plane as admin.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
         let mut full = vec![format!(

@@ -181,3 +181,58 @@ pub async fn http_get(url: &str) -> std::result::Result<(u16, String), String> {
     };
     Ok((status, body))
 }
+
+/// The profile dir (`<target>/<profile>`) of a binary that `cargo run`/`cargo build` put directly
+/// in it, such as the bench at `target/release/bench` (unlike test binaries, which live in
+/// `target/<profile>/deps/`).
+pub fn own_profile_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    exe.parent()
+        .map(|p| p.to_path_buf())
+        .ok_or_else(|| Error::Command {
+            cmd: "current_exe".into(),
+            output: format!("{} has no parent dir", exe.display()),
+        })
+}
+
+/// Builds the binaries of `packages` into `profile_dir` (`<target>/<profile>`: release when its
+/// name is `release`) and returns their paths, in the order of `packages`.
+pub fn build_binaries_into(
+    profile_dir: &std::path::Path,
+    packages: &[&str],
+) -> Result<Vec<PathBuf>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-q"])
+        .current_dir(crate::tools::workspace_root());
+    for package in packages {
+        cmd.args(["-p", package, "--bin", package]);
+    }
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    if let Some(target_dir) = profile_dir.parent() {
+        cmd.env("CARGO_TARGET_DIR", target_dir);
+    }
+    let what = format!("cargo build -p {}", packages.join(" -p "));
+    let status = cmd.status()?;
+    if !status.success() {
+        return Err(Error::Command {
+            cmd: what,
+            output: status.to_string(),
+        });
+    }
+    Ok(packages.iter().map(|p| profile_dir.join(p)).collect())
+}
+
+impl GatewayProcess {
+    /// Starts the binary at `bin` (a gateway or operator built elsewhere, see
+    /// [`build_binaries_into`]) like [`GatewayProcess::start`] does.
+    pub async fn start_path(
+        bin: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        Self::start_binary(bin.to_path_buf(), args, env).await
+    }
+}
