@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::SessionStates;
 use crate::session::SessionDriver;
 use crate::session::supervisor::Supervisor;
-use crate::status::{CoalescePolicy, StatusCoalescer, StatusSnapshot, StatusWriter};
+use crate::status::{Assignment, CoalescePolicy, StatusCoalescer, StatusSnapshot, StatusWriter};
 use crate::{Error, Result};
 
 const LEASE_FIELD_MANAGER: &str = "whatsapp-gateway-lease";
@@ -83,6 +83,10 @@ async fn renew_lease(
 struct Placement {
     namespace: String,
     name: String,
+    /// `metadata.generation` of the spec this shard runs (`status.observedGeneration`).
+    generation: Option<i64>,
+    /// When this shard took the session on (the Assigned condition's transition time).
+    since: String,
 }
 
 /// Runs shard duties until `shutdown` is cancelled, then drains and returns.
@@ -146,7 +150,12 @@ pub async fn run<D: SessionDriver>(
         .await
         .map_err(|e| Error::Kube(e.to_string()))?;
 
-    let writer = StatusWriter::new(client.clone(), settings.pod.clone(), settings.status_qps);
+    let writer = StatusWriter::new(
+        client.clone(),
+        settings.pod.clone(),
+        settings.shard.clone(),
+        settings.status_qps,
+    );
     let mut coalescer = StatusCoalescer::new(CoalescePolicy::default());
     let mut placements: HashMap<String, Placement> = HashMap::new();
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
@@ -280,7 +289,16 @@ async fn reconcile<D: SessionDriver>(
         }
         wanted.insert(id.clone());
         settings.logins.set(&id, &session.spec.login);
-        placements.insert(id.clone(), Placement { namespace, name });
+        let generation = session.metadata.generation;
+        placements
+            .entry(id.clone())
+            .and_modify(|p| p.generation = generation)
+            .or_insert_with(|| Placement {
+                namespace,
+                name,
+                generation,
+                since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            });
         match supervisor.ensure_running(&id).await {
             Ok(true) => tracing::debug!(session_id = %id, "session started"),
             Ok(false) => {}
@@ -322,7 +340,15 @@ async fn write_statuses(
     )
     .map(|(id, placement, snapshot)| async move {
         match writer
-            .write(&placement.namespace, &placement.name, &snapshot)
+            .write(
+                &placement.namespace,
+                &placement.name,
+                &Assignment {
+                    generation: placement.generation,
+                    since: &placement.since,
+                },
+                &snapshot,
+            )
             .await
         {
             Ok(()) => None,

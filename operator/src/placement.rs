@@ -216,7 +216,7 @@ pub async fn place_once(
                 }
                 return Ok::<Option<MoveReason>, Error>(None);
             }
-            assign_to(&api, &session, &to).await?;
+            assign_to(&api, &session, &to, reason != MoveReason::New).await?;
             // A first placement is visible in the label and status; a move between shards is
             // worth an Event (`kubectl describe` shows why a session reconnected elsewhere).
             if reason != MoveReason::New
@@ -321,8 +321,16 @@ async fn publish_move(
     }
 }
 
-/// Relabels the session and records `status.shard` (phase Assigned, condition Assigned).
-async fn assign_to(api: &Api<WhatsappSession>, session: &WhatsappSession, to: &str) -> Result<()> {
+/// Relabels the session; for a move also records `status.shard` (phase Assigned, condition
+/// Assigned). A first placement is the label alone: the gateway's first status write records
+/// the shard, the Assigned condition and `observedGeneration` (one apiserver write per session
+/// saved, which keeps a new session at two writes to Connected).
+async fn assign_to(
+    api: &Api<WhatsappSession>,
+    session: &WhatsappSession,
+    to: &str,
+    write_status: bool,
+) -> Result<()> {
     let ns_api: Api<WhatsappSession> = Api::namespaced(
         api.clone().into_client(),
         &session.namespace().unwrap_or_default(),
@@ -344,6 +352,9 @@ async fn assign_to(api: &Api<WhatsappSession>, session: &WhatsappSession, to: &s
     ns_api
         .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
+    if !write_status {
+        return Ok(());
+    }
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let status = serde_json::json!({
         "apiVersion": "whatsapp.gateway.dev/v1alpha1",

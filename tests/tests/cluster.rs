@@ -42,11 +42,22 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
         "loads {:?} within cap {cap}",
         loads(&placed)
     );
-    let s = api.get("s-000").await.unwrap().status.unwrap();
+    let s = api.get("s-000").await.unwrap();
+    let generation = s.metadata.generation;
+    let s = s.status.unwrap();
     assert_eq!(
         s.gateway_pod.as_deref(),
         Some(format!("{RELEASE}-gateway-{}", placed["s-000"]).as_str())
     );
+    // The gateway records the shard, the spec generation it runs and the Assigned condition.
+    assert_eq!(s.shard.as_deref(), Some(placed["s-000"].as_str()));
+    assert_eq!(s.observed_generation, generation);
+    let assigned = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == crds::condition::ASSIGNED)
+        .expect("Assigned condition");
+    assert_eq!(assigned.status, "True");
 
     // Any gateway answers the /v1 API for a session another shard runs.
     let (elsewhere, _) = placed.iter().find(|(_, s)| *s == "2").unwrap();
