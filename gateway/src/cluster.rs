@@ -57,7 +57,7 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
     // The /v1 API answers for every session of the namespace, whichever shard runs it: owned
     // sessions from memory, others from the cache tiers, then from the informer store.
     let (informer, informer_task) =
-        InformerLookup::spawn(client.clone(), &args.namespace, stop_background.clone());
+        InformerLookup::spawn(client.clone(), None, stop_background.clone());
     let states = Arc::new(SessionStates::default());
     let (cache, cache_tasks) = crate::app::start_cache(
         &settings,

@@ -1,4 +1,4 @@
-//! Cluster mode's cache fallback: every `WhatsappSession` of the namespace, indexed by session id
+//! Cluster mode's cache fallback: every `WhatsappSession`, indexed by session id
 //! and kept current by a watch. A lookup for a session that no cache tier knows (another shard's
 //! session that Redis has forgotten, a session not started yet) is answered from memory instead of
 //! the apiserver or the backend.
@@ -78,13 +78,17 @@ pub struct InformerLookup {
 }
 
 impl InformerLookup {
-    /// Watches the sessions of `namespace` until `stop`.
+    /// Watches the sessions of `namespace` (`None`: of every namespace, as the shards and the
+    /// operator do; session ids are global, they key Redis) until `stop`.
     pub fn spawn(
         client: kube::Client,
-        namespace: &str,
+        namespace: Option<&str>,
         stop: CancellationToken,
     ) -> (Self, JoinHandle<()>) {
-        let api: Api<WhatsappSession> = Api::namespaced(client, namespace);
+        let api: Api<WhatsappSession> = match namespace {
+            Some(ns) => Api::namespaced(client, ns),
+            None => Api::all(client),
+        };
         let (ready_tx, ready_rx) = watch::channel(false);
         let lookup = InformerLookup {
             index: Arc::default(),

@@ -254,7 +254,7 @@ async fn the_informer_index_answers_by_session_id_and_follows_changes() {
     .unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let (informer, task) =
-        gateway::informer::InformerLookup::spawn(client.clone(), NS_INF, stop.clone());
+        gateway::informer::InformerLookup::spawn(client.clone(), Some(NS_INF), stop.clone());
     tokio::time::timeout(Duration::from_secs(30), informer.ready())
         .await
         .expect("informer listed");
