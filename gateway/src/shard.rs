@@ -225,6 +225,7 @@ async fn reconcile<D: SessionDriver>(
     states: &SessionStates,
 ) {
     let mut wanted = HashSet::new();
+    let mut drains = Vec::new();
     for session in store.state() {
         let id = session.session_id();
         let namespace = session.namespace().unwrap_or_default();
@@ -232,19 +233,7 @@ async fn reconcile<D: SessionDriver>(
         let drain_requested = session.annotations().get(DRAIN_ANNOTATION) == Some(&settings.shard);
         let acked = session.annotations().get(DRAIN_ACK_ANNOTATION) == Some(&settings.shard);
         if drain_requested {
-            if supervisor.stop(&id).await {
-                tracing::info!(session_id = %id, "drained for handoff");
-            }
-            if !acked {
-                let api: Api<WhatsappSession> = Api::namespaced(client.clone(), &namespace);
-                let patch = serde_json::json!({"metadata": {"annotations": {DRAIN_ACK_ANNOTATION: settings.shard}}});
-                if let Err(err) = api
-                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                {
-                    tracing::warn!(%err, session_id = %id, "could not acknowledge the drain");
-                }
-            }
+            drains.push((id, namespace, name, acked));
             continue;
         }
         if session.metadata.deletion_timestamp.is_some() {
@@ -305,6 +294,25 @@ async fn reconcile<D: SessionDriver>(
             Err(err) => tracing::warn!(%err, session_id = %id, "session did not start"),
         }
     }
+    // Handoffs side by side: a scale-up asks a shard to drain a fifth of its sessions at once,
+    // and one stop-and-acknowledge after the other took 100 ms or more each.
+    futures::stream::iter(drains)
+        .for_each_concurrent(32, |(id, namespace, name, acked)| async move {
+            if supervisor.stop(&id).await {
+                tracing::info!(session_id = %id, "drained for handoff");
+            }
+            if !acked {
+                let api: Api<WhatsappSession> = Api::namespaced(client.clone(), &namespace);
+                let patch = serde_json::json!({"metadata": {"annotations": {DRAIN_ACK_ANNOTATION: settings.shard}}});
+                if let Err(err) = api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    tracing::warn!(%err, session_id = %id, "could not acknowledge the drain");
+                }
+            }
+        })
+        .await;
     for id in supervisor.running().await {
         if !wanted.contains(&id) {
             supervisor.stop(&id).await;
