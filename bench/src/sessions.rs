@@ -35,9 +35,8 @@ use gateway::config::{Cli, Mode};
 use gateway::events::GatewayEvent;
 use gateway::session::EventSink;
 use gateway::session::credentials::RestoringSim;
-use gateway::session::ownership::LeaseConfig;
 use gateway::session::sim::SimConfig;
-use gateway::session::supervisor::{Supervisor, SupervisorConfig, SupervisorOptions};
+use gateway::session::supervisor::Supervisor;
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -152,14 +151,7 @@ fn serve_receiver() -> anyhow::Result<()> {
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")
-                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
-        })
-        .unwrap_or(0)
+    rss_in("/proc/self/status")
 }
 
 async fn measure(args: &SessionsArgs, backend_url: &str) -> anyhow::Result<serde_json::Value> {
@@ -231,16 +223,7 @@ async fn measure(args: &SessionsArgs, backend_url: &str) -> anyhow::Result<serde
         })
     };
 
-    let options = SupervisorOptions::new(
-        redis.as_ref(),
-        &settings.identity,
-        LeaseConfig::new(settings.lock_ttl),
-        SupervisorConfig {
-            max_connect_attempts: settings.max_connect_attempts,
-            ..SupervisorConfig::default()
-        },
-        &mut registry,
-    );
+    let options = gateway::app::supervisor_options(&settings, redis.as_ref(), &mut registry);
     let sim = RestoringSim::new(
         SimConfig {
             unpaired_share: 1.0,
@@ -320,36 +303,26 @@ fn fake_server_gateway() -> anyhow::Result<std::path::PathBuf> {
     let target = profile_dir
         .parent()
         .context("the bench binary lives in <target>/<profile>")?;
-    let dir = target.join("fake-server");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let dir = target.join("fake-server").join("release");
     eprintln!(
         "building the gateway with the test-only feature fake-server-tests into {}",
         dir.display()
     );
-    let status = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "--release",
-            "-p",
-            "gateway",
-            "--bin",
-            "gateway",
-            "--features",
-            "fake-server-tests",
-        ])
-        .env("CARGO_TARGET_DIR", &dir)
-        .current_dir(test_support::tools::workspace_root())
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("cargo build of the fake-server gateway failed: {status}");
-    }
-    Ok(dir.join("release").join("gateway"))
+    let mut bins = test_support::gateway::build_binaries_with_features(
+        &dir,
+        &["gateway"],
+        &["fake-server-tests"],
+    )?;
+    Ok(bins.remove(0))
 }
 
 fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    rss_in(&format!("/proc/{pid}/status"))
+}
+
+/// VmRSS in KiB from a `/proc/<pid>/status` file (0 if unreadable).
+fn rss_in(status_path: &str) -> u64 {
+    std::fs::read_to_string(status_path)
         .unwrap_or_default()
         .lines()
         .find_map(|l| {

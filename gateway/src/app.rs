@@ -347,39 +347,13 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         }
     }
     let mut registry = crate::metrics::new_registry();
-    let states = Arc::new(SessionStates::default());
     let stop = CancellationToken::new();
-    let (cache, mut cache_tasks) = start_cache(
-        &settings,
-        redis.as_ref(),
-        states.clone(),
-        None,
-        &mut registry,
-        &stop,
-    )
-    .await?;
-    let pipeline = Pipeline::start_with_cache(
-        &settings,
-        redis.clone(),
-        &mut registry,
-        None,
-        states,
-        Some(cache.clone()),
-    )
-    .await?;
+    let (pipeline, cache, mut cache_tasks) =
+        start_pipeline_with_cache(&settings, redis.as_ref(), None, &mut registry, &stop).await?;
 
-    // Every simulated session is wanted; each runs only while this gateway holds its lock, so
-    // gateways sharing a Redis split the sessions and never run one twice.
-    let options = SupervisorOptions::new(
-        redis.as_ref(),
-        &settings.identity,
-        LeaseConfig::new(settings.lock_ttl),
-        SupervisorConfig {
-            max_connect_attempts: settings.max_connect_attempts,
-            ..SupervisorConfig::default()
-        },
-        &mut registry,
-    );
+    // Every wanted session runs only while this gateway holds its lock, so gateways sharing a
+    // Redis split the sessions and never run one twice.
+    let options = supervisor_options(&settings, redis.as_ref(), &mut registry);
     let driver = AnyDriver::new(
         &settings.driver,
         sim_config,
@@ -458,6 +432,49 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The session states, the cache over them (see [`start_cache`]) and the pipeline writing
+/// through it: what both modes run sessions into.
+pub async fn start_pipeline_with_cache(
+    settings: &Settings,
+    redis: Option<&fred::clients::Client>,
+    informer: Option<Arc<dyn SessionLookup>>,
+    registry: &mut Registry,
+    stop: &CancellationToken,
+) -> Result<(Pipeline, Arc<SessionCache>, Vec<JoinHandle<()>>)> {
+    let states = Arc::new(SessionStates::default());
+    let (cache, tasks) =
+        start_cache(settings, redis, states.clone(), informer, registry, stop).await?;
+    let pipeline = Pipeline::start_with_cache(
+        settings,
+        redis.cloned(),
+        registry,
+        None,
+        states,
+        Some(cache.clone()),
+    )
+    .await?;
+    Ok((pipeline, cache, tasks))
+}
+
+/// Supervisor options from the settings: Redis ownership locks (in-memory without Redis) with
+/// the configured lock TTL and cap on concurrent connection attempts.
+pub fn supervisor_options(
+    settings: &Settings,
+    redis: Option<&fred::clients::Client>,
+    registry: &mut Registry,
+) -> SupervisorOptions {
+    SupervisorOptions::new(
+        redis,
+        &settings.identity,
+        LeaseConfig::new(settings.lock_ttl),
+        SupervisorConfig {
+            max_connect_attempts: settings.max_connect_attempts,
+            ..SupervisorConfig::default()
+        },
+        registry,
+    )
 }
 
 /// The cache with its fallback (backend lookup if configured, then this gateway's own sessions),

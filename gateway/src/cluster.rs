@@ -6,14 +6,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{Pipeline, SHUTDOWN_GRACE, SessionStates, init_logging};
+use crate::app::{SHUTDOWN_GRACE, SessionStates, init_logging};
 use crate::config::ClusterArgs;
 use crate::informer::InformerLookup;
 use crate::session::LoginDirectory;
 use crate::session::any::AnyDriver;
-use crate::session::ownership::LeaseConfig;
 use crate::session::sim::SimConfig;
-use crate::session::supervisor::{Supervisor, SupervisorConfig, SupervisorOptions};
+use crate::session::supervisor::Supervisor;
 use crate::shard::{ShardSettings, shard_of_pod};
 use crate::{Error, Result};
 
@@ -58,37 +57,18 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
     // sessions from memory, others from the cache tiers, then from the informer store.
     let (informer, informer_task) =
         InformerLookup::spawn(client.clone(), None, stop_background.clone());
-    let states = Arc::new(SessionStates::default());
-    let (cache, cache_tasks) = crate::app::start_cache(
+    let (pipeline, cache, cache_tasks) = crate::app::start_pipeline_with_cache(
         &settings,
         redis.as_ref(),
-        states.clone(),
         Some(Arc::new(informer)),
         &mut registry,
         &stop_background,
     )
     .await?;
-    let pipeline = Pipeline::start_with_cache(
-        &settings,
-        redis.clone(),
-        &mut registry,
-        None,
-        states.clone(),
-        Some(cache.clone()),
-    )
-    .await?;
+    let states: Arc<SessionStates> = pipeline.states.clone();
     // A session runs only while this gateway holds its Redis lock (fencing token): a shard that
     // lost its Lease but still runs cannot drive an account another shard took over.
-    let options = SupervisorOptions::new(
-        redis.as_ref(),
-        &settings.identity,
-        LeaseConfig::new(settings.lock_ttl),
-        SupervisorConfig {
-            max_connect_attempts: settings.max_connect_attempts,
-            ..SupervisorConfig::default()
-        },
-        &mut registry,
-    );
+    let options = crate::app::supervisor_options(&settings, redis.as_ref(), &mut registry);
     let sim_config = SimConfig {
         seed: args.sim_seed,
         mean_connected: Duration::from_secs(args.sim_mean_connected_s.max(1)),

@@ -33,21 +33,9 @@ fn workspace_binary(
                 .and_then(|p| p.parent())
                 .ok_or("no target dir")?
                 .to_path_buf();
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = std::process::Command::new(cargo);
-            cmd.args(["build", "-q", "-p", package, "--bin", package])
-                .current_dir(crate::tools::workspace_root());
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            if let Some(target_dir) = profile_dir.parent() {
-                cmd.env("CARGO_TARGET_DIR", target_dir);
-            }
-            let status = cmd.status().map_err(|e| e.to_string())?;
-            if !status.success() {
-                return Err(format!("cargo build -p {package} failed: {status}"));
-            }
-            Ok(profile_dir.join(package))
+            build_binaries_into(&profile_dir, &[package])
+                .map(|mut bins| bins.remove(0))
+                .map_err(|e| e.to_string())
         })
         .clone()
         .map_err(|e| Error::Command {
@@ -201,12 +189,25 @@ pub fn build_binaries_into(
     profile_dir: &std::path::Path,
     packages: &[&str],
 ) -> Result<Vec<PathBuf>> {
+    build_binaries_with_features(profile_dir, packages, &[])
+}
+
+/// [`build_binaries_into`] with cargo `features` on (give such a build a target dir of its own,
+/// so its binaries never replace the default build's).
+pub fn build_binaries_with_features(
+    profile_dir: &std::path::Path,
+    packages: &[&str],
+    features: &[&str],
+) -> Result<Vec<PathBuf>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
     cmd.args(["build", "-q"])
         .current_dir(crate::tools::workspace_root());
     for package in packages {
         cmd.args(["-p", package, "--bin", package]);
+    }
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
     }
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");

@@ -30,21 +30,30 @@ fn settings(receiver: &Receiver) -> gateway::config::Settings {
     a.common.validate().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_client_reaches_qr_pending_through_the_gateway() {
-    let fake = FakeWhatsapp::start().await.unwrap();
-    let receiver = Receiver::start().await.unwrap();
-    let settings = settings(&receiver);
-    let mut registry = gateway::metrics::new_registry();
-    let pipeline = Pipeline::start(&settings, None, &mut registry, None)
-        .await
-        .unwrap();
-    let driver = WhatsappDriver::new(WhatsappConfig {
+/// The whatsapp driver pointed at the fake (its client version given, so no HTTP fetch).
+fn fake_driver(fake: &FakeWhatsapp) -> WhatsappDriver {
+    WhatsappDriver::new(WhatsappConfig {
         ws_url: Some(fake.url()),
         version: Some((2, 3000, 0)),
         ..WhatsappConfig::production()
     })
-    .unwrap();
+    .unwrap()
+}
+
+/// The gateway pipeline without Redis, delivering to `receiver`.
+async fn memory_pipeline(receiver: &Receiver) -> Pipeline {
+    let mut registry = gateway::metrics::new_registry();
+    Pipeline::start(&settings(receiver), None, &mut registry, None)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_client_reaches_qr_pending_through_the_gateway() {
+    let fake = FakeWhatsapp::start().await.unwrap();
+    let receiver = Receiver::start().await.unwrap();
+    let pipeline = memory_pipeline(&receiver).await;
+    let driver = fake_driver(&fake);
 
     let started = Instant::now();
     let session = driver
@@ -128,17 +137,8 @@ async fn real_client_reaches_qr_pending_through_the_gateway() {
 async fn a_restarted_session_runs_a_new_client() {
     let fake = FakeWhatsapp::start().await.unwrap();
     let receiver = Receiver::start().await.unwrap();
-    let settings = settings(&receiver);
-    let mut registry = gateway::metrics::new_registry();
-    let pipeline = Pipeline::start(&settings, None, &mut registry, None)
-        .await
-        .unwrap();
-    let driver = WhatsappDriver::new(WhatsappConfig {
-        ws_url: Some(fake.url()),
-        version: Some((2, 3000, 0)),
-        ..WhatsappConfig::production()
-    })
-    .unwrap();
+    let pipeline = memory_pipeline(&receiver).await;
+    let driver = fake_driver(&fake);
     let refs = [FakeWhatsapp::refs(0), FakeWhatsapp::refs(1)];
 
     let mut sessions = Vec::new();
@@ -196,17 +196,8 @@ async fn scanning_the_qr_pairs_the_real_client_and_logs_it_in() {
 
     let fake = FakeWhatsapp::start().await.unwrap();
     let receiver = Receiver::start().await.unwrap();
-    let settings = settings(&receiver);
-    let mut registry = gateway::metrics::new_registry();
-    let pipeline = Pipeline::start(&settings, None, &mut registry, None)
-        .await
-        .unwrap();
-    let driver = WhatsappDriver::new(WhatsappConfig {
-        ws_url: Some(fake.url()),
-        version: Some((2, 3000, 0)),
-        ..WhatsappConfig::production()
-    })
-    .unwrap();
+    let pipeline = memory_pipeline(&receiver).await;
+    let driver = fake_driver(&fake);
     let session = driver
         .start("wa-fake-3", pipeline.event_sink())
         .await
@@ -395,13 +386,7 @@ impl RedisGateway {
             SupervisorConfig::default(),
             &mut registry,
         );
-        let driver = WhatsappDriver::new(WhatsappConfig {
-            ws_url: Some(fake.url()),
-            version: Some((2, 3000, 0)),
-            ..WhatsappConfig::production()
-        })
-        .unwrap()
-        .with_redis_store(redis);
+        let driver = fake_driver(fake).with_redis_store(redis);
         let supervisor =
             Supervisor::with_options(std::sync::Arc::new(driver), pipeline.event_sink(), options);
         RedisGateway {
@@ -515,11 +500,7 @@ async fn pairing_code_gateway(
     id: &str,
     phone: &str,
 ) -> (Pipeline, WhatsappDriver) {
-    let settings = settings(receiver);
-    let mut registry = gateway::metrics::new_registry();
-    let pipeline = Pipeline::start(&settings, None, &mut registry, None)
-        .await
-        .unwrap();
+    let pipeline = memory_pipeline(receiver).await;
     let logins = gateway::session::LoginDirectory::default();
     logins.set(
         id,
@@ -528,13 +509,7 @@ async fn pairing_code_gateway(
             phone_number: Some(phone.into()),
         },
     );
-    let driver = WhatsappDriver::new(WhatsappConfig {
-        ws_url: Some(fake.url()),
-        version: Some((2, 3000, 0)),
-        ..WhatsappConfig::production()
-    })
-    .unwrap()
-    .with_logins(logins);
+    let driver = fake_driver(fake).with_logins(logins);
     (pipeline, driver)
 }
 

@@ -506,34 +506,10 @@ impl EventMapper {
     pub fn map(&mut self, signal: Signal) -> Vec<GatewayEvent> {
         let (status, reason) = match signal {
             Signal::Qr { code, timeout } => {
-                let mut events = Vec::with_capacity(2);
-                if self.status != SessionStatus::QrPending {
-                    self.qr_seq = 0;
-                    events.push(self.status_event(
-                        SessionStatus::QrPending,
-                        Priority::Normal,
-                        None,
-                    ));
-                }
-                self.qr_seq += 1;
-                events.push(QrEvent::new(&self.session_id, code, self.qr_seq, timeout).into());
-                return events;
+                return self.link_code(QrEvent::new(&self.session_id, code, 0, timeout));
             }
             Signal::PairingCode { code, timeout } => {
-                let mut events = Vec::with_capacity(2);
-                if self.status != SessionStatus::QrPending {
-                    self.qr_seq = 0;
-                    events.push(self.status_event(
-                        SessionStatus::QrPending,
-                        Priority::Normal,
-                        None,
-                    ));
-                }
-                self.qr_seq += 1;
-                events.push(
-                    QrEvent::pairing_code(&self.session_id, code, self.qr_seq, timeout).into(),
-                );
-                return events;
+                return self.link_code(QrEvent::pairing_code(&self.session_id, code, 0, timeout));
             }
             // The driver asks for a new code; the code itself reports the change.
             Signal::PairingCodeRefresh => return Vec::new(),
@@ -575,6 +551,20 @@ impl EventMapper {
             Signal::ClientOutdated => (SessionStatus::Inactive, Some("client_outdated".to_owned())),
         };
         vec![self.status_event(status, Priority::High, reason)]
+    }
+
+    /// A QR or pairing code: `qr_pending` on the first code of a cycle, then the code numbered
+    /// within the cycle.
+    fn link_code(&mut self, mut code: QrEvent) -> Vec<GatewayEvent> {
+        let mut events = Vec::with_capacity(2);
+        if self.status != SessionStatus::QrPending {
+            self.qr_seq = 0;
+            events.push(self.status_event(SessionStatus::QrPending, Priority::Normal, None));
+        }
+        self.qr_seq += 1;
+        code.seq = self.qr_seq;
+        events.push(code.into());
+        events
     }
 
     /// The final status when the client ended by itself without one.
