@@ -157,6 +157,13 @@ pub struct DeliveryArgs {
     /// Adaptive: override `BatchConfig::max_batch_items` (default 500).
     #[arg(long)]
     max_batch_items: Option<usize>,
+    /// Override the steady mix's share of sessions awaiting a scan (default 0.2). Printed under
+    /// `mix`, whose `source` then says the defaults were overridden.
+    #[arg(long)]
+    unpaired_share: Option<f64>,
+    /// Override the steady mix's mean connected time in seconds (default 1800).
+    #[arg(long)]
+    mean_connected_s: Option<u64>,
     /// Longest the graceful shutdown may take.
     #[arg(long, default_value_t = 120)]
     shutdown_grace_s: u64,
@@ -183,7 +190,11 @@ pub fn steady_mix(seed: u64) -> SimConfig {
 fn mix_json(mix: &SimConfig) -> Value {
     let ms = |d: Duration| d.as_millis() as u64;
     json!({
-        "source": "gateway::session::sim::SimConfig::default()",
+        "source": if *mix == steady_mix(mix.seed) {
+            "gateway::session::sim::SimConfig::default()"
+        } else {
+            "SimConfig::default() with --unpaired-share/--mean-connected-s overrides"
+        },
         "seed": mix.seed,
         "unpaired_share": mix.unpaired_share,
         "first_qr_validity_ms": ms(mix.first_qr_validity),
@@ -509,7 +520,13 @@ async fn measure(args: &DeliveryArgs, receiver: &Receiver) -> anyhow::Result<Val
         log
     });
 
-    let mix = steady_mix(args.seed);
+    let mut mix = steady_mix(args.seed);
+    if let Some(share) = args.unpaired_share {
+        mix.unpaired_share = share;
+    }
+    if let Some(secs) = args.mean_connected_s {
+        mix.mean_connected = Duration::from_secs(secs);
+    }
     let driver = SimDriver::new(mix.clone())?;
     let started = Instant::now();
     let ramp = Duration::from_secs(args.ramp_s);

@@ -141,6 +141,31 @@ pub fn loads(placed: &HashMap<String, String>) -> HashMap<String, usize> {
     out
 }
 
+/// Waits until the operator counts `shards` live gateway shards (its `whatsapp_operator_live_shards`
+/// gauge). A gateway answers `/healthz` before its first Lease write, so sessions created right
+/// after the gateways start could be placed over fewer shards and then handed off, which the
+/// placement assertions would mistake for needless moves.
+pub async fn wait_operator_sees_shards(operator: &GatewayProcess, shards: usize) {
+    let want = format!("whatsapp_operator_live_shards {shards}");
+    wait_until("operator sees the shards", Duration::from_secs(60), || {
+        let want = want.clone();
+        async move {
+            let (_, metrics) = operator.get("/metrics").await?;
+            if metrics.lines().any(|l| l.trim() == want) {
+                Ok(())
+            } else {
+                Err(metrics
+                    .lines()
+                    .filter(|l| l.starts_with("whatsapp_operator_live_shards"))
+                    .collect::<Vec<_>>()
+                    .join(" "))
+            }
+        }
+    })
+    .await
+    .unwrap();
+}
+
 /// The operator binary as a process against `plane`, placing sessions over this release's shards.
 pub async fn start_operator(plane: &ControlPlane) -> GatewayProcess {
     let kubeconfig = plane.kubeconfig_path().display().to_string();

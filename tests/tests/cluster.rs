@@ -8,7 +8,8 @@ use crds::{Phase, WhatsappSession};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use test_support::cluster::{
-    NS, RELEASE, loads, setup, snapshot, start_gateway, start_operator, wait_connected_on,
+    NS, RELEASE, loads, setup, snapshot, start_gateway, start_gateway_with, start_operator,
+    wait_connected_on, wait_operator_sees_shards,
 };
 use test_support::gateway::GatewayProcess;
 use test_support::{ControlPlane, RedisServer, wait_until};
@@ -25,6 +26,7 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
     for k in 0..3 {
         gateways.push(Some(start_gateway(&plane, &redis, k).await));
     }
+    wait_operator_sees_shards(&_operator, 3).await;
 
     let total = 300;
     for i in 0..total {
@@ -135,7 +137,24 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
     let three = wait_filled(&api, total, "1", 3, 90).await;
 
     // A 4th shard (ordinal 3): about a quarter moves through the drain handoff.
-    gateways.push(Some(start_gateway(&plane, &redis, 3).await));
+    // With room to drain on a loaded machine: the assertion below is that it hands every session
+    // over before exiting, not how fast.
+    let bin = test_support::gateway::gateway_binary().unwrap();
+    let shard3_args = [
+        "--lease-duration-s",
+        "6",
+        "--lease-renew-ms",
+        "1000",
+        "--lock-ttl-ms",
+        "3000",
+        "--drain-timeout-s",
+        "60",
+    ];
+    gateways.push(Some(
+        start_gateway_with(&plane, &redis, 3, &bin, &shard3_args)
+            .await
+            .unwrap(),
+    ));
     let scaled = wait_filled(&api, total, "3", 4, 90).await;
     let moved = three
         .iter()
@@ -152,7 +171,7 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
     let mut leaving = gateways[3].take().unwrap();
     leaving.child.signal("TERM").unwrap();
     let status = tokio::task::spawn_blocking(move || {
-        let status = leaving.child.wait_timeout(Duration::from_secs(40)).unwrap();
+        let status = leaving.child.wait_timeout(Duration::from_secs(90)).unwrap();
         (status, leaving)
     })
     .await

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use crds::WhatsappSession;
 use kube::api::{Api, PostParams};
-use test_support::cluster::{NS, setup, start_gateway, start_operator, wait_connected_on};
+use test_support::cluster::{
+    NS, setup, start_gateway_with, start_operator, wait_connected_on, wait_operator_sees_shards,
+};
 use test_support::{ControlPlane, RedisServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,10 +18,26 @@ async fn operator_and_gateways_recover_their_watches_after_an_apiserver_restart(
     let client = plane.client().await.unwrap();
     setup(&client).await;
     let _operator = start_operator(&plane).await;
-    let _gateways = [
-        start_gateway(&plane, &redis, 0).await,
-        start_gateway(&plane, &redis, 1).await,
+    // Leases far longer than the outage (5 s down plus the apiserver's boot): this test is about
+    // watches coming back, and a Lease lapsing during the restart would be a real shard loss.
+    let bin = test_support::gateway::gateway_binary().unwrap();
+    let args = [
+        "--lease-duration-s",
+        "60",
+        "--lease-renew-ms",
+        "1000",
+        "--lock-ttl-ms",
+        "3000",
     ];
+    let _gateways = [
+        start_gateway_with(&plane, &redis, 0, &bin, &args)
+            .await
+            .unwrap(),
+        start_gateway_with(&plane, &redis, 1, &bin, &args)
+            .await
+            .unwrap(),
+    ];
+    wait_operator_sees_shards(&_operator, 2).await;
     let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
     for i in 0..60 {
         api.create(
@@ -31,7 +49,7 @@ async fn operator_and_gateways_recover_their_watches_after_an_apiserver_restart(
     }
     let before = wait_connected_on(&api, 60, &["0", "1"], 90).await;
 
-    // Down for 5 s (shorter than the 6 s gateway Leases used here, so no shard is declared dead).
+    // Down for 5 s (well within the 60 s gateway Leases used here, so no shard is declared dead).
     plane
         .restart_apiserver(Duration::from_secs(5))
         .await

@@ -221,13 +221,19 @@ async fn sessions_spread_over_shards_within_cap_and_move_only_what_must() {
         .iter()
         .find(|(name, shard)| placed.get(*name) != Some(*shard))
         .expect("a moved session");
-    let status = api
-        .get(mover)
-        .await
-        .unwrap()
-        .status
-        .expect("status of a move");
-    assert_eq!(status.shard.as_deref(), Some(new_shard.as_str()));
+    // (The label and the status are two writes; the snapshot may fall between them.)
+    let status = wait_until("status of a move", Duration::from_secs(10), || {
+        let api = api.clone();
+        async move {
+            let status = api.get(mover).await.map_err(|e| e.to_string())?.status;
+            match status {
+                Some(s) if s.shard.as_deref() == Some(new_shard.as_str()) => Ok(s),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await
+    .unwrap();
     assert_eq!(status.phase, Some(crds::Phase::Assigned));
     let l = loads(&after);
     let max_over_mean = *l.values().max().unwrap() as f64 / (total as f64 / 4.0);
@@ -309,6 +315,15 @@ async fn the_informer_index_answers_by_session_id_and_follows_changes() {
     .unwrap();
 
     api.delete("inf-one", &Default::default()).await.unwrap();
+    // The placement test beside this one runs an operator over every namespace, which may have
+    // placed this session and added its finalizer; no gateway runs here to clean up, so drop it.
+    let _ = api
+        .patch(
+            "inf-one",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"metadata": {"finalizers": null}})),
+        )
+        .await;
     wait_until(
         "informer forgets the deleted session",
         Duration::from_secs(20),

@@ -167,15 +167,29 @@ async fn kubectl_apply_of_the_examples_works() {
     namespace(&client, "smoke-kubectl").await;
     for example in ["session-qr.yaml", "session-pairing-code.yaml"] {
         let path = tools::workspace_root().join("examples").join(example);
-        let out = plane
-            .kubectl(&[
-                "apply",
-                "-n",
-                "smoke-kubectl",
-                "-f",
-                &path.display().to_string(),
-            ])
-            .unwrap();
+        let path = path.display().to_string();
+        // kubectl's discovery can lag the CRD's Established condition by a moment.
+        let out = test_support::wait_until("kubectl apply", Duration::from_secs(15), || {
+            let result = plane.kubectl(&["apply", "-n", "smoke-kubectl", "-f", &path]);
+            async move {
+                match result {
+                    Ok(out) => Ok(Ok(out)),
+                    Err(e) => {
+                        let e = e.to_string();
+                        if e.contains("no matches for kind")
+                            || e.contains("resource mapping not found")
+                        {
+                            Err(e)
+                        } else {
+                            Ok(Err(e))
+                        }
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap()
+        .unwrap();
         assert!(
             out.contains("created") || out.contains("configured"),
             "{out}"

@@ -15,6 +15,26 @@ use test_support::fake_whatsapp::FakeWhatsapp;
 use test_support::receiver::Receiver;
 use test_support::wait_until;
 
+/// Waits for the gateway's own state of `id` to be Active: the client's `Connected` reaches it
+/// through the driver and the event router, a moment after the fake saw the client's sync.
+async fn wait_state_active(states: &gateway::app::SessionStates, id: &str) {
+    wait_until(
+        "the session state to be active",
+        Duration::from_secs(10),
+        || {
+            let status = states.get(id).map(|s| s.status);
+            async move {
+                match status {
+                    Some(SessionStatus::Active) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
 fn settings(receiver: &Receiver) -> gateway::config::Settings {
     let args = [
         "gateway",
@@ -263,8 +283,7 @@ async fn scanning_the_qr_pairs_the_real_client_and_logs_it_in() {
     .unwrap();
     eprintln!("connected {:?} after the scan", scanned.elapsed());
 
-    let state = pipeline.states.get("wa-fake-3").expect("session state");
-    assert_eq!(state.status, SessionStatus::Active);
+    wait_state_active(&pipeline.states, "wa-fake-3").await;
     wait_until(
         "a high-priority active status at the receiver",
         Duration::from_secs(10),
@@ -442,10 +461,7 @@ async fn a_paired_session_moves_to_another_gateway_without_a_new_scan() {
     })
     .await
     .unwrap();
-    assert_eq!(
-        first.pipeline.states.get(ID).unwrap().status,
-        SessionStatus::Active
-    );
+    wait_state_active(&first.pipeline.states, ID).await;
     let client = gateway::redis::connect(&redis.url()).await.unwrap();
     let device: Option<Vec<u8>> =
         fred::prelude::KeysInterface::get(&client, format!("wa:{{{ID}}}:wa:device"))
@@ -637,10 +653,7 @@ async fn a_pairing_code_reaches_the_backend_and_typing_it_links_the_session() {
     )
     .await
     .unwrap();
-    assert_eq!(
-        pipeline.states.get(ID).expect("session state").status,
-        SessionStatus::Active
-    );
+    wait_state_active(&pipeline.states, ID).await;
     assert_eq!(stats.logins.load(Relaxed), 1);
     assert_eq!(stats.login_failures.load(Relaxed), 0);
     assert_eq!(stats.errors.load(Relaxed), 0);

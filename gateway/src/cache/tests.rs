@@ -187,7 +187,13 @@ async fn a_herd_on_one_key_makes_one_fallback_call() {
 #[tokio::test]
 async fn unknown_sessions_are_cached_negatively_for_a_shorter_time() {
     let lookup = Arc::new(CountingLookup::knowing(&[("known", SessionStatus::Active)]));
-    let cache = cache(settings(), None, lookup.clone());
+    // A negative TTL long enough that a stalled test thread cannot outlast it between the two
+    // lookups (moka keeps real time, not tokio's).
+    let settings = CacheSettings {
+        negative_ttl: Duration::from_secs(1),
+        ..settings()
+    };
+    let cache = cache(settings, None, lookup.clone());
     assert!(cache.get("ghost").await.unwrap().is_none());
     assert!(cache.get("ghost").await.unwrap().is_none());
     assert!(cache.get("known").await.unwrap().is_some());
@@ -197,7 +203,7 @@ async fn unknown_sessions_are_cached_negatively_for_a_shorter_time() {
         1
     );
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     assert!(cache.get("ghost").await.unwrap().is_none());
     assert!(cache.get("known").await.unwrap().is_some());
     assert_eq!(lookup.calls(), 3, "only the negative entry expired");

@@ -640,11 +640,10 @@ impl Lease {
             .compare_exchange(0, reason.code(), Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            let at = match reason {
-                // Nothing got out after the lease stopped being usable.
-                LossReason::Expired => wall_ms_at(self.usable_until().min(Instant::now())),
-                LossReason::Taken => wall_ms(),
-            };
+            // Nothing got out after the lease stopped being usable. A lock found taken was
+            // usually past its usable time already (Redis let it go after the TTL), so `now`
+            // would stamp the loss late, when this process was merely slow to notice it.
+            let at = wall_ms_at(self.usable_until().min(Instant::now()));
             self.0.lost_at_ms.store(at.max(0) as u64, Ordering::Release);
             self.0.lost_notify.notify_waiters();
         }
