@@ -164,7 +164,7 @@ async fn sessions_spread_over_shards_within_cap_and_move_only_what_must() {
     let placement = tokio::spawn(operator::placement::run(
         client.clone(),
         settings,
-        metrics,
+        metrics.clone(),
         stop_rx,
     ));
 
@@ -181,11 +181,27 @@ async fn sessions_spread_over_shards_within_cap_and_move_only_what_must() {
         "loads {l:?} within cap {cap}"
     );
     // A first placement is the label alone (one write); the gateway's first status write
-    // records the shard (no gateway runs in this test).
-    let status = api.get("s-000").await.unwrap().status;
+    // records the shard (no gateway runs in this test). Only a move writes status: while the
+    // sessions were being created the operator may have rebalanced a few that an early, small
+    // cap had kept from their preferred shard, so count moves rather than expect none.
+    let with_status = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|s| s.status.as_ref().is_some_and(|st| st.shard.is_some()))
+        .count();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let moves: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("whatsapp_operator_moves_total{") && !l.contains("\"new\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
     assert!(
-        status.as_ref().and_then(|s| s.shard.as_ref()).is_none(),
-        "{status:?}"
+        with_status as f64 <= moves,
+        "{with_status} sessions have an operator status but only {moves} moves were made"
     );
 
     // A 4th shard: about a quarter moves (through the drain handoff), no more.
