@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::process::{ChildGuard, pdeath_command};
-use crate::{Error, Result, free_port, wait_until};
+use crate::{Error, Result, free_port};
 
 /// Path of the gateway binary of this workspace, built once per test binary if needed.
 pub fn gateway_binary() -> Result<PathBuf> {
@@ -64,11 +64,30 @@ impl GatewayProcess {
     }
 
     async fn start_binary(bin: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        // `free_port` lets the port go before the child binds it; if something else took it in
+        // between, the child exits at once and a new port is tried.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_on(&bin, free_port(), args, env).await {
+                Err(Error::Exited(name, log)) if attempt < 3 && log.contains("in use") => {
+                    eprintln!("{name} could not bind its port; retrying on another one");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_on(
+        bin: &std::path::Path,
+        port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("wa-gateway-").tempdir()?;
-        let port = free_port();
         let log = dir.path().join("gateway.log");
         let file = std::fs::File::create(&log)?;
-        let mut cmd = pdeath_command(&bin);
+        let mut cmd = pdeath_command(bin);
         cmd.args(args)
             .arg("--port")
             .arg(port.to_string())
@@ -85,21 +104,26 @@ impl GatewayProcess {
             .unwrap_or_default();
         let mut child = ChildGuard::spawn_command(&name, cmd)?;
         let url = format!("http://127.0.0.1:{port}/healthz");
-        let log_path = log.clone();
-        wait_until("/healthz", Duration::from_secs(30), || {
-            let running = child.check_running().map_err(|e| {
-                format!(
-                    "{e}: {}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                )
-            });
-            let url = url.clone();
-            async move {
-                running?;
-                http_get(&url).await.map(|_| ())
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            // An exited process is reported at once, with its log, rather than waited on.
+            if let Err(Error::Exited(name, status)) = child.check_running() {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(Error::Exited(name, format!("{status}: {log}")));
             }
-        })
-        .await?;
+            let last = match http_get(&url).await {
+                Ok(_) => break,
+                Err(e) => e,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::NotReady {
+                    what: format!("{name} /healthz"),
+                    secs: 30,
+                    last,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         Ok(GatewayProcess {
             child,
             port,
@@ -235,5 +259,29 @@ impl GatewayProcess {
         env: &[(&str, &str)],
     ) -> Result<Self> {
         Self::start_binary(bin.to_path_buf(), args, env).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A gateway whose port is taken exits at once; the starter reports that with the log (which
+    /// names the bind error) instead of waiting out its 30 s, and `start_binary` retries on that.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_taken_port_is_reported_as_an_early_exit_with_the_log() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let bin = gateway_binary().unwrap();
+        let started = std::time::Instant::now();
+        let err = GatewayProcess::start_on(&bin, port, &["standalone"], &[])
+            .await
+            .err()
+            .expect("the port is taken");
+        match &err {
+            Error::Exited(_, log) => assert!(log.contains("in use"), "{log}"),
+            other => panic!("{other}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
     }
 }

@@ -47,7 +47,8 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A free TCP port on loopback. The OS picks it; another process may in theory take it before we
-/// bind, so starters retry on bind failures.
+/// bind, so the gateway and redis-server starters retry on another port when the child exits at
+/// start because its port was taken.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::process::ChildGuard;
-use crate::{Result, free_port, tools, wait_until};
+use crate::{Result, free_port, tools};
 
 pub struct RedisServer {
     port: u16,
@@ -21,8 +21,16 @@ impl RedisServer {
             dir,
             child: None,
         };
-        server.spawn().await?;
-        Ok(server)
+        // `free_port` lets the port go before redis-server binds it; if something else took it
+        // in between, redis-server exits at once and another port is tried.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match server.spawn().await {
+                Err(crate::Error::Exited(..)) if attempt < 3 => server.port = free_port(),
+                other => return other.map(|()| server),
+            }
+        }
     }
 
     async fn spawn(&mut self) -> Result<()> {
@@ -47,14 +55,23 @@ impl RedisServer {
             Some(&self.dir.path().join("redis.log")),
         )?;
         let port = self.port;
-        wait_until("redis-server PING", Duration::from_secs(20), || {
-            let running = child.check_running().map_err(|e| e.to_string());
-            async move {
-                running?;
-                ping(port).await
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            // An exited server (say, its port was taken) is reported at once, not waited on.
+            child.check_running()?;
+            let last = match ping(port).await {
+                Ok(()) => break,
+                Err(e) => e,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(crate::Error::NotReady {
+                    what: "redis-server PING".into(),
+                    secs: 20,
+                    last,
+                });
             }
-        })
-        .await?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         self.child = Some(child);
         Ok(())
     }
@@ -87,6 +104,13 @@ impl RedisServer {
 }
 
 async fn ping(port: u16) -> std::result::Result<(), String> {
+    // Bounded: whatever else holds the port may accept and never answer.
+    tokio::time::timeout(Duration::from_secs(1), ping_once(port))
+        .await
+        .map_err(|_| "no answer to PING within 1 s".to_string())?
+}
+
+async fn ping_once(port: u16) -> std::result::Result<(), String> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| e.to_string())?;
@@ -100,5 +124,32 @@ async fn ping(port: u16) -> std::result::Result<(), String> {
         Ok(())
     } else {
         Err(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A taken port makes redis-server exit at once, which `spawn` reports as `Exited` (the
+    /// case `start` retries on another port) instead of waiting out its 20 s.
+    #[tokio::test]
+    async fn a_taken_port_is_reported_as_an_early_exit() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut server = RedisServer {
+            port: taken.local_addr().unwrap().port(),
+            dir: tempfile::Builder::new()
+                .prefix("wa-redis-")
+                .tempdir()
+                .unwrap(),
+            child: None,
+        };
+        let started = std::time::Instant::now();
+        let err = server.spawn().await.unwrap_err();
+        assert!(matches!(err, crate::Error::Exited(..)), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // And `start` gets a server on a free port.
+        let redis = RedisServer::start().await.unwrap();
+        ping(redis.port()).await.unwrap();
     }
 }
