@@ -49,35 +49,25 @@ pub async fn setup_in(client: &kube::Client, namespace: &str) {
     let _ = ns.create(&PostParams::default(), &obj).await;
 }
 
+/// The tests' fast gateway timing: 6 s Leases renewed every second, 3 s session locks.
+pub const FAST_LEASE_ARGS: [&str; 6] = [
+    "--lease-duration-s",
+    "6",
+    "--lease-renew-ms",
+    "1000",
+    "--lock-ttl-ms",
+    "3000",
+];
+
 pub async fn start_gateway(
     plane: &ControlPlane,
     redis: &RedisServer,
     ordinal: u32,
 ) -> GatewayProcess {
-    let kubeconfig = plane.kubeconfig_path().display().to_string();
-    let pod = format!("{RELEASE}-gateway-{ordinal}");
-    GatewayProcess::start(
-        &[
-            "cluster",
-            "--lease-duration-s",
-            "6",
-            "--lease-renew-ms",
-            "1000",
-            "--sim-seed",
-            &ordinal.to_string(),
-            "--lock-ttl-ms",
-            "3000",
-        ],
-        &[
-            ("KUBECONFIG", &kubeconfig),
-            ("POD_NAME", &pod),
-            ("POD_NAMESPACE", NS),
-            ("WA_RELEASE", RELEASE),
-            ("WA_REDIS_URL", &redis.url()),
-        ],
-    )
-    .await
-    .unwrap()
+    let bin = crate::gateway::gateway_binary().unwrap();
+    start_gateway_with(plane, redis, ordinal, &bin, &FAST_LEASE_ARGS)
+        .await
+        .unwrap()
 }
 
 /// name -> (shard label, phase)
@@ -183,7 +173,7 @@ pub async fn start_operator(plane: &ControlPlane) -> GatewayProcess {
 }
 
 /// Shard `ordinal` as [`start_gateway`] starts it, but from the binary at `bin` and with `args`
-/// after `cluster` (lease timing, status QPS, ...) instead of the tests' fast leases; `--sim-seed`
+/// after `cluster` (lease timing, status QPS, ...) instead of [`FAST_LEASE_ARGS`]; `--sim-seed`
 /// is the ordinal unless `args` sets it. Errors are returned, not unwrapped.
 pub async fn start_gateway_with(
     plane: &ControlPlane,

@@ -8,8 +8,8 @@ use crds::{Phase, WhatsappSession};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use test_support::cluster::{
-    NS, RELEASE, loads, setup, snapshot, start_gateway, start_gateway_with, start_operator,
-    wait_connected_on, wait_operator_sees_shards,
+    FAST_LEASE_ARGS, NS, RELEASE, loads, setup, snapshot, start_gateway, start_gateway_with,
+    start_operator, wait_connected_on, wait_operator_sees_shards,
 };
 use test_support::gateway::GatewayProcess;
 use test_support::{ControlPlane, RedisServer, wait_until};
@@ -140,16 +140,7 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
     // With room to drain on a loaded machine: the assertion below is that it hands every session
     // over before exiting, not how fast.
     let bin = test_support::gateway::gateway_binary().unwrap();
-    let shard3_args = [
-        "--lease-duration-s",
-        "6",
-        "--lease-renew-ms",
-        "1000",
-        "--lock-ttl-ms",
-        "3000",
-        "--drain-timeout-s",
-        "60",
-    ];
+    let shard3_args = [&FAST_LEASE_ARGS[..], &["--drain-timeout-s", "60"]].concat();
     gateways.push(Some(
         start_gateway_with(&plane, &redis, 3, &bin, &shard3_args)
             .await
