@@ -85,3 +85,11 @@ pub fn workspace_root() -> PathBuf {
         .expect("tests/ has a parent")
         .to_path_buf()
 }
+
+pub fn promtool() -> Result<PathBuf> {
+    find(
+        "promtool",
+        "WA_PROMTOOL",
+        PathBuf::from("/usr/bin/promtool"),
+    )
+}

@@ -1,4 +1,4 @@
-//! Smoke tests of the test ground against the real pieces: kube-apiserver + etcd, kubectl, helm,
+//! Smoke tests of the test ground against the real pieces: kube-apiserver + etcd, kubectl,
 //! redis-server.
 
 use crds::{Login, LoginMethod, WhatsappSession, WhatsappSessionSpec};
@@ -7,7 +7,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{CustomResourceExt, ResourceExt};
 use std::time::Duration;
-use test_support::{ControlPlane, RedisServer, control_plane, tools, wait_until};
+use test_support::{RedisServer, control_plane, tools, wait_until};
 
 async fn install_crd(client: &kube::Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -255,39 +255,6 @@ async fn kubectl_apply_of_the_examples_works() {
     for column in ["NAME", "PHASE", "SHARD", "CONNECTED", "AGE"] {
         assert!(header.contains(column), "missing column {column}: {table}");
     }
-}
-
-#[tokio::test]
-async fn helm_install_of_the_chart_installs_the_crd() {
-    // A control plane of its own: the CRD must come from the chart, not from another test.
-    let plane = ControlPlane::start().await.expect("start control plane");
-    let chart = tools::workspace_root().join("charts/whatsapp-gateway");
-    let out = plane
-        .helm(&[
-            "install",
-            "wa",
-            &chart.display().to_string(),
-            "--namespace",
-            "wa-system",
-            "--create-namespace",
-            "--wait=false",
-        ])
-        .expect("helm install");
-    assert!(out.contains("STATUS: deployed"), "{out}");
-    let client = plane.client().await.unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.get("whatsappsessions.whatsapp.gateway.dev")
-        .await
-        .expect("chart installed the CRD");
-    let statefulsets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
-        Api::namespaced(client.clone(), "wa-system");
-    let sts = statefulsets
-        .get("wa-gateway")
-        .await
-        .expect("gateway StatefulSet");
-    assert_eq!(sts.spec.replicas, Some(2));
-    let out = plane.helm(&["list", "-n", "wa-system"]).unwrap();
-    assert!(out.contains("deployed"), "{out}");
 }
 
 #[tokio::test]
