@@ -43,7 +43,9 @@ const SNAPSHOTS: &[(&str, &[&str])] = &[
         "monitoring",
         &[
             "--api-versions",
-            "monitoring.coreos.com/v1",
+            "monitoring.coreos.com/v1/ServiceMonitor",
+            "--api-versions",
+            "monitoring.coreos.com/v1/PrometheusRule",
             "--set",
             "operator.replicas=2",
             "--set",
@@ -141,6 +143,10 @@ fn bad_values_are_rejected_naming_the_field() {
     let cases: &[(&[&str], &str)] = &[
         (&["--set", "gateway.driver=baileys"], "/gateway/driver"),
         (&["--set", "redis.url=localhost:6379"], "/redis/url"),
+        (
+            &["--set", "gateway.podDisruptionBudget.maxUnavailable=0"],
+            "/gateway/podDisruptionBudget/maxUnavailable",
+        ),
         (&["--set", "gateway.replicass=3"], "replicass"),
         (
             &["--set", "backend.baseUrl=app.example.com"],
@@ -590,6 +596,7 @@ async fn helm_install_and_upgrade_on_a_real_apiserver() {
     // A control plane of its own: the CRD must come from the chart, not from another test.
     let plane = ControlPlane::start().await.expect("start control plane");
     let chart = chart_dir().display().to_string();
+    // gateway.replicas differs from minReplicas: with autoscaling on it must not be used.
     let install = [
         "install",
         "wa",
@@ -598,6 +605,8 @@ async fn helm_install_and_upgrade_on_a_real_apiserver() {
         "wa-system",
         "--create-namespace",
         "--wait=false",
+        "--set",
+        "gateway.replicas=3",
     ];
     let out = plane.helm(&install).expect("helm install");
     assert!(out.contains("STATUS: deployed"), "{out}");

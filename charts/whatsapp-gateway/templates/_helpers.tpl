@@ -28,11 +28,15 @@ start at minReplicas on install.
 {{- .Values.gateway.replicas -}}
 {{- end -}}
 {{- end -}}
-{{- /* Whether to render a Prometheus Operator object: "auto" follows the cluster's APIs. */ -}}
+{{- /*
+Whether to render a Prometheus Operator object of a kind: "auto" follows the cluster's APIs, per
+kind (some clusters serve ServiceMonitor without PrometheusRule).
+*/ -}}
 {{- define "wa.monitoringOn" -}}
 {{- $want := index . 0 -}}
 {{- $ctx := index . 1 -}}
-{{- if or (eq (toString $want) "true") (and (eq (toString $want) "auto") ($ctx.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) -}}
+{{- $kind := index . 2 -}}
+{{- if or (eq (toString $want) "true") (and (eq (toString $want) "auto") ($ctx.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" $kind))) -}}
 true
 {{- end -}}
 {{- end -}}
@@ -45,4 +49,17 @@ scaleDown:
     - type: Pods
       value: {{ $down.podsPerPeriod }}
       periodSeconds: {{ $down.periodSeconds }}
+{{- end -}}
+{{- /*
+The sessions the operator has placed, from its own metrics: only the leader's series (a replica
+that lost leadership keeps exporting its last loads), scraped through this release's operator
+Service (job = Service name, as the chart's ServiceMonitor scrapes it).
+*/ -}}
+{{- define "wa.kedaQuery" -}}
+{{- with .Values.gateway.autoscaling.keda.query -}}
+{{- . -}}
+{{- else -}}
+{{- $sel := printf "namespace=\"%s\", job=\"%s-operator\"" .Release.Namespace (include "wa.fullname" .) -}}
+sum(whatsapp_operator_shard_sessions{ {{- $sel -}} } and on (namespace, pod) (whatsapp_operator_is_leader{ {{- $sel -}} } == 1))
+{{- end -}}
 {{- end -}}
