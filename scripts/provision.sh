@@ -8,6 +8,10 @@ set -euo pipefail
 K8S_VERSION="${K8S_VERSION:-v1.37.2}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+# The CRDs of the add-ons the chart targets (ServiceMonitor, PrometheusRule; KEDA's ScaledObject),
+# so the tests validate the rendered objects against their real schemas.
+PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}"
+KEDA_VERSION="${KEDA_VERSION:-v2.21.0}"
 CACHE="${WA_CACHE:-$HOME/.cache/wa-gateway}"
 K8S_BIN="$CACHE/k8s/$K8S_VERSION/bin"
 ETCD_BIN="$CACHE/etcd/$ETCD_VERSION/bin"
@@ -117,13 +121,37 @@ build_helm() {
   GOBIN="$HELM_BIN" go install -trimpath -ldflags='-s -w' "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 }
 
+fetch_addon_crds() {
+  local dir="$CACHE/addon-crds/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION-keda-$KEDA_VERSION"
+  if [ -s "$dir/keda.sh_scaledobjects.yaml" ]; then
+    echo "$dir"
+    return 0
+  fi
+  log "fetching the Prometheus Operator $PROMETHEUS_OPERATOR_VERSION and KEDA $KEDA_VERSION CRDs from the Go module proxy (first run only)"
+  mkdir -p "$dir"
+  local gopath="$CACHE/addon-crds/gopath"
+  local po keda
+  po=$(GOMODCACHE="$gopath/pkg/mod" go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')
+  keda=$(GOMODCACHE="$gopath/pkg/mod" go mod download -json "github.com/kedacore/keda/v2@$KEDA_VERSION" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')
+  cp "$po/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml" \
+    "$po/example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml" \
+    "$keda/config/crd/bases/keda.sh_scaledobjects.yaml" "$dir/"
+  # The module cache is read-only by design; it is only needed for the copy.
+  if [ -d "$gopath" ]; then chmod -R u+w "$gopath" && rm -rf "$gopath"; fi
+  echo "$dir"
+}
+
 build_etcd
 build_helm
 build_k8s
+ADDON_CRDS=$(fetch_addon_crds)
 
 log "ready: $("$K8S_BIN/kube-apiserver" --version), etcd $ETCD_VERSION, $("$HELM_BIN/helm" version --short), $(redis-server --version | awk '{print $3}')"
 cat <<ENV
 export WA_KUBE_APISERVER="$K8S_BIN/kube-apiserver"
 export WA_ETCD="$ETCD_BIN/etcd"
+export WA_ADDON_CRDS="$ADDON_CRDS"
 export PATH="$K8S_BIN:$HELM_BIN:$ETCD_BIN:\$PATH"
 ENV

@@ -93,3 +93,26 @@ pub fn promtool() -> Result<PathBuf> {
         PathBuf::from("/usr/bin/promtool"),
     )
 }
+
+pub const PROMETHEUS_OPERATOR_VERSION: &str = "v0.85.0";
+pub const KEDA_VERSION: &str = "v2.21.0";
+
+/// The folder with the add-ons' CRDs that `scripts/provision.sh` fetches: the Prometheus
+/// Operator's ServiceMonitor and PrometheusRule, KEDA's ScaledObject.
+pub fn addon_crds() -> Result<PathBuf> {
+    let dir = std::env::var_os("WA_ADDON_CRDS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            cache_root().join(format!(
+                "addon-crds/prometheus-operator-{PROMETHEUS_OPERATOR_VERSION}-keda-{KEDA_VERSION}"
+            ))
+        });
+    if dir.join("keda.sh_scaledobjects.yaml").is_file() {
+        Ok(dir)
+    } else {
+        Err(Error::MissingTool(
+            format!("add-on CRDs in {}", dir.display()),
+            "WA_ADDON_CRDS",
+        ))
+    }
+}

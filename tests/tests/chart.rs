@@ -568,23 +568,6 @@ fn metric_refs_and_families_parse_what_they_should() {
     );
 }
 
-/// A schema-less stand-in for a Prometheus Operator CRD, enough for the apiserver to serve it.
-fn monitoring_crd(kind: &str, plural: &str) -> CustomResourceDefinition {
-    serde_json::from_value(serde_json::json!({
-        "metadata": {"name": format!("{plural}.monitoring.coreos.com")},
-        "spec": {
-            "group": "monitoring.coreos.com",
-            "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(), "listKind": format!("{kind}List")},
-            "scope": "Namespaced",
-            "versions": [{
-                "name": "v1", "served": true, "storage": true,
-                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
-            }],
-        },
-    }))
-    .unwrap()
-}
-
 fn monitoring_api(client: &kube::Client, kind: &str) -> Api<DynamicObject> {
     let resource =
         ApiResource::from_gvk(&GroupVersionKind::gvk("monitoring.coreos.com", "v1", kind));
@@ -656,15 +639,20 @@ async fn helm_install_and_upgrade_on_a_real_apiserver() {
         )
         .await
         .unwrap();
-    for (kind, plural) in [
-        ("ServiceMonitor", "servicemonitors"),
-        ("PrometheusRule", "prometheusrules"),
+    // The add-ons' real CRDs (fetched by scripts/provision.sh), schemas included.
+    let addon_crds = tools::addon_crds().unwrap();
+    for file in [
+        "monitoring.coreos.com_servicemonitors.yaml",
+        "monitoring.coreos.com_prometheusrules.yaml",
+        "keda.sh_scaledobjects.yaml",
     ] {
-        crds.create(&PostParams::default(), &monitoring_crd(kind, plural))
-            .await
-            .unwrap();
+        plane
+            .kubectl(&["create", "-f", &addon_crds.join(file).display().to_string()])
+            .unwrap_or_else(|e| panic!("install {file}: {e}"));
+    }
+    for kind in ["ServiceMonitor", "PrometheusRule"] {
         let api = monitoring_api(&client, kind);
-        wait_until(&format!("{plural} served"), Duration::from_secs(30), || {
+        wait_until(&format!("{kind} served"), Duration::from_secs(30), || {
             let api = api.clone();
             async move {
                 api.list(&Default::default())
@@ -673,6 +661,34 @@ async fn helm_install_and_upgrade_on_a_real_apiserver() {
                     .map_err(|e| e.to_string())
             }
         })
+        .await
+        .unwrap();
+    }
+    // Every rendering, checked by the apiserver against the built-in and the add-ons' schemas
+    // with unknown or duplicate fields as errors (a misspelt field would otherwise be dropped).
+    let rendered_dir = tempfile::tempdir().unwrap();
+    for (name, args) in SNAPSHOTS {
+        let path = rendered_dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, helm_template(args).unwrap()).unwrap();
+        let path = path.display().to_string();
+        let validate = [
+            "apply",
+            "--dry-run=server",
+            "--validate=strict",
+            "-n",
+            "wa-system",
+            "-f",
+            path.as_str(),
+        ];
+        // Discovery of the fresh CRDs may lag a moment in kubectl's cache.
+        wait_until(
+            &format!("{name} rendering passes strict validation"),
+            Duration::from_secs(30),
+            || {
+                let out = plane.kubectl(&validate);
+                async move { out.map(|_| ()).map_err(|e| e.to_string()) }
+            },
+        )
         .await
         .unwrap();
     }
