@@ -74,6 +74,10 @@ const SNAPSHOTS: &[(&str, &[&str])] = &[
             "gateway.podDisruptionBudget.enabled=false",
             "--set",
             "grafana.dashboard=false",
+            "--set",
+            "redis.url=rediss://redis.shared.svc:6380",
+            "--set",
+            "redis.embedded.persistence.enabled=false",
         ],
     ),
 ];
@@ -618,6 +622,22 @@ async fn helm_install_and_upgrade_on_a_real_apiserver() {
     );
     let services: Api<Service> = Api::namespaced(client.clone(), "wa-system");
     services.get("wa-operator").await.expect("operator Service");
+    // No redis.url: the chart runs its own Redis, and both binaries are pointed at it.
+    services.get("wa-redis").await.expect("Redis Service");
+    let redis = statefulsets
+        .get("wa-redis")
+        .await
+        .expect("Redis StatefulSet");
+    assert_eq!(redis.spec.volume_claim_templates.unwrap().len(), 1);
+    let gateway_env = sts.spec.template.spec.clone().unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    let redis_url = gateway_env
+        .iter()
+        .find(|e| e.name == "WA_REDIS_URL")
+        .unwrap();
+    assert_eq!(redis_url.value.as_deref(), Some("redis://wa-redis:6379"));
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), "wa-system");
     let dashboard = configmaps.get("wa-dashboard").await.expect("dashboard");
     assert_eq!(dashboard.metadata.labels.unwrap()["grafana_dashboard"], "1");

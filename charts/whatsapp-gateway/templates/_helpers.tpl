@@ -63,3 +63,11 @@ Service (job = Service name, as the chart's ServiceMonitor scrapes it).
 sum(whatsapp_operator_shard_sessions{ {{- $sel -}} } and on (namespace, pod) (whatsapp_operator_is_leader{ {{- $sel -}} } == 1))
 {{- end -}}
 {{- end -}}
+{{- /* The Redis the binaries use: the configured one, or the chart's own. */ -}}
+{{- define "wa.redisUrl" -}}
+{{- if .Values.redis.url -}}
+{{- .Values.redis.url -}}
+{{- else -}}
+{{- printf "redis://%s-redis:6379" (include "wa.fullname" .) -}}
+{{- end -}}
+{{- end -}}
