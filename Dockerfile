@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # The image the chart runs (`image.repository`): both binaries, gateway and operator.
 #   docker build -t ghcr.io/<you>/whatsapp-gateway:0.1.0 .
 # Not built by CI: the machines CI runs on have no container engine. The build step is the same

@@ -1,4 +1,5 @@
-//! An isolated redis-server on a random loopback port, no persistence, reaped on drop.
+//! An isolated redis-server on a random loopback port, no persistence, reaped on drop; optionally
+//! also serving TLS on a second port.
 
 use std::time::Duration;
 
@@ -11,15 +12,43 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<ChildGuard>,
+    tls: Option<Tls>,
+}
+
+/// PEM files for redis-server's TLS port (clients are not asked for certificates).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub ca: std::path::PathBuf,
+}
+
+struct Tls {
+    files: TlsFiles,
+    port: u16,
 }
 
 impl RedisServer {
     pub async fn start() -> Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Also serves TLS on [`Self::tls_url`]'s port, with these files; the plain port stays open
+    /// for readiness checks and inspection.
+    pub async fn start_tls(files: TlsFiles) -> Result<Self> {
+        Self::start_with(Some(files)).await
+    }
+
+    async fn start_with(tls: Option<TlsFiles>) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("wa-redis-").tempdir()?;
         let mut server = Self {
             port: free_port(),
             dir,
             child: None,
+            tls: tls.map(|files| Tls {
+                files,
+                port: free_port(),
+            }),
         };
         // `free_port` lets the port go before redis-server binds it; if something else took it
         // in between, redis-server exits at once and another port is tried.
@@ -27,14 +56,19 @@ impl RedisServer {
         loop {
             attempt += 1;
             match server.spawn().await {
-                Err(crate::Error::Exited(..)) if attempt < 3 => server.port = free_port(),
+                Err(crate::Error::Exited(..)) if attempt < 3 => {
+                    server.port = free_port();
+                    if let Some(tls) = &mut server.tls {
+                        tls.port = free_port();
+                    }
+                }
                 other => return other.map(|()| server),
             }
         }
     }
 
     async fn spawn(&mut self) -> Result<()> {
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--bind".into(),
             "127.0.0.1".into(),
             "--port".into(),
@@ -48,6 +82,21 @@ impl RedisServer {
             "--protected-mode".into(),
             "no".into(),
         ];
+        if let Some(tls) = &self.tls {
+            let path = |p: &std::path::Path| p.display().to_string();
+            args.extend([
+                "--tls-port".into(),
+                tls.port.to_string(),
+                "--tls-cert-file".into(),
+                path(&tls.files.cert),
+                "--tls-key-file".into(),
+                path(&tls.files.key),
+                "--tls-ca-cert-file".into(),
+                path(&tls.files.ca),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ]);
+        }
         let mut child = ChildGuard::spawn(
             "redis-server",
             &tools::redis_server()?,
@@ -83,6 +132,13 @@ impl RedisServer {
     /// `redis://127.0.0.1:<port>`
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://localhost:<tls port>` (the name the test certificates are issued for).
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|tls| format!("rediss://localhost:{}", tls.port))
     }
 
     /// Kills the server (its data is gone: no persistence).
@@ -143,6 +199,7 @@ mod tests {
                 .tempdir()
                 .unwrap(),
             child: None,
+            tls: None,
         };
         let started = std::time::Instant::now();
         let err = server.spawn().await.unwrap_err();
