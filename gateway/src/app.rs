@@ -295,6 +295,19 @@ pub fn init_logging(json: bool) {
     };
 }
 
+/// Says where batches go; without a backend they are only logged, which must not pass unnoticed.
+pub(crate) fn announce_backend(settings: &Settings) {
+    match &settings.backend {
+        Some(backend) => tracing::info!(
+            backend = %crate::config::redact_url(backend.base_url.as_str()),
+            "sending batches to the backend"
+        ),
+        None => tracing::warn!(
+            "no backend configured (--backend-url / WA_BACKEND_URL): batches are logged instead of sent"
+        ),
+    }
+}
+
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -326,7 +339,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
 
     let redis = match &settings.redis_url {
         Some(url) => {
-            tracing::info!(redis = %url, "using Redis for the retry spill and dead letters");
+            tracing::info!(redis = %crate::config::redact_url(url), "using Redis for the retry spill and dead letters");
             Some(crate::redis::connect(url).await?)
         }
         None => {
@@ -336,16 +349,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
             None
         }
     };
-    match &settings.backend {
-        Some(backend) => {
-            tracing::info!(backend = %backend.base_url, "sending batches to the backend")
-        }
-        None => {
-            tracing::warn!(
-                "no backend configured (--backend-url / WA_BACKEND_URL): batches are logged instead of sent"
-            )
-        }
-    }
+    announce_backend(&settings);
     let mut registry = crate::metrics::new_registry();
     let stop = CancellationToken::new();
     let (pipeline, cache, mut cache_tasks) =

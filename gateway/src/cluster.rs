@@ -46,6 +46,7 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
         logins: logins.clone(),
     };
+    crate::app::announce_backend(&settings);
     let client = kube::Client::try_default().await?;
     let redis = match &settings.redis_url {
         Some(url) => Some(crate::redis::connect(url).await?),

@@ -257,8 +257,49 @@ fn path(field: &'static str, value: &str) -> Result<String> {
     Ok(value.to_string())
 }
 
+/// The Redis URL schemes fred speaks (the `s` forms over TLS).
+pub const REDIS_SCHEMES: [&str; 6] = [
+    "redis",
+    "rediss",
+    "redis-cluster",
+    "rediss-cluster",
+    "redis-sentinel",
+    "rediss-sentinel",
+];
+
+/// A secret as configured, without surrounding whitespace: a Kubernetes Secret made from a file
+/// usually ends in a newline, and the backend (Laravel's `trim`) compares the trimmed value.
+/// Empty means none.
+fn trimmed_secret(value: Option<&str>) -> Option<String> {
+    value
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+}
+
+/// `url` with any password replaced by `***`, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    // The userinfo ends at the last `@` before the first `/` of the path.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    let redacted = match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{user}:***"),
+        // redis://secret@host: a lone userinfo is Redis's password.
+        None => "***".to_string(),
+    };
+    format!("{scheme}://{redacted}{}", &rest[at..])
+}
+
 impl CommonArgs {
     pub fn validate(&self) -> Result<Settings> {
+        // Checking a rediss:// URL builds its TLS client configuration.
+        crate::install_crypto_provider();
         let ip: std::net::IpAddr = self
             .bind
             .parse()
@@ -267,19 +308,21 @@ impl CommonArgs {
             Some(url) if url.trim().is_empty() => None,
             Some(url) => {
                 let scheme = url.split("://").next().unwrap_or_default();
-                if !matches!(
-                    scheme,
-                    "redis" | "rediss" | "redis-cluster" | "redis-sentinel"
-                ) {
+                if !REDIS_SCHEMES.contains(&scheme) {
                     return Err(Error::config(
                         "--redis-url / WA_REDIS_URL",
                         format!(
-                            "`{url}` must start with redis://, rediss://, redis-cluster:// or redis-sentinel://"
+                            "`{}` must start with one of {}",
+                            redact_url(url),
+                            REDIS_SCHEMES.map(|s| format!("{s}://")).join(", ")
                         ),
                     ));
                 }
                 fred::prelude::Config::from_url(url).map_err(|e| {
-                    Error::config("--redis-url / WA_REDIS_URL", format!("`{url}`: {e}"))
+                    Error::config(
+                        "--redis-url / WA_REDIS_URL",
+                        format!("`{}`: {e}", redact_url(url)),
+                    )
                 })?;
                 Some(url.clone())
             }
@@ -289,12 +332,15 @@ impl CommonArgs {
             Some(url) if url.trim().is_empty() => None,
             Some(url) => {
                 let base_url = reqwest::Url::parse(url).map_err(|e| {
-                    Error::config("--backend-url / WA_BACKEND_URL", format!("`{url}`: {e}"))
+                    Error::config(
+                        "--backend-url / WA_BACKEND_URL",
+                        format!("`{}`: {e}", redact_url(url)),
+                    )
                 })?;
                 if !matches!(base_url.scheme(), "http" | "https") {
                     return Err(Error::config(
                         "--backend-url / WA_BACKEND_URL",
-                        format!("`{url}` must be http or https"),
+                        format!("`{}` must be http or https", redact_url(url)),
                     ));
                 }
                 Some(BackendSettings {
@@ -307,7 +353,7 @@ impl CommonArgs {
                     legacy: self.legacy_endpoints,
                     qr_path: path("--qr-path / WA_QR_PATH", &self.qr_path)?,
                     status_path: path("--status-path / WA_STATUS_PATH", &self.status_path)?,
-                    secret: self.backend_secret.clone().filter(|s| !s.is_empty()),
+                    secret: trimmed_secret(self.backend_secret.as_deref()),
                     request_timeout: positive_ms(
                         "--request-timeout-ms / WA_REQUEST_TIMEOUT_MS",
                         self.request_timeout_ms,
@@ -421,7 +467,7 @@ impl CommonArgs {
             None => None,
         };
         Ok(Settings {
-            api_token: self.api_token.clone().filter(|t| !t.is_empty()),
+            api_token: trimmed_secret(self.api_token.as_deref()),
             cache,
             session_lookup_path,
             listen: SocketAddr::new(ip, self.port),
@@ -546,6 +592,49 @@ impl CommonArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(
+            redact_url("redis://:s3cret@redis:6379/0"),
+            "redis://:***@redis:6379/0"
+        );
+        assert_eq!(
+            redact_url("rediss://user:p@ss@host:6380"),
+            "rediss://user:***@host:6380"
+        );
+        assert_eq!(redact_url("redis://token@host"), "redis://***@host");
+        assert_eq!(
+            redact_url("https://app.example.com/api?x=a@b"),
+            "https://app.example.com/api?x=a@b"
+        );
+        assert_eq!(redact_url("redis://redis:6379"), "redis://redis:6379");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn secrets_are_trimmed_and_blank_means_none() {
+        assert_eq!(trimmed_secret(Some("s3cret\n")), Some("s3cret".into()));
+        assert_eq!(trimmed_secret(Some("  \n")), None);
+        assert_eq!(trimmed_secret(None), None);
+    }
+
+    #[test]
+    fn tls_cluster_and_sentinel_redis_urls_are_accepted_and_others_named() {
+        for url in [
+            "rediss-cluster://h:30001?node=h2:30002",
+            "rediss-sentinel://h:26379/0?sentinelServiceName=main&node=h2:26379",
+        ] {
+            let parsed = parse(&["--redis-url", url]);
+            assert!(parsed.is_ok(), "{url}: {parsed:?}");
+        }
+        let err = parse(&["--redis-url", "memcached://:pw@h:1"]).unwrap_err();
+        assert!(
+            err.contains("WA_REDIS_URL") && err.contains(":***@"),
+            "{err}"
+        );
+        assert!(!err.contains("pw"), "{err}");
+    }
 
     fn parse(args: &[&str]) -> std::result::Result<Settings, String> {
         let cli = Cli::try_parse_from(["gateway", "standalone"].iter().chain(args))

@@ -3,10 +3,7 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Both of rustls' providers are compiled in (different dependencies ask for each), so it
-    // cannot pick one by itself; the first TLS client built (kube, reqwest, fred for rediss://)
-    // would panic. Use aws-lc-rs, which kube and reqwest are built with.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    gateway::install_crypto_provider();
     let cli = gateway::config::Cli::parse();
     gateway::app::run(cli)
         .await

@@ -122,7 +122,8 @@ pub async fn run(args: Args) -> Result<()> {
         use fred::prelude::*;
         let config = Config::from_url(url).map_err(|e| crate::Error::Config {
             field: "--redis-url / WA_REDIS_URL",
-            reason: format!("`{url}`: {e}"),
+            // Not the URL itself: it may carry the password.
+            reason: e.to_string(),
         })?;
         let redis = Builder::from_config(config)
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))

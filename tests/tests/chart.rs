@@ -58,6 +58,10 @@ const SNAPSHOTS: &[(&str, &[&str])] = &[
             "--set",
             "gateway.extraEnv[0].value=/etc/wa-ca/ca.pem",
             "--set",
+            "gateway.extraEnv[1].name=SSL_CERT_DIR",
+            "--set",
+            "gateway.extraEnv[1].value=/etc/ssl/certs",
+            "--set",
             "gateway.extraVolumes[0].name=wa-ca",
             "--set",
             "gateway.extraVolumes[0].secret.secretName=redis-ca",
@@ -104,6 +108,8 @@ fn helm_template(args: &[&str]) -> Result<String, String> {
     let out = std::process::Command::new(tools::helm().unwrap())
         .args(["template", "wa", &chart.display().to_string()])
         .args(["--namespace", "wa-system"])
+        // Every rendering has a backend (required with the real driver); later --set win.
+        .args(["--set", "backend.baseUrl=https://app.example.com/api"])
         .args(args)
         .env("HELM_CACHE_HOME", home.path().join("cache"))
         .env("HELM_CONFIG_HOME", home.path().join("config"))
@@ -200,6 +206,10 @@ fn bad_values_are_rejected_naming_the_field() {
                 "gateway.autoscaling.targetMemoryUtilizationPercentage=0",
             ],
             "gateway.autoscaling is enabled but has no metric",
+        ),
+        (
+            &["--set", "backend.baseUrl="],
+            "backend.baseUrl is required with gateway.driver=whatsapp",
         ),
         (
             &["--set", "monitoring.prometheusRule=true"],
@@ -609,6 +619,8 @@ async fn helm_install_and_upgrade_on_a_real_apiserver() {
         "--wait=false",
         "--set",
         "gateway.replicas=3",
+        "--set",
+        "backend.baseUrl=http://backend.example:8000/api",
     ];
     let out = plane.helm(&install).expect("helm install");
     assert!(out.contains("STATUS: deployed"), "{out}");
