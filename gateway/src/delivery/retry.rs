@@ -1,5 +1,6 @@
 //! Retry policy, kept apart from the I/O: how many quick attempts a batch gets before it is
-//! spilled, and the backoff between attempts (exponential with full jitter, from `backon`).
+//! spilled, and the backoff between attempts (exponential, capped, plus up to as much again of
+//! random jitter: `backon`'s jitter).
 
 use std::time::Duration;
 
