@@ -366,6 +366,23 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         LoginDirectory::default(),
     )
     .map_err(|e| Error::config("--driver / WA_DRIVER, --sim-* / WA_SIM_*", e.to_string()))?;
+    // A flag meant for the other driver would be silently ignored: refuse it instead.
+    match &driver {
+        AnyDriver::Sim(_) if !args.sessions.is_empty() => {
+            return Err(Error::config(
+                "--session / WA_SESSIONS",
+                "lists real sessions, which need --driver whatsapp (the sim driver runs --simulate N)",
+            ));
+        }
+        #[cfg(feature = "whatsapp")]
+        AnyDriver::Whatsapp(_) if args.simulate > 0 => {
+            return Err(Error::config(
+                "--simulate / WA_SIMULATE",
+                "runs simulated sessions, which need --driver sim (the whatsapp driver runs --session ids)",
+            ));
+        }
+        _ => {}
+    }
     let wanted: Vec<String> = match &driver {
         AnyDriver::Sim(_) => (0..args.simulate).map(|i| format!("sim-{i:05}")).collect(),
         #[cfg(feature = "whatsapp")]

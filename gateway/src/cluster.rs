@@ -28,6 +28,12 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
             ),
         )
     })?;
+    if args.status_qps == 0 {
+        return Err(Error::config(
+            "--status-qps / WA_STATUS_QPS",
+            "must be at least 1 (status writes per second to the apiserver)",
+        ));
+    }
     if args.lease_renew_ms == 0 || args.lease_duration_s * 1000 <= args.lease_renew_ms {
         return Err(Error::config(
             "--lease-renew-ms / WA_LEASE_RENEW_MS",

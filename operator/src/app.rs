@@ -108,7 +108,17 @@ fn init_logging(json: bool) {
 /// Runs the operator until SIGTERM / ctrl-c.
 pub async fn run(args: Args) -> Result<()> {
     let settings = args.placement()?;
-    init_logging(args.log_format != "text");
+    let json_logs = match args.log_format.as_str() {
+        "json" => true,
+        "text" => false,
+        other => {
+            return Err(crate::Error::Config {
+                field: "--log-format / WA_LOG_FORMAT",
+                reason: format!("`{other}` is not one of json, text"),
+            });
+        }
+    };
+    init_logging(json_logs);
     let client = kube::Client::try_default().await?;
     let mut settings = settings;
     settings.recorder = Some(Arc::new(kube::runtime::events::Recorder::new(
