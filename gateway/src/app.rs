@@ -20,7 +20,7 @@ use crate::cache::{
     BackendLookup, CacheMetrics, ChainLookup, RedisTier, RemoteTier, SessionCache, SessionLookup,
     SessionView, StatesLookup,
 };
-use crate::config::{Settings, StandaloneArgs};
+use crate::config::{DriverChoice, Settings, StandaloneArgs};
 use crate::delivery::spill::{RedisSpill, SpillKeys};
 use crate::delivery::{BackendClient, DeliveredHook, Delivery};
 use crate::events::{GatewayEvent, SessionStatus};
@@ -326,6 +326,22 @@ pub async fn shutdown_signal() {
 /// Standalone mode: one gateway, no Kubernetes.
 pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     let settings = args.common.validate()?;
+    // A flag meant for the other driver would be silently ignored: refuse it before starting.
+    match &settings.driver {
+        DriverChoice::Sim if !args.sessions.is_empty() => {
+            return Err(Error::config(
+                "--session / WA_SESSIONS",
+                "lists real sessions, which need --driver whatsapp (the sim driver runs --simulate N)",
+            ));
+        }
+        DriverChoice::Whatsapp { .. } if args.simulate > 0 => {
+            return Err(Error::config(
+                "--simulate / WA_SIMULATE",
+                "runs simulated sessions, which need --driver sim (the whatsapp driver runs --session ids)",
+            ));
+        }
+        _ => {}
+    }
     init_logging(settings.log_json);
     let sim_config = SimConfig {
         seed: args.sim_seed,
@@ -366,23 +382,6 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         LoginDirectory::default(),
     )
     .map_err(|e| Error::config("--driver / WA_DRIVER, --sim-* / WA_SIM_*", e.to_string()))?;
-    // A flag meant for the other driver would be silently ignored: refuse it instead.
-    match &driver {
-        AnyDriver::Sim(_) if !args.sessions.is_empty() => {
-            return Err(Error::config(
-                "--session / WA_SESSIONS",
-                "lists real sessions, which need --driver whatsapp (the sim driver runs --simulate N)",
-            ));
-        }
-        #[cfg(feature = "whatsapp")]
-        AnyDriver::Whatsapp(_) if args.simulate > 0 => {
-            return Err(Error::config(
-                "--simulate / WA_SIMULATE",
-                "runs simulated sessions, which need --driver sim (the whatsapp driver runs --session ids)",
-            ));
-        }
-        _ => {}
-    }
     let wanted: Vec<String> = match &driver {
         AnyDriver::Sim(_) => (0..args.simulate).map(|i| format!("sim-{i:05}")).collect(),
         #[cfg(feature = "whatsapp")]
