@@ -4,9 +4,12 @@
 use test_support::Error;
 use test_support::gateway::GatewayProcess;
 
+/// Arguments, environment, and the field the error must name.
+type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
 #[tokio::test]
 async fn bad_configuration_stops_start_up_naming_the_field() {
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    let cases: &[Case] = &[
         (
             &["standalone", "--session", "shop-1"],
             &[],
