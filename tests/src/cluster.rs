@@ -224,3 +224,15 @@ pub async fn start_operator_with(
     )
     .await
 }
+
+/// Creates a default `WhatsappSession` for each name, one after another.
+pub async fn create_sessions(api: &Api<WhatsappSession>, names: impl IntoIterator<Item = String>) {
+    for name in names {
+        api.create(
+            &PostParams::default(),
+            &WhatsappSession::new(&name, Default::default()),
+        )
+        .await
+        .unwrap();
+    }
+}

@@ -14,10 +14,11 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::discovery::ApiResource;
 use test_support::cluster::{
-    FAST_LEASE_ARGS, NS, setup, start_gateway_with, start_operator, wait_connected_on,
+    FAST_LEASE_ARGS, NS, create_sessions, setup, start_gateway_with, start_operator,
+    wait_connected_on,
 };
 use test_support::gateway::gateway_binary;
 use test_support::receiver::{Mode, Receiver};
@@ -482,14 +483,7 @@ async fn dashboard_alerts_and_autoscaling_name_only_metrics_the_binaries_export(
         .await
         .unwrap();
     let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
-    for i in 0..3 {
-        api.create(
-            &PostParams::default(),
-            &WhatsappSession::new(&format!("m-{i}"), Default::default()),
-        )
-        .await
-        .unwrap();
-    }
+    create_sessions(&api, (0..3).map(|i| format!("m-{i}"))).await;
     wait_connected_on(&api, 3, &["0"], 60).await;
     // The sessions' first events were refused; from now on batches are accepted.
     wait_until("a refused batch", Duration::from_secs(30), || {

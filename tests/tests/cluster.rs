@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use crds::{Phase, WhatsappSession};
 use kube::ResourceExt;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use test_support::cluster::{
-    FAST_LEASE_ARGS, NS, RELEASE, loads, setup, snapshot, start_gateway, start_gateway_with,
-    start_operator, wait_connected_on, wait_operator_sees_shards,
+    FAST_LEASE_ARGS, NS, RELEASE, create_sessions, loads, setup, snapshot, start_gateway,
+    start_gateway_with, start_operator, wait_connected_on, wait_operator_sees_shards,
 };
 use test_support::gateway::GatewayProcess;
 use test_support::{ControlPlane, RedisServer, wait_until};
@@ -29,14 +29,7 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
     wait_operator_sees_shards(&_operator, 3).await;
 
     let total = 300;
-    for i in 0..total {
-        api.create(
-            &PostParams::default(),
-            &WhatsappSession::new(&format!("s-{i:03}"), Default::default()),
-        )
-        .await
-        .unwrap();
-    }
+    create_sessions(&api, (0..total).map(|i| format!("s-{i:03}"))).await;
     let placed = wait_connected_on(&api, total, &["0", "1", "2"], 120).await;
     let cap = (1.25f64 * total as f64 / 3.0).ceil() as usize;
     assert!(

@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crds::WhatsappSession;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use test_support::cluster::{
-    NS, setup, start_gateway_with, start_operator, wait_connected_on, wait_operator_sees_shards,
+    NS, create_sessions, setup, start_gateway_with, start_operator, wait_connected_on,
+    wait_operator_sees_shards,
 };
 use test_support::{ControlPlane, RedisServer};
 
@@ -39,14 +40,7 @@ async fn operator_and_gateways_recover_their_watches_after_an_apiserver_restart(
     ];
     wait_operator_sees_shards(&_operator, 2).await;
     let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
-    for i in 0..60 {
-        api.create(
-            &PostParams::default(),
-            &WhatsappSession::new(&format!("r-{i:03}"), Default::default()),
-        )
-        .await
-        .unwrap();
-    }
+    create_sessions(&api, (0..60).map(|i| format!("r-{i:03}"))).await;
     let before = wait_connected_on(&api, 60, &["0", "1"], 90).await;
 
     // Down for 5 s (well within the 60 s gateway Leases used here, so no shard is declared dead).
@@ -56,14 +50,7 @@ async fn operator_and_gateways_recover_their_watches_after_an_apiserver_restart(
         .unwrap();
     let client = plane.client().await.unwrap();
     let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
-    for i in 60..80 {
-        api.create(
-            &PostParams::default(),
-            &WhatsappSession::new(&format!("r-{i:03}"), Default::default()),
-        )
-        .await
-        .unwrap();
-    }
+    create_sessions(&api, (60..80).map(|i| format!("r-{i:03}"))).await;
     let after = wait_connected_on(&api, 80, &["0", "1"], 120).await;
     let moved = before
         .iter()
