@@ -3,7 +3,9 @@
 //! - `GET /v1/sessions/{id}`: status JSON;
 //! - `GET /v1/sessions/{id}/qr`: the latest unexpired QR as JSON, or PNG with `Accept: image/png`;
 //! - `PUT /v1/sessions/{id}/status`: reports a status change through this gateway's event router,
-//!   exactly as a session driver would (cache write-through, invalidation, backend delivery).
+//!   exactly as a session driver would (cache write-through, invalidation, backend delivery);
+//! - `GET /v1/sessions`, `POST /v1/sessions`, `PATCH /v1/sessions/{id}`, `DELETE /v1/sessions/{id}`:
+//!   session management (see [`crate::manage`]).
 //!
 //! With a token configured every `/v1` request needs `Authorization: Bearer <token>`.
 
@@ -22,6 +24,7 @@ use serde_json::json;
 
 use crate::cache::{SessionCache, SessionView, valid_session_id};
 use crate::events::{Priority, SessionStatus, StatusEvent};
+use crate::manage::{Created, ManageError, SessionManager, SessionSpec};
 use crate::session::EventSink;
 
 #[derive(Clone)]
@@ -30,11 +33,19 @@ pub struct ApiState {
     /// Where `PUT .../status` reports changes; `None` disables the endpoint (405).
     pub events: Option<EventSink>,
     pub token: Option<Arc<str>>,
+    /// Session management; `None` answers its endpoints with 405.
+    pub sessions: Option<Arc<dyn SessionManager>>,
 }
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
-        .route("/v1/sessions/{id}", get(session_status))
+        .route("/v1/sessions", get(list_sessions).post(create_session))
+        .route(
+            "/v1/sessions/{id}",
+            get(session_status)
+                .patch(patch_session)
+                .delete(delete_session),
+        )
         .route("/v1/sessions/{id}/qr", get(session_qr))
         .route("/v1/sessions/{id}/status", put(put_status))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -224,4 +235,125 @@ async fn put_status(
         axum::Json(json!({ "sessionId": id, "status": change.status })),
     )
         .into_response()
+}
+
+fn invalid_body(detail: impl Into<String>, field: Option<&str>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({ "error": "invalid_body", "field": field, "detail": detail.into() })),
+    )
+        .into_response()
+}
+
+fn manage_error(err: ManageError) -> Response {
+    let detail = err.to_string();
+    let (code, error) = match &err {
+        ManageError::Invalid { field, reason } => return invalid_body(reason.clone(), Some(field)),
+        ManageError::NotFound => (StatusCode::NOT_FOUND, "session_not_found"),
+        ManageError::Conflict => (StatusCode::CONFLICT, "session_exists"),
+        ManageError::Configured(_) => (StatusCode::CONFLICT, "configured_at_startup"),
+        ManageError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+        ManageError::Unavailable(_) => {
+            tracing::warn!(%err, "session management failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+        }
+    };
+    (
+        code,
+        axum::Json(json!({ "error": error, "detail": detail })),
+    )
+        .into_response()
+}
+
+/// The session manager, or the 405 answer when this gateway has none.
+fn manager(state: &ApiState) -> Result<&Arc<dyn SessionManager>, Response> {
+    state
+        .sessions
+        .as_ref()
+        .ok_or_else(|| error(StatusCode::METHOD_NOT_ALLOWED, "read_only"))
+}
+
+async fn list_sessions(State(state): State<ApiState>) -> Response {
+    let sessions = match manager(&state) {
+        Ok(manager) => manager.list().await,
+        Err(response) => return response,
+    };
+    match sessions {
+        Ok(sessions) => axum::Json(json!({ "sessions": sessions })).into_response(),
+        Err(err) => manage_error(err),
+    }
+}
+
+async fn create_session(
+    State(state): State<ApiState>,
+    body: Result<axum::Json<SessionSpec>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let spec = match body {
+        Ok(axum::Json(spec)) => spec,
+        Err(rejection) => return invalid_body(rejection.body_text(), None),
+    };
+    let id = spec.session_id.clone();
+    let created = match manager(&state) {
+        Ok(manager) => manager.create(spec).await,
+        Err(response) => return response,
+    };
+    match created {
+        Ok(created) => (
+            if created == Created::New {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            axum::Json(json!({ "sessionId": id, "created": created == Created::New })),
+        )
+            .into_response(),
+        Err(err) => manage_error(err),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionPatch {
+    paused: bool,
+}
+
+async fn patch_session(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    body: Result<axum::Json<SessionPatch>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !valid_session_id(&id) {
+        return error(StatusCode::BAD_REQUEST, "invalid_session_id");
+    }
+    let patch = match body {
+        Ok(axum::Json(patch)) => patch,
+        Err(rejection) => return invalid_body(rejection.body_text(), None),
+    };
+    let paused = patch.paused;
+    let result = match manager(&state) {
+        Ok(manager) => manager.set_paused(&id, paused).await,
+        Err(response) => return response,
+    };
+    match result {
+        Ok(()) => axum::Json(json!({ "sessionId": id, "paused": paused })).into_response(),
+        Err(err) => manage_error(err),
+    }
+}
+
+async fn delete_session(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
+    if !valid_session_id(&id) {
+        return error(StatusCode::BAD_REQUEST, "invalid_session_id");
+    }
+    let result = match manager(&state) {
+        Ok(manager) => manager.delete(&id).await,
+        Err(response) => return response,
+    };
+    match result {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({ "sessionId": id, "deleted": true })),
+        )
+            .into_response(),
+        Err(err) => manage_error(err),
+    }
 }

@@ -24,6 +24,8 @@ use crate::config::{DriverChoice, Settings, StandaloneArgs};
 use crate::delivery::spill::{RedisSpill, SpillKeys};
 use crate::delivery::{BackendClient, DeliveredHook, Delivery};
 use crate::events::{GatewayEvent, SessionStatus};
+use crate::manage::redis_book::RedisBook;
+use crate::manage::{LocalSessions, MemoryBook, SessionBook, SessionManager, SessionSpec};
 use crate::metrics::BatchStatsCollector;
 use crate::session::LoginDirectory;
 use crate::session::any::AnyDriver;
@@ -32,6 +34,10 @@ use crate::session::sim::SimConfig;
 use crate::session::supervisor::{Supervisor, SupervisorConfig, SupervisorOptions};
 use crate::session::{EventSink, RunningSession, SessionState};
 use crate::{Error, Result};
+
+/// How often a standalone gateway with Redis checks for sessions created or deleted through
+/// another gateway sharing it (one `GET` of a version counter).
+pub const BOOK_FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Longest a graceful shutdown may take before the process gives up waiting.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
@@ -374,12 +380,13 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     // Every wanted session runs only while this gateway holds its lock, so gateways sharing a
     // Redis split the sessions and never run one twice.
     let options = supervisor_options(&settings, redis.as_ref(), &mut registry);
+    let logins = LoginDirectory::default();
     let driver = AnyDriver::new(
         &settings.driver,
         sim_config,
         options.credentials.clone(),
         redis.as_ref(),
-        LoginDirectory::default(),
+        logins.clone(),
     )
     .map_err(|e| Error::config("--driver / WA_DRIVER, --sim-* / WA_SIM_*", e.to_string()))?;
     let wanted: Vec<String> = match &driver {
@@ -393,13 +400,69 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
             format!("`{bad}` is not a valid session id (1-128 of A-Z a-z 0-9 - _ . @ :)"),
         ));
     }
-    let supervisor = Supervisor::with_options(Arc::new(driver), pipeline.event_sink(), options);
-    for id in &wanted {
-        supervisor.want(id);
+    let mut configured: Vec<(SessionSpec, &'static str)> = wanted
+        .iter()
+        .map(|id| {
+            (
+                SessionSpec::qr(id),
+                if args.simulate > 0 {
+                    "--simulate"
+                } else {
+                    "--session"
+                },
+            )
+        })
+        .collect();
+    if let Some(path) = &args.sessions_file {
+        let specs = crate::manage::file::load(path)
+            .map_err(|e| Error::config("--sessions-file / WA_SESSIONS_FILE", e))?;
+        for spec in specs {
+            if configured
+                .iter()
+                .any(|(c, _)| c.session_id == spec.session_id)
+            {
+                return Err(Error::config(
+                    "--sessions-file / WA_SESSIONS_FILE",
+                    format!(
+                        "session `{}` is also named by --session / --simulate",
+                        spec.session_id
+                    ),
+                ));
+            }
+            configured.push((spec, "--sessions-file"));
+        }
     }
-    if !wanted.is_empty() {
+    let supervisor = Arc::new(Supervisor::with_options(
+        Arc::new(driver),
+        pipeline.event_sink(),
+        options,
+    ));
+    // Sessions created through the API: in Redis (shared by every gateway using it, kept across
+    // restarts) or, without Redis, in memory.
+    let book: Arc<dyn SessionBook> = match &redis {
+        Some(client) => Arc::new(RedisBook::new(client.clone())),
+        None => Arc::new(MemoryBook::default()),
+    };
+    let sessions = Arc::new(LocalSessions::new(
+        supervisor.clone(),
+        logins,
+        pipeline.states.clone(),
+        configured,
+        book,
+    ));
+    match sessions.reconcile(true).await {
+        Ok(_) => {}
+        Err(err) => {
+            tracing::warn!(%err, "cannot read the sessions created through the API yet; retrying")
+        }
+    }
+    let follow = redis
+        .is_some()
+        .then(|| sessions.spawn_follow(BOOK_FOLLOW_INTERVAL, stop.clone()));
+    let count = supervisor.running().await.len();
+    if count > 0 {
         tracing::info!(
-            sessions = wanted.len(),
+            sessions = count,
             driver = supervisor.driver().name(),
             "sessions wanted; each starts once its lock is taken"
         );
@@ -414,6 +477,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         cache,
         events: Some(pipeline.event_sink()),
         token: settings.api_token.as_deref().map(Arc::from),
+        sessions: Some(sessions.clone() as Arc<dyn SessionManager>),
     };
     if api.token.is_none() {
         tracing::warn!("no API token (--api-token / WA_API_TOKEN): the /v1 API is open");
@@ -436,6 +500,10 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     tracing::info!("shutting down: stopping sessions and flushing events");
     stop_http.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    if let Some(follow) = follow {
+        follow.abort();
+    }
+    drop(sessions);
     // Sessions stop, their events flush, and only then are the locks released.
     supervisor
         .drain(

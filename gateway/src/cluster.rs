@@ -64,6 +64,12 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
     // sessions from memory, others from the cache tiers, then from the informer store.
     let (informer, informer_task) =
         InformerLookup::spawn(client.clone(), None, stop_background.clone());
+    let manager = crate::manage::kube::KubeSessions::new(
+        client.clone(),
+        args.namespace.clone(),
+        informer.clone(),
+        settings.api_token.is_some(),
+    );
     let (pipeline, cache, cache_tasks) = crate::app::start_pipeline_with_cache(
         &settings,
         redis.as_ref(),
@@ -107,6 +113,7 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
         cache,
         events: Some(pipeline.event_sink()),
         token: settings.api_token.as_deref().map(Arc::from),
+        sessions: Some(Arc::new(manager)),
     };
     if api.token.is_none() {
         tracing::warn!("no API token (--api-token / WA_API_TOKEN): the /v1 API is open");

@@ -76,6 +76,10 @@ pub struct StandaloneArgs {
     /// `whatsapp` driver: ids of the sessions to run (comma-separated in the variable).
     #[arg(long = "session", env = "WA_SESSIONS", value_delimiter = ',')]
     pub sessions: Vec<String>,
+    /// Sessions to run from `WhatsappSession` manifests (the YAML `kubectl apply` takes; several
+    /// documents allowed). More can be created at run time with `POST /v1/sessions`.
+    #[arg(long, env = "WA_SESSIONS_FILE")]
+    pub sessions_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub common: CommonArgs,
 }

@@ -3,7 +3,8 @@
 //! session that Redis has forgotten, a session not started yet) is answered from memory instead of
 //! the apiserver or the backend.
 //!
-//! The index holds a small [`SessionView`] per session, not the objects: at tens of thousands of
+//! The index holds a small [`SessionView`] per session (and the few spec fields the session API
+//! lists), not the objects: at tens of thousands of
 //! sessions the managed fields and annotations would cost far more than the answers need. The QR
 //! payload is never on the resource, so this tier never answers with one.
 
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Result;
 use crate::cache::{SessionLookup, SessionView};
 use crate::events::SessionStatus;
+use crate::manage::{LoginSpec, SessionSpec};
 
 /// The status a session's phase stands for.
 pub fn status_of(phase: Option<Phase>) -> SessionStatus {
@@ -70,10 +72,34 @@ pub fn view_of(session: &WhatsappSession) -> SessionView {
     view
 }
 
+/// One session in the index: the view the cache answers with, where the resource is, and the spec
+/// fields the session API lists and compares.
+#[derive(Debug, Clone)]
+pub struct Indexed {
+    pub view: SessionView,
+    pub namespace: String,
+    pub name: String,
+    pub spec: SessionSpec,
+}
+
+fn indexed(session: &WhatsappSession) -> Arc<Indexed> {
+    Arc::new(Indexed {
+        view: view_of(session),
+        namespace: session.metadata.namespace.clone().unwrap_or_default(),
+        name: session.metadata.name.clone().unwrap_or_default(),
+        spec: SessionSpec {
+            session_id: session.session_id(),
+            login: LoginSpec::from(&session.spec.login),
+            paused: session.spec.paused,
+            logout_on_delete: session.spec.logout_on_delete,
+        },
+    })
+}
+
 /// The index, shared between the watch task and lookups.
 #[derive(Clone, Default)]
 pub struct InformerLookup {
-    index: Arc<RwLock<HashMap<String, Arc<SessionView>>>>,
+    index: Arc<RwLock<HashMap<String, Arc<Indexed>>>>,
     ready: Option<watch::Receiver<bool>>,
 }
 
@@ -101,7 +127,7 @@ impl InformerLookup {
                 .boxed();
             // A relist builds a fresh index and swaps it in whole, so sessions deleted while the
             // watch was down do not linger.
-            let mut relist: Option<HashMap<String, Arc<SessionView>>> = None;
+            let mut relist: Option<HashMap<String, Arc<Indexed>>> = None;
             loop {
                 let event = tokio::select! {
                     () = stop.cancelled() => break,
@@ -111,10 +137,10 @@ impl InformerLookup {
                 match event {
                     Ok(watcher::Event::Init) => relist = Some(HashMap::new()),
                     Ok(watcher::Event::InitApply(s)) => {
-                        let view = view_of(&s);
+                        let entry = indexed(&s);
                         relist
                             .get_or_insert_with(HashMap::new)
-                            .insert(view.session_id.clone(), Arc::new(view));
+                            .insert(entry.view.session_id.clone(), entry);
                     }
                     Ok(watcher::Event::InitDone) => {
                         let fresh = relist.take().unwrap_or_default();
@@ -123,11 +149,11 @@ impl InformerLookup {
                         let _ = ready_tx.send(true);
                     }
                     Ok(watcher::Event::Apply(s)) => {
-                        let view = view_of(&s);
+                        let entry = indexed(&s);
                         index
                             .write()
                             .expect("index lock")
-                            .insert(view.session_id.clone(), Arc::new(view));
+                            .insert(entry.view.session_id.clone(), entry);
                     }
                     Ok(watcher::Event::Delete(s)) => {
                         index.write().expect("index lock").remove(&s.session_id());
@@ -160,7 +186,26 @@ impl InformerLookup {
             .read()
             .expect("index lock")
             .get(session_id)
-            .map(|v| (**v).clone())
+            .map(|v| v.view.clone())
+    }
+
+    /// The session's index entry (resource name, namespace, spec).
+    pub fn entry(&self, session_id: &str) -> Option<Arc<Indexed>> {
+        self.index
+            .read()
+            .expect("index lock")
+            .get(session_id)
+            .cloned()
+    }
+
+    /// Every indexed session.
+    pub fn entries(&self) -> Vec<Arc<Indexed>> {
+        self.index
+            .read()
+            .expect("index lock")
+            .values()
+            .cloned()
+            .collect()
     }
 }
 

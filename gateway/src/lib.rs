@@ -10,6 +10,7 @@ mod error;
 pub mod events;
 pub mod http;
 pub mod informer;
+pub mod manage;
 pub mod metrics;
 pub mod redis;
 pub mod session;

@@ -36,7 +36,7 @@ use super::ownership::{
     Lease, LeaseConfig, LocalLockStore, Ownership, OwnershipMetrics, RedisLockStore,
 };
 use super::{DriverError, EventSink, RunningSession, SessionDriver};
-use crate::events::{GatewayEvent, SessionStatus};
+use crate::events::{GatewayEvent, Priority, SessionStatus, StatusEvent};
 
 /// Exponential backoff with "equal jitter": half the delay fixed, half random, so a fleet that
 /// failed together does not retry together, yet nothing retries at once.
@@ -65,6 +65,10 @@ impl Backoff {
         full / 2 + (full / 2).mul_f64(unit.clamp(0.0, 1.0))
     }
 }
+
+/// Reason of the `logged_out` status a session reports when it ends by a logout command (a
+/// deleted session with `logoutOnDelete`).
+pub const LOGOUT_REQUESTED: &str = "logout_requested";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SupervisorConfig {
@@ -768,6 +772,17 @@ async fn worker<D: SessionDriver>(
         let end = supervise(&ctl, &current, &session, shared.ownership.config()).await;
         if ctl.desired() == LOGOUT && matches!(end, End::Command) {
             session.stop_and_logout().await;
+            // Whatever the driver reported, the account is unlinked now: the backend hears it,
+            // and the gate wipes the credentials with this lease's fencing token.
+            if let Ok(sink) = shared.gate_sink() {
+                let logged_out = StatusEvent::new(
+                    &*id,
+                    SessionStatus::LoggedOut,
+                    Priority::High,
+                    Some(LOGOUT_REQUESTED.to_owned()),
+                );
+                let _ = sink.emit(logged_out).await;
+            }
         } else {
             session.stop().await;
         }

@@ -1,0 +1,538 @@
+//! Session management (`POST/PATCH/DELETE /v1/sessions`): which sessions exist, asked for over
+//! HTTP by the backend instead of with `kubectl` or a restart.
+//!
+//! - Standalone ([`LocalSessions`]): the sessions named at start-up (`--session`, `--simulate`,
+//!   `--sessions-file`) are fixed; those created through the API live in a [`SessionBook`]: in
+//!   Redis when configured (they survive restarts, and every gateway sharing the Redis runs them,
+//!   split by the ownership locks), in memory otherwise.
+//! - Cluster ([`kube::KubeSessions`]): the API is a bridge to `WhatsappSession` resources; the
+//!   operator and the shards do the rest, as for `kubectl apply`.
+//!
+//! The decision of what to start, pause, resume or end from a wanted set is the pure [`plan`].
+
+pub mod file;
+pub mod kube;
+pub mod redis_book;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::SessionStates;
+use crate::events::SessionStatus;
+use crate::session::supervisor::Supervisor;
+use crate::session::{LoginDirectory, SessionDriver};
+
+/// A session as the API creates it: the `WhatsappSession` spec fields that apply in both modes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SessionSpec {
+    pub session_id: String,
+    #[serde(default)]
+    pub login: LoginSpec,
+    #[serde(default)]
+    pub paused: bool,
+    #[serde(default = "default_true")]
+    pub logout_on_delete: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `login` of a [`SessionSpec`]; the same JSON as the resource's `spec.login`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoginSpec {
+    #[serde(default)]
+    pub method: crds::LoginMethod,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone_number: Option<String>,
+}
+
+impl From<&LoginSpec> for crds::Login {
+    fn from(login: &LoginSpec) -> Self {
+        crds::Login {
+            method: login.method.clone(),
+            phone_number: login.phone_number.clone(),
+        }
+    }
+}
+
+impl From<&crds::Login> for LoginSpec {
+    fn from(login: &crds::Login) -> Self {
+        LoginSpec {
+            method: login.method.clone(),
+            phone_number: login.phone_number.clone(),
+        }
+    }
+}
+
+impl SessionSpec {
+    /// A QR-linked, running session.
+    pub fn qr(session_id: impl Into<String>) -> Self {
+        SessionSpec {
+            session_id: session_id.into(),
+            login: LoginSpec::default(),
+            paused: false,
+            logout_on_delete: true,
+        }
+    }
+
+    /// The same rules as the resource's schema, checked before anything is stored, so both modes
+    /// refuse the same input with the field named.
+    pub fn validate(&self) -> Result<(), ManageError> {
+        if !crate::cache::valid_session_id(&self.session_id) {
+            return Err(ManageError::invalid(
+                "sessionId",
+                "1-128 characters of A-Z a-z 0-9 - _ . @ :",
+            ));
+        }
+        match (&self.login.method, &self.login.phone_number) {
+            (crds::LoginMethod::PairingCode, None) => Err(ManageError::invalid(
+                "login.phoneNumber",
+                "required when login.method is pairingCode",
+            )),
+            (_, Some(phone)) if !valid_phone_number(phone) => Err(ManageError::invalid(
+                "login.phoneNumber",
+                "international format without spaces, 8-15 digits, e.g. +5491122334455",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `^\+?[1-9][0-9]{7,14}$`, the resource schema's pattern.
+fn valid_phone_number(phone: &str) -> bool {
+    let digits = phone.strip_prefix('+').unwrap_or(phone);
+    (8..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+}
+
+/// Why a management request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManageError {
+    #[error("invalid `{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("session not found")]
+    NotFound,
+    /// The session exists with a different spec.
+    #[error("session exists with a different spec")]
+    Conflict,
+    /// Named in this gateway's configuration, so not the API's to change.
+    #[error("session is configured at start-up ({0}); change the configuration instead")]
+    Configured(&'static str),
+    /// Writes need a credential the gateway does not have, or the API is read-only here.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl ManageError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ManageError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+pub type ManageResult<T> = std::result::Result<T, ManageError>;
+
+/// Outcome of a create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    New,
+    /// It already existed with this spec (a retried request).
+    Unchanged,
+}
+
+/// A session as listed by `GET /v1/sessions`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Listed {
+    #[serde(flatten)]
+    pub spec: SessionSpec,
+    /// Where it came from: `api`, `config` (standalone start-up) or `resource` (cluster).
+    pub source: &'static str,
+    /// Its status as far as this gateway knows; absent before the first report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<SessionStatus>,
+}
+
+/// Creates, pauses and deletes sessions; the `/v1/sessions` write API calls this.
+pub trait SessionManager: Send + Sync {
+    fn create(&self, spec: SessionSpec) -> BoxFuture<'_, ManageResult<Created>>;
+    fn set_paused<'a>(
+        &'a self,
+        session_id: &'a str,
+        paused: bool,
+    ) -> BoxFuture<'a, ManageResult<()>>;
+    /// Deletes the session; a live one logs out first when its `logoutOnDelete` says so.
+    fn delete<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<()>>;
+    fn list(&self) -> BoxFuture<'_, ManageResult<Vec<Listed>>>;
+}
+
+/// Where standalone keeps the sessions created through the API.
+pub trait SessionBook: Send + Sync {
+    /// Stores `spec` unless its id is taken; returns what was there.
+    fn insert_new(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<Option<SessionSpec>>>;
+    /// Replaces an existing spec; `false` when there was none.
+    fn replace(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<bool>>;
+    fn remove<'a>(
+        &'a self,
+        session_id: &'a str,
+    ) -> BoxFuture<'a, ManageResult<Option<SessionSpec>>>;
+    fn all(&self) -> BoxFuture<'_, ManageResult<Vec<SessionSpec>>>;
+    /// Changes with every write (by any gateway sharing the book): a cheap "anything new?".
+    fn version(&self) -> BoxFuture<'_, ManageResult<u64>>;
+}
+
+/// A [`SessionBook`] for a gateway alone, without Redis: lost on restart (the log says so).
+#[derive(Debug, Default)]
+pub struct MemoryBook {
+    inner: Mutex<(u64, BTreeMap<String, SessionSpec>)>,
+}
+
+impl SessionBook for MemoryBook {
+    fn insert_new(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<Option<SessionSpec>>> {
+        let mut inner = self.inner.lock().expect("book lock");
+        let found = inner.1.get(&spec.session_id).cloned();
+        if found.is_none() {
+            inner.1.insert(spec.session_id.clone(), spec.clone());
+            inner.0 += 1;
+        }
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn replace(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<bool>> {
+        let mut inner = self.inner.lock().expect("book lock");
+        let found = inner.1.contains_key(&spec.session_id);
+        if found {
+            inner.1.insert(spec.session_id.clone(), spec.clone());
+            inner.0 += 1;
+        }
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn remove<'a>(
+        &'a self,
+        session_id: &'a str,
+    ) -> BoxFuture<'a, ManageResult<Option<SessionSpec>>> {
+        let mut inner = self.inner.lock().expect("book lock");
+        let found = inner.1.remove(session_id);
+        if found.is_some() {
+            inner.0 += 1;
+        }
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn all(&self) -> BoxFuture<'_, ManageResult<Vec<SessionSpec>>> {
+        let all = self
+            .inner
+            .lock()
+            .expect("book lock")
+            .1
+            .values()
+            .cloned()
+            .collect();
+        Box::pin(async move { Ok(all) })
+    }
+
+    fn version(&self) -> BoxFuture<'_, ManageResult<u64>> {
+        let version = self.inner.lock().expect("book lock").0;
+        Box::pin(async move { Ok(version) })
+    }
+}
+
+/// One step that brings the supervisor to a wanted set of sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// New or resumed: run it (with this login).
+    Run(SessionSpec),
+    /// Stop it, keep its credentials and its place.
+    Pause(SessionSpec),
+    /// Gone from the wanted set: end it, logging out first when `logout`.
+    End { session_id: String, logout: bool },
+}
+
+/// What changes from `applied` (what the supervisor was last told) to `wanted`. A login change
+/// of a running session takes effect at its next start.
+pub fn plan(
+    applied: &HashMap<String, SessionSpec>,
+    wanted: &HashMap<String, SessionSpec>,
+) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for (id, spec) in wanted {
+        match applied.get(id) {
+            None if spec.paused => steps.push(Step::Pause(spec.clone())),
+            None => steps.push(Step::Run(spec.clone())),
+            Some(old) if old.paused && !spec.paused => steps.push(Step::Run(spec.clone())),
+            Some(old) if !old.paused && spec.paused => steps.push(Step::Pause(spec.clone())),
+            Some(old) if old != spec => {
+                // Same run state; record the new login / logout choice.
+                if spec.paused {
+                    steps.push(Step::Pause(spec.clone()));
+                } else {
+                    steps.push(Step::Run(spec.clone()));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    for (id, old) in applied {
+        if !wanted.contains_key(id) {
+            steps.push(Step::End {
+                session_id: id.clone(),
+                logout: old.logout_on_delete,
+            });
+        }
+    }
+    // Deterministic order (tests, logs): ends first, so a re-created id starts clean.
+    steps.sort_by(|a, b| rank(a).cmp(&rank(b)));
+    steps
+}
+
+fn rank(step: &Step) -> (u8, String) {
+    match step {
+        Step::End { session_id, .. } => (0, session_id.clone()),
+        Step::Pause(spec) => (1, spec.session_id.clone()),
+        Step::Run(spec) => (2, spec.session_id.clone()),
+    }
+}
+
+/// Standalone session management: the sessions named at start-up plus those in the book,
+/// applied to the supervisor.
+pub struct LocalSessions<D: SessionDriver> {
+    supervisor: Arc<Supervisor<D>>,
+    logins: LoginDirectory,
+    states: Arc<SessionStates>,
+    /// Named at start-up, with where (for the error when the API tries to change one).
+    configured: HashMap<String, (SessionSpec, &'static str)>,
+    book: Arc<dyn SessionBook>,
+    /// What the supervisor was last told to run; one reconciliation at a time.
+    applied: tokio::sync::Mutex<HashMap<String, SessionSpec>>,
+    /// Book version last applied.
+    seen_version: Mutex<Option<u64>>,
+}
+
+impl<D: SessionDriver> LocalSessions<D> {
+    pub fn new(
+        supervisor: Arc<Supervisor<D>>,
+        logins: LoginDirectory,
+        states: Arc<SessionStates>,
+        configured: Vec<(SessionSpec, &'static str)>,
+        book: Arc<dyn SessionBook>,
+    ) -> Self {
+        LocalSessions {
+            supervisor,
+            logins,
+            states,
+            configured: configured
+                .into_iter()
+                .map(|(spec, source)| (spec.session_id.clone(), (spec, source)))
+                .collect(),
+            book,
+            applied: tokio::sync::Mutex::new(HashMap::new()),
+            seen_version: Mutex::new(None),
+        }
+    }
+
+    pub fn supervisor(&self) -> &Arc<Supervisor<D>> {
+        &self.supervisor
+    }
+
+    /// Brings the supervisor to the configured sessions plus the book's; `force` re-reads the
+    /// book even when its version has not moved. Returns how many steps were taken.
+    pub async fn reconcile(&self, force: bool) -> ManageResult<usize> {
+        let mut applied = self.applied.lock().await;
+        let version = self.book.version().await?;
+        if !force && *self.seen_version.lock().expect("version lock") == Some(version) {
+            return Ok(0);
+        }
+        let mut wanted: HashMap<String, SessionSpec> = self
+            .book
+            .all()
+            .await?
+            .into_iter()
+            .map(|spec| (spec.session_id.clone(), spec))
+            .collect();
+        // Start-up configuration wins over a book entry with the same id.
+        for (id, (spec, _)) in &self.configured {
+            wanted.insert(id.clone(), spec.clone());
+        }
+        let steps = plan(&applied, &wanted);
+        let count = steps.len();
+        for step in steps {
+            self.apply(&step).await;
+        }
+        *applied = wanted;
+        *self.seen_version.lock().expect("version lock") = Some(version);
+        Ok(count)
+    }
+
+    async fn apply(&self, step: &Step) {
+        match step {
+            Step::Run(spec) => {
+                self.logins.set(&spec.session_id, &(&spec.login).into());
+                self.supervisor.want(&spec.session_id);
+            }
+            Step::Pause(spec) => {
+                self.logins.set(&spec.session_id, &(&spec.login).into());
+                self.supervisor.pause(&spec.session_id).await;
+            }
+            Step::End { session_id, logout } => {
+                if *logout {
+                    self.supervisor.logout(session_id).await;
+                } else {
+                    self.supervisor.stop(session_id).await;
+                }
+                self.logins.remove(session_id);
+                // Its last status went out with the stop; re-sync and the gauges forget it.
+                self.states.remove(session_id);
+                tracing::info!(session_id = %session_id, logout = *logout, "session deleted");
+            }
+        }
+    }
+
+    fn configured_source(&self, session_id: &str) -> Option<&'static str> {
+        self.configured.get(session_id).map(|(_, source)| *source)
+    }
+
+    /// Re-reads the book every `every` (a cheap version check) until `stop`, so sessions created
+    /// or deleted through another gateway sharing the Redis start or stop here too.
+    pub fn spawn_follow(
+        self: &Arc<Self>,
+        every: Duration,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        D: 'static,
+    {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = stop.cancelled() => return,
+                }
+                match this.reconcile(false).await {
+                    Ok(_) if failing => {
+                        failing = false;
+                        tracing::info!("session book readable again");
+                    }
+                    Ok(_) => {}
+                    Err(err) if !failing => {
+                        failing = true;
+                        tracing::warn!(%err, "cannot read the session book; running sessions are kept");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+    }
+}
+
+impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
+    fn create(&self, spec: SessionSpec) -> BoxFuture<'_, ManageResult<Created>> {
+        Box::pin(async move {
+            spec.validate()?;
+            if let Some((configured, source)) = self.configured.get(&spec.session_id) {
+                return if *configured == spec {
+                    Ok(Created::Unchanged)
+                } else {
+                    Err(ManageError::Configured(source))
+                };
+            }
+            let created = match self.book.insert_new(&spec).await? {
+                None => Created::New,
+                Some(existing) if existing == spec => Created::Unchanged,
+                Some(_) => return Err(ManageError::Conflict),
+            };
+            self.reconcile(true).await?;
+            if created == Created::New {
+                tracing::info!(session_id = %spec.session_id, paused = spec.paused, "session created");
+            }
+            Ok(created)
+        })
+    }
+
+    fn set_paused<'a>(
+        &'a self,
+        session_id: &'a str,
+        paused: bool,
+    ) -> BoxFuture<'a, ManageResult<()>> {
+        Box::pin(async move {
+            if let Some(source) = self.configured_source(session_id) {
+                return Err(ManageError::Configured(source));
+            }
+            let current = self
+                .book
+                .all()
+                .await?
+                .into_iter()
+                .find(|s| s.session_id == session_id)
+                .ok_or(ManageError::NotFound)?;
+            if current.paused != paused {
+                let spec = SessionSpec { paused, ..current };
+                if !self.book.replace(&spec).await? {
+                    return Err(ManageError::NotFound);
+                }
+            }
+            self.reconcile(true).await?;
+            Ok(())
+        })
+    }
+
+    fn delete<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<()>> {
+        Box::pin(async move {
+            if let Some(source) = self.configured_source(session_id) {
+                return Err(ManageError::Configured(source));
+            }
+            if self.book.remove(session_id).await?.is_none() {
+                return Err(ManageError::NotFound);
+            }
+            self.reconcile(true).await?;
+            Ok(())
+        })
+    }
+
+    fn list(&self) -> BoxFuture<'_, ManageResult<Vec<Listed>>> {
+        Box::pin(async move {
+            let mut listed: Vec<Listed> = self
+                .book
+                .all()
+                .await?
+                .into_iter()
+                .filter(|spec| !self.configured.contains_key(&spec.session_id))
+                .map(|spec| Listed {
+                    spec,
+                    source: "api",
+                    status: None,
+                })
+                .chain(self.configured.values().map(|(spec, _)| Listed {
+                    spec: spec.clone(),
+                    source: "config",
+                    status: None,
+                }))
+                .collect();
+            for item in &mut listed {
+                item.status = self.states.get(&item.spec.session_id).map(|s| s.status);
+            }
+            listed.sort_by(|a, b| a.spec.session_id.cmp(&b.spec.session_id));
+            Ok(listed)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

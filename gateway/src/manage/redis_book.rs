@@ -1,0 +1,139 @@
+//! The standalone session book in Redis: one hash of specs (JSON by session id) and a version
+//! counter, changed together by Lua scripts so a reader never sees one without the other. Both keys
+//! share a hash tag, so this works on Redis Cluster.
+
+use fred::clients::Client;
+use fred::interfaces::KeysInterface;
+use fred::prelude::HashesInterface;
+use futures::future::BoxFuture;
+
+use super::{ManageError, ManageResult, SessionBook, SessionSpec};
+use crate::session::ownership::LuaScript;
+
+const SPECS_KEY: &str = "wa:{sessions}:specs";
+const VERSION_KEY: &str = "wa:{sessions}:version";
+
+/// HSETNX + INCR; returns the existing spec, or nil when stored.
+const INSERT_NEW_LUA: &str = r"
+local existing = redis.call('HGET', KEYS[1], ARGV[1])
+if existing then return existing end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('INCR', KEYS[2])
+return false
+";
+
+/// HSET + INCR when the field exists; 1 if replaced, 0 if absent.
+const REPLACE_LUA: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('INCR', KEYS[2])
+return 1
+";
+
+/// HDEL + INCR; returns the removed spec, or nil.
+const REMOVE_LUA: &str = r"
+local existing = redis.call('HGET', KEYS[1], ARGV[1])
+if not existing then return false end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('INCR', KEYS[2])
+return existing
+";
+
+static INSERT_NEW: LuaScript = LuaScript::new(INSERT_NEW_LUA);
+static REPLACE: LuaScript = LuaScript::new(REPLACE_LUA);
+static REMOVE: LuaScript = LuaScript::new(REMOVE_LUA);
+
+pub struct RedisBook {
+    client: Client,
+}
+
+impl RedisBook {
+    pub fn new(client: Client) -> Self {
+        RedisBook { client }
+    }
+
+    fn keys() -> Vec<String> {
+        vec![SPECS_KEY.to_owned(), VERSION_KEY.to_owned()]
+    }
+}
+
+fn unavailable(err: fred::error::Error) -> ManageError {
+    ManageError::Unavailable(format!("redis: {err}"))
+}
+
+fn encode(spec: &SessionSpec) -> ManageResult<String> {
+    serde_json::to_string(spec).map_err(|e| ManageError::Unavailable(e.to_string()))
+}
+
+/// A stored spec; one that no longer parses (written by a newer version) is logged and skipped,
+/// not dropped: deleting it through the API still works (it then ends as a QR session would).
+fn decode(session_id: &str, json: &str) -> Option<SessionSpec> {
+    match serde_json::from_str(json) {
+        Ok(spec) => Some(spec),
+        Err(err) => {
+            tracing::warn!(session_id, %err, "unreadable session spec in Redis; skipped");
+            None
+        }
+    }
+}
+
+impl SessionBook for RedisBook {
+    fn insert_new(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<Option<SessionSpec>>> {
+        let (id, json) = (spec.session_id.clone(), encode(spec));
+        Box::pin(async move {
+            let found: Option<String> = INSERT_NEW
+                .run(&self.client, Self::keys(), vec![id.clone(), json?])
+                .await
+                .map_err(unavailable)?;
+            match found {
+                None => Ok(None),
+                // An unreadable entry still takes the id: a conflict, never a success.
+                Some(json) => decode(&id, &json).map(Some).ok_or(ManageError::Conflict),
+            }
+        })
+    }
+
+    fn replace(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<bool>> {
+        let (id, json) = (spec.session_id.clone(), encode(spec));
+        Box::pin(async move {
+            let replaced: i64 = REPLACE
+                .run(&self.client, Self::keys(), vec![id, json?])
+                .await
+                .map_err(unavailable)?;
+            Ok(replaced == 1)
+        })
+    }
+
+    fn remove<'a>(
+        &'a self,
+        session_id: &'a str,
+    ) -> BoxFuture<'a, ManageResult<Option<SessionSpec>>> {
+        Box::pin(async move {
+            let found: Option<String> = REMOVE
+                .run(&self.client, Self::keys(), vec![session_id.to_owned()])
+                .await
+                .map_err(unavailable)?;
+            Ok(found.map(|json| {
+                decode(session_id, &json).unwrap_or_else(|| SessionSpec::qr(session_id))
+            }))
+        })
+    }
+
+    fn all(&self) -> BoxFuture<'_, ManageResult<Vec<SessionSpec>>> {
+        Box::pin(async move {
+            let entries: std::collections::HashMap<String, String> =
+                self.client.hgetall(SPECS_KEY).await.map_err(unavailable)?;
+            Ok(entries
+                .iter()
+                .filter_map(|(id, json)| decode(id, json))
+                .collect())
+        })
+    }
+
+    fn version(&self) -> BoxFuture<'_, ManageResult<u64>> {
+        Box::pin(async move {
+            let version: Option<u64> = self.client.get(VERSION_KEY).await.map_err(unavailable)?;
+            Ok(version.unwrap_or(0))
+        })
+    }
+}

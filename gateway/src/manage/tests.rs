@@ -1,0 +1,234 @@
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::session::EventSink;
+use crate::session::sim::{SimConfig, SimDriver};
+
+fn specs(list: &[SessionSpec]) -> HashMap<String, SessionSpec> {
+    list.iter()
+        .map(|s| (s.session_id.clone(), s.clone()))
+        .collect()
+}
+
+fn paused(id: &str) -> SessionSpec {
+    SessionSpec {
+        paused: true,
+        ..SessionSpec::qr(id)
+    }
+}
+
+#[test]
+fn plan_starts_pauses_resumes_and_ends() {
+    let keep = SessionSpec {
+        logout_on_delete: false,
+        ..SessionSpec::qr("gone-keep")
+    };
+    let applied = specs(&[
+        SessionSpec::qr("same"),
+        SessionSpec::qr("to-pause"),
+        paused("to-resume"),
+        SessionSpec::qr("gone"),
+        keep,
+    ]);
+    let wanted = specs(&[
+        SessionSpec::qr("same"),
+        paused("to-pause"),
+        SessionSpec::qr("to-resume"),
+        SessionSpec::qr("new"),
+        paused("new-paused"),
+    ]);
+    assert_eq!(
+        plan(&applied, &wanted),
+        vec![
+            Step::End {
+                session_id: "gone".into(),
+                logout: true
+            },
+            Step::End {
+                session_id: "gone-keep".into(),
+                logout: false
+            },
+            Step::Pause(paused("new-paused")),
+            Step::Pause(paused("to-pause")),
+            Step::Run(SessionSpec::qr("new")),
+            Step::Run(SessionSpec::qr("to-resume")),
+        ]
+    );
+    assert!(plan(&wanted, &wanted).is_empty(), "nothing to do twice");
+}
+
+#[test]
+fn validation_names_the_field() {
+    assert!(SessionSpec::qr("shop-42").validate().is_ok());
+    let bad_id = SessionSpec::qr("has space").validate().unwrap_err();
+    assert!(matches!(bad_id, ManageError::Invalid { ref field, .. } if field == "sessionId"));
+    let mut pairing = SessionSpec::qr("p");
+    pairing.login.method = crds::LoginMethod::PairingCode;
+    let missing = pairing.validate().unwrap_err();
+    assert!(
+        matches!(missing, ManageError::Invalid { ref field, .. } if field == "login.phoneNumber")
+    );
+    for bad in ["123", "+0123456789", "+54 911 2233", "+1234567890123456"] {
+        pairing.login.phone_number = Some(bad.into());
+        assert!(pairing.validate().is_err(), "{bad}");
+    }
+    pairing.login.phone_number = Some("+5491122334455".into());
+    assert!(pairing.validate().is_ok());
+}
+
+#[test]
+fn the_json_is_the_resource_spec_with_an_id() {
+    let spec: SessionSpec = serde_json::from_str(
+        r#"{"sessionId":"s","login":{"method":"pairingCode","phoneNumber":"+5491122334455"},"logoutOnDelete":false}"#,
+    )
+    .unwrap();
+    assert!(!spec.paused && !spec.logout_on_delete);
+    let minimal: SessionSpec = serde_json::from_str(r#"{"sessionId":"s"}"#).unwrap();
+    assert_eq!(minimal, SessionSpec::qr("s"));
+    assert!(serde_json::from_str::<SessionSpec>(r#"{"sessionId":"s","pasued":true}"#).is_err());
+}
+
+fn local(
+    configured: Vec<(SessionSpec, &'static str)>,
+    book: Arc<dyn SessionBook>,
+) -> (
+    Arc<LocalSessions<SimDriver>>,
+    tokio::sync::mpsc::Receiver<crate::events::GatewayEvent>,
+) {
+    let driver = Arc::new(SimDriver::new(SimConfig::default()).unwrap());
+    let (events, rx) = EventSink::channel(4096);
+    let supervisor = Arc::new(Supervisor::new(driver, events));
+    let sessions = LocalSessions::new(
+        supervisor,
+        LoginDirectory::default(),
+        Arc::new(SessionStates::default()),
+        configured,
+        book,
+    );
+    (Arc::new(sessions), rx)
+}
+
+async fn running(sessions: &LocalSessions<SimDriver>) -> Vec<String> {
+    let mut running = sessions.supervisor().running().await;
+    running.sort();
+    running
+}
+
+#[tokio::test(start_paused = true)]
+async fn create_pause_resume_delete_through_the_book() {
+    let (sessions, _rx) = local(
+        vec![(SessionSpec::qr("fixed"), "--session")],
+        Arc::new(MemoryBook::default()),
+    );
+    sessions.reconcile(true).await.unwrap();
+    assert_eq!(running(&sessions).await, ["fixed"]);
+
+    assert_eq!(
+        sessions.create(SessionSpec::qr("api-1")).await,
+        Ok(Created::New)
+    );
+    assert_eq!(
+        sessions.create(SessionSpec::qr("api-1")).await,
+        Ok(Created::Unchanged),
+        "a retried create is not an error"
+    );
+    assert_eq!(
+        sessions.create(paused("api-1")).await,
+        Err(ManageError::Conflict)
+    );
+    assert_eq!(running(&sessions).await, ["api-1", "fixed"]);
+
+    sessions.set_paused("api-1", true).await.unwrap();
+    assert_eq!(running(&sessions).await, ["fixed"]);
+    sessions.set_paused("api-1", false).await.unwrap();
+    assert_eq!(running(&sessions).await, ["api-1", "fixed"]);
+
+    let listed = sessions.list().await.unwrap();
+    let sources: Vec<_> = listed
+        .iter()
+        .map(|l| (l.spec.session_id.as_str(), l.source))
+        .collect();
+    assert_eq!(sources, [("api-1", "api"), ("fixed", "config")]);
+
+    sessions.delete("api-1").await.unwrap();
+    assert_eq!(running(&sessions).await, ["fixed"]);
+    assert_eq!(sessions.delete("api-1").await, Err(ManageError::NotFound));
+    assert_eq!(
+        sessions.set_paused("nope", true).await,
+        Err(ManageError::NotFound)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn configured_sessions_are_not_the_apis_to_change() {
+    let (sessions, _rx) = local(
+        vec![(SessionSpec::qr("fixed"), "--sessions-file")],
+        Arc::new(MemoryBook::default()),
+    );
+    sessions.reconcile(true).await.unwrap();
+    assert_eq!(
+        sessions.create(SessionSpec::qr("fixed")).await,
+        Ok(Created::Unchanged)
+    );
+    for result in [
+        sessions.create(paused("fixed")).await.map(|_| ()),
+        sessions.delete("fixed").await,
+        sessions.set_paused("fixed", true).await,
+    ] {
+        assert_eq!(result, Err(ManageError::Configured("--sessions-file")));
+    }
+    assert_eq!(running(&sessions).await, ["fixed"]);
+    let invalid = sessions.create(SessionSpec::qr("no spaces")).await;
+    assert!(matches!(invalid, Err(ManageError::Invalid { .. })));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gateway_follows_what_another_wrote_to_a_shared_book() {
+    let book: Arc<dyn SessionBook> = Arc::new(MemoryBook::default());
+    let (a, _rx_a) = local(Vec::new(), book.clone());
+    let (b, _rx_b) = local(Vec::new(), book.clone());
+    let stop = CancellationToken::new();
+    let follow = b.spawn_follow(Duration::from_secs(1), stop.clone());
+
+    a.create(SessionSpec::qr("shared")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        running(&b).await,
+        ["shared"],
+        "b wants it too (the locks decide who runs it)"
+    );
+
+    a.delete("shared").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(running(&b).await.is_empty());
+    stop.cancel();
+    follow.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn deleting_logs_a_live_session_out_unless_told_otherwise() {
+    let (sessions, mut rx) = local(Vec::new(), Arc::new(MemoryBook::default()));
+    // A session that is connected: the sim driver, every session paired.
+    let keep = SessionSpec {
+        logout_on_delete: false,
+        ..SessionSpec::qr("keep")
+    };
+    sessions.create(SessionSpec::qr("bye")).await.unwrap();
+    sessions.create(keep).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    while rx.try_recv().is_ok() {}
+    sessions.delete("bye").await.unwrap();
+    sessions.delete("keep").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut logged_out = Vec::new();
+    while let Ok(event) = rx.try_recv() {
+        if let crate::events::GatewayEvent::Status(s) = &event
+            && s.status == SessionStatus::LoggedOut
+        {
+            logged_out.push(s.session_id.clone());
+        }
+    }
+    assert_eq!(logged_out, ["bye"]);
+}
