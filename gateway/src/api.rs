@@ -266,17 +266,17 @@ fn manage_error(err: ManageError) -> Response {
 }
 
 /// The session manager, or the 405 answer when this gateway has none.
-fn manager(state: &ApiState) -> Result<&Arc<dyn SessionManager>, Response> {
+fn manager(state: &ApiState) -> Result<&Arc<dyn SessionManager>, Box<Response>> {
     state
         .sessions
         .as_ref()
-        .ok_or_else(|| error(StatusCode::METHOD_NOT_ALLOWED, "read_only"))
+        .ok_or_else(|| Box::new(error(StatusCode::METHOD_NOT_ALLOWED, "read_only")))
 }
 
 async fn list_sessions(State(state): State<ApiState>) -> Response {
     let sessions = match manager(&state) {
         Ok(manager) => manager.list().await,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match sessions {
         Ok(sessions) => axum::Json(json!({ "sessions": sessions })).into_response(),
@@ -295,7 +295,7 @@ async fn create_session(
     let id = spec.session_id.clone();
     let created = match manager(&state) {
         Ok(manager) => manager.create(spec).await,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match created {
         Ok(created) => (
@@ -332,7 +332,7 @@ async fn patch_session(
     let paused = patch.paused;
     let result = match manager(&state) {
         Ok(manager) => manager.set_paused(&id, paused).await,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match result {
         Ok(()) => axum::Json(json!({ "sessionId": id, "paused": paused })).into_response(),
@@ -346,7 +346,7 @@ async fn delete_session(State(state): State<ApiState>, Path(id): Path<String>) -
     }
     let result = match manager(&state) {
         Ok(manager) => manager.delete(&id).await,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match result {
         Ok(()) => (

@@ -57,7 +57,7 @@ pub struct LoginSpec {
 impl From<&LoginSpec> for crds::Login {
     fn from(login: &LoginSpec) -> Self {
         crds::Login {
-            method: login.method.clone(),
+            method: login.method,
             phone_number: login.phone_number.clone(),
         }
     }
@@ -66,7 +66,7 @@ impl From<&LoginSpec> for crds::Login {
 impl From<&crds::Login> for LoginSpec {
     fn from(login: &crds::Login) -> Self {
         LoginSpec {
-            method: login.method.clone(),
+            method: login.method,
             phone_number: login.phone_number.clone(),
         }
     }
@@ -295,7 +295,7 @@ pub fn plan(
         }
     }
     // Deterministic order (tests, logs): ends first, so a re-created id starts clean.
-    steps.sort_by(|a, b| rank(a).cmp(&rank(b)));
+    steps.sort_by_key(rank);
     steps
 }
 
