@@ -81,6 +81,9 @@ const SNAPSHOTS: &[(&str, &[&str])] = &[
             "gateway.autoscaling.keda.enabled=true",
             "--set",
             "gateway.autoscaling.keda.prometheusServerAddress=http://prometheus-operated.monitoring:9090",
+            // The API token, and with it the Role that lets gateways create and delete sessions.
+            "--set",
+            "api.tokenSecretName=wa-api",
         ],
     ),
     (
@@ -168,6 +171,7 @@ fn chart_renderings_match_the_checked_in_snapshots() {
 fn bad_values_are_rejected_naming_the_field() {
     let cases: &[(&[&str], &str)] = &[
         (&["--set", "gateway.driver=baileys"], "/gateway/driver"),
+        (&["--set", "api.manageSessions=maybe"], "/api/manageSessions"),
         (&["--set", "redis.url=localhost:6379"], "/redis/url"),
         (
             &["--set", "gateway.podDisruptionBudget.maxUnavailable=0"],
