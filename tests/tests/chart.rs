@@ -171,7 +171,10 @@ fn chart_renderings_match_the_checked_in_snapshots() {
 fn bad_values_are_rejected_naming_the_field() {
     let cases: &[(&[&str], &str)] = &[
         (&["--set", "gateway.driver=baileys"], "/gateway/driver"),
-        (&["--set", "api.manageSessions=maybe"], "/api/manageSessions"),
+        (
+            &["--set", "api.manageSessions=maybe"],
+            "/api/manageSessions",
+        ),
         (&["--set", "redis.url=localhost:6379"], "/redis/url"),
         (
             &["--set", "gateway.podDisruptionBudget.maxUnavailable=0"],

@@ -1,0 +1,431 @@
+//! Session management over HTTP (`GET/POST /v1/sessions`, `PATCH/DELETE /v1/sessions/{id}`),
+//! with the real binaries:
+//!
+//! - standalone: two gateways sharing a real Redis and a real HTTP backend; a session created on
+//!   one is run (once) by either, survives both restarting, and a delete logs it out;
+//! - cluster: the API creates, pauses and deletes `WhatsappSession` resources on a real
+//!   kube-apiserver, which the operator and a shard then run as if `kubectl` had applied them.
+
+use std::time::Duration;
+
+use crds::{Phase, WhatsappSession};
+use fred::prelude::*;
+use kube::ResourceExt;
+use kube::api::Api;
+use serde_json::{Value, json};
+use test_support::cluster::{
+    FAST_LEASE_ARGS, NS, setup, start_gateway_with, start_operator, wait_operator_sees_shards,
+};
+use test_support::gateway::GatewayProcess;
+use test_support::receiver::Receiver;
+use test_support::{ControlPlane, RedisServer, tools, wait_until};
+
+const TOKEN: &str = "test-token-1";
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// Sends `method path [body]` with the test token; (status, JSON body or Null).
+async fn call(
+    gateway: &GatewayProcess,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = http().request(method, gateway.url(path)).bearer_auth(TOKEN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn listed(list: &Value, id: &str) -> Option<Value> {
+    list["sessions"]
+        .as_array()?
+        .iter()
+        .find(|s| s["sessionId"] == id)
+        .cloned()
+}
+
+/// Status items the backend received for `id`, in arrival order: (status, reason).
+fn statuses(receiver: &Receiver, id: &str) -> Vec<(String, String)> {
+    receiver
+        .items("/status/batch")
+        .into_iter()
+        .filter(|item| item["sessionId"] == id)
+        .map(|item| {
+            (
+                item["status"].as_str().unwrap_or_default().to_owned(),
+                item["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn wait_active_count(receiver: &Receiver, id: &str, at_least: usize, what: &str) {
+    wait_until(what, Duration::from_secs(30), || async {
+        let active = statuses(receiver, id)
+            .iter()
+            .filter(|(s, _)| s == "active")
+            .count();
+        if active >= at_least {
+            Ok(())
+        } else {
+            Err(format!(
+                "{active} `active` for {id}: {:?}",
+                statuses(receiver, id)
+            ))
+        }
+    })
+    .await
+    .unwrap();
+}
+
+async fn owner(redis: &Client, id: &str) -> Option<String> {
+    redis.get(format!("wa:{{{id}}}:owner")).await.unwrap()
+}
+
+async fn start_standalone(
+    redis: &RedisServer,
+    receiver: &Receiver,
+    pod: &str,
+    extra: &[&str],
+) -> GatewayProcess {
+    let redis_url = redis.url();
+    let backend = receiver.url();
+    let mut args = vec![
+        "standalone",
+        "--redis-url",
+        &redis_url,
+        "--backend-url",
+        &backend,
+        "--api-token",
+        TOKEN,
+        "--sim-unpaired-share",
+        "0",
+        "--lock-ttl-ms",
+        "3000",
+        "--identity",
+        pod,
+    ];
+    args.extend_from_slice(extra);
+    GatewayProcess::start(&args, &[]).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_delete() {
+    let redis = RedisServer::start().await.unwrap();
+    let receiver = Receiver::start().await.unwrap();
+    let client = gateway::redis::connect(&redis.url()).await.unwrap();
+    let file = tools::workspace_root().join("examples/session-qr.yaml");
+    let file = file.display().to_string();
+    let mut a = start_standalone(&redis, &receiver, "gw-a", &["--sessions-file", &file]).await;
+    let b = start_standalone(&redis, &receiver, "gw-b", &[]).await;
+    use reqwest::Method;
+
+    // Without the token: refused.
+    let unauthorized = http()
+        .post(a.url("/v1/sessions"))
+        .json(&json!({"sessionId": "api-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status().as_u16(), 401);
+
+    // Create; a retry is not an error; the same id with another spec is a conflict.
+    let created = call(
+        &a,
+        Method::POST,
+        "/v1/sessions",
+        Some(json!({"sessionId": "api-1"})),
+    )
+    .await;
+    assert_eq!(
+        created,
+        (201, json!({"sessionId": "api-1", "created": true}))
+    );
+    let again = call(
+        &a,
+        Method::POST,
+        "/v1/sessions",
+        Some(json!({"sessionId": "api-1"})),
+    )
+    .await;
+    assert_eq!(
+        again,
+        (200, json!({"sessionId": "api-1", "created": false}))
+    );
+    let (code, body) = call(
+        &b,
+        Method::POST,
+        "/v1/sessions",
+        Some(json!({"sessionId": "api-1", "paused": true})),
+    )
+    .await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (409, Some("session_exists"))
+    );
+
+    // Bad input names the field, and stores nothing.
+    let (code, body) = call(
+        &a,
+        Method::POST,
+        "/v1/sessions",
+        Some(json!({"sessionId": "p-1", "login": {"method": "pairingCode"}})),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["field"], "login.phoneNumber");
+    let (code, body) = call(
+        &a,
+        Method::POST,
+        "/v1/sessions",
+        Some(json!({"sessionId": "x", "pasued": true})),
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert!(
+        body["detail"].as_str().unwrap().contains("pasued"),
+        "{body}"
+    );
+
+    // It runs, on exactly one of the two gateways, and the backend hears it connect.
+    wait_active_count(&receiver, "api-1", 1, "api-1 active").await;
+    let holder = owner(&client, "api-1").await.expect("someone holds api-1");
+    // The lock's value is `<gateway>:<fencing token>`.
+    assert!(
+        holder.starts_with("gw-a:") || holder.starts_with("gw-b:"),
+        "{holder}"
+    );
+
+    // Either gateway lists it; the file's session is listed (and fixed) where it was configured.
+    let (code, list) = call(&b, Method::GET, "/v1/sessions", None).await;
+    assert_eq!(code, 200);
+    let item = listed(&list, "api-1").expect("api-1 listed on b");
+    assert_eq!(item["source"], "api");
+    assert_eq!(item["logoutOnDelete"], true);
+    assert!(listed(&list, "shop-support").is_none());
+    let (_, list) = call(&a, Method::GET, "/v1/sessions", None).await;
+    assert_eq!(listed(&list, "shop-support").unwrap()["source"], "config");
+    let (code, body) = call(&a, Method::DELETE, "/v1/sessions/shop-support", None).await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (409, Some("configured_at_startup"))
+    );
+    wait_active_count(&receiver, "shop-support", 1, "the file's session active").await;
+
+    // Pause (through the other gateway): the session stops and its lock is let go.
+    let paused = call(
+        &b,
+        Method::PATCH,
+        "/v1/sessions/api-1",
+        Some(json!({"paused": true})),
+    )
+    .await;
+    assert_eq!(paused, (200, json!({"sessionId": "api-1", "paused": true})));
+    wait_until("api-1 unlocked", Duration::from_secs(15), || async {
+        match owner(&client, "api-1").await {
+            None => Ok(()),
+            Some(holder) => Err(format!("held by {holder}")),
+        }
+    })
+    .await
+    .unwrap();
+    let (_, list) = call(&a, Method::GET, "/v1/sessions", None).await;
+    assert_eq!(listed(&list, "api-1").unwrap()["paused"], true);
+    let connects = statuses(&receiver, "api-1")
+        .iter()
+        .filter(|(s, _)| s == "active")
+        .count();
+    let resumed = call(
+        &a,
+        Method::PATCH,
+        "/v1/sessions/api-1",
+        Some(json!({"paused": false})),
+    )
+    .await;
+    assert_eq!(resumed.0, 200);
+    wait_active_count(
+        &receiver,
+        "api-1",
+        connects + 1,
+        "api-1 active again after resume",
+    )
+    .await;
+
+    // Both gateways go; a new one (without the file) runs api-1 again: it was kept in Redis.
+    a.child.kill();
+    drop(b);
+    let connects = statuses(&receiver, "api-1")
+        .iter()
+        .filter(|(s, _)| s == "active")
+        .count();
+    let c = start_standalone(&redis, &receiver, "gw-c", &[]).await;
+    wait_active_count(
+        &receiver,
+        "api-1",
+        connects + 1,
+        "api-1 back after a restart",
+    )
+    .await;
+    assert!(owner(&client, "api-1").await.unwrap().starts_with("gw-c:"));
+    let (_, list) = call(&c, Method::GET, "/v1/sessions", None).await;
+    assert_eq!(listed(&list, "api-1").unwrap()["status"], "active");
+
+    // Delete: the session logs out, the backend hears `logged_out`, and it is gone.
+    let deleted = call(&c, Method::DELETE, "/v1/sessions/api-1", None).await;
+    assert_eq!(
+        deleted,
+        (202, json!({"sessionId": "api-1", "deleted": true}))
+    );
+    wait_until("logged_out delivered", Duration::from_secs(15), || async {
+        match statuses(&receiver, "api-1").last() {
+            Some((s, reason)) if s == "logged_out" && reason == "logout_requested" => Ok(()),
+            other => Err(format!("last status {other:?}")),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(owner(&client, "api-1").await, None);
+    let (_, list) = call(&c, Method::GET, "/v1/sessions", None).await;
+    assert!(listed(&list, "api-1").is_none(), "{list}");
+    let (code, _) = call(&c, Method::DELETE, "/v1/sessions/api-1", None).await;
+    assert_eq!(code, 404);
+    let (code, _) = call(
+        &c,
+        Method::PATCH,
+        "/v1/sessions/api-1",
+        Some(json!({"paused": true})),
+    )
+    .await;
+    assert_eq!(code, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_gateways_bridge_the_session_api_to_resources() {
+    let plane = ControlPlane::start().await.unwrap();
+    let redis = RedisServer::start().await.unwrap();
+    let client = plane.client().await.unwrap();
+    setup(&client).await;
+    let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
+    let operator = start_operator(&plane).await;
+    let bin = test_support::gateway::gateway_binary().unwrap();
+    let mut args = FAST_LEASE_ARGS.to_vec();
+    args.extend(["--api-token", TOKEN]);
+    let with_token = start_gateway_with(&plane, &redis, 0, &bin, &args)
+        .await
+        .unwrap();
+    let without_token = start_gateway_with(&plane, &redis, 1, &bin, &FAST_LEASE_ARGS)
+        .await
+        .unwrap();
+    wait_operator_sees_shards(&operator, 2).await;
+    use reqwest::Method;
+
+    // An id that is not a valid resource name gets a derived one; the spec keeps the id.
+    let created = call(
+        &with_token,
+        Method::POST,
+        "/v1/sessions",
+        Some(json!({"sessionId": "Shop_42", "logoutOnDelete": false})),
+    )
+    .await;
+    assert_eq!(created.0, 201, "{:?}", created.1);
+    let name = gateway::manage::kube::resource_name("Shop_42");
+    let resource = api.get(&name).await.unwrap();
+    assert_eq!(resource.spec.session_id.as_deref(), Some("Shop_42"));
+    assert!(!resource.spec.logout_on_delete);
+    assert_eq!(
+        resource
+            .annotations()
+            .get(gateway::manage::kube::CREATED_BY_ANNOTATION)
+            .map(String::as_str),
+        Some("gateway-api")
+    );
+    let again = call(
+        &with_token,
+        Method::POST,
+        "/v1/sessions",
+        Some(json!({"sessionId": "Shop_42", "logoutOnDelete": false})),
+    )
+    .await;
+    assert_eq!(again.0, 200, "a retried create: {:?}", again.1);
+
+    // The operator places it and a shard connects it, as for `kubectl apply`.
+    wait_until("Shop_42 Connected", Duration::from_secs(60), || async {
+        let phase = api
+            .get(&name)
+            .await
+            .map_err(|e| e.to_string())?
+            .status
+            .and_then(|s| s.phase);
+        if phase == Some(Phase::Connected) {
+            Ok(())
+        } else {
+            Err(format!("phase {phase:?}"))
+        }
+    })
+    .await
+    .unwrap();
+    let (_, list) = call(&without_token, Method::GET, "/v1/sessions", None).await;
+    let item = listed(&list, "Shop_42").expect("listed by any gateway");
+    assert_eq!(
+        (item["source"].as_str(), item["status"].as_str()),
+        (Some("resource"), Some("active"))
+    );
+
+    // The schema still has the last word: `@` is fine for a gateway, not for a resource.
+    let (code, body) = call(
+        &with_token,
+        Method::POST,
+        "/v1/sessions",
+        Some(json!({"sessionId": "549112233@s.whatsapp.net"})),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("sessionId"),
+        "{body}"
+    );
+
+    // Without a token the gateway refuses to write resources.
+    let (code, body) = call(
+        &without_token,
+        Method::POST,
+        "/v1/sessions",
+        Some(json!({"sessionId": "nope"})),
+    )
+    .await;
+    assert_eq!((code, body["error"].as_str()), (403, Some("forbidden")));
+    assert!(api.get_opt("nope").await.unwrap().is_none());
+
+    // Pause and delete go to the resource.
+    let (code, _) = call(
+        &with_token,
+        Method::PATCH,
+        "/v1/sessions/Shop_42",
+        Some(json!({"paused": true})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(api.get(&name).await.unwrap().spec.paused);
+    let (code, _) = call(&with_token, Method::DELETE, "/v1/sessions/Shop_42", None).await;
+    assert_eq!(code, 202);
+    wait_until("resource gone", Duration::from_secs(30), || async {
+        match api.get_opt(&name).await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(s) => Err(format!("still there, finalizers {:?}", s.finalizers())),
+        }
+    })
+    .await
+    .unwrap();
+    let (code, _) = call(&with_token, Method::DELETE, "/v1/sessions/Shop_42", None).await;
+    assert_eq!(code, 404);
+}
