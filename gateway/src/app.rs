@@ -42,23 +42,47 @@ pub const BOOK_FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest a graceful shutdown may take before the process gives up waiting.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
+/// How long a removed session's late events are recognised as such.
+const FORGOTTEN_FOR: Duration = Duration::from_secs(120);
+
 /// The latest known state of every session this process runs.
 #[derive(Debug, Default)]
 pub struct SessionStates {
     inner: Mutex<HashMap<String, SessionState>>,
+    /// Sessions removed, and when: an event created before that (a deleted session's last
+    /// `logged_out`, still queued when it was removed) is delivered but does not bring the
+    /// session back into re-sync and the gauges.
+    forgotten: Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
 impl SessionStates {
-    fn apply(&self, event: &GatewayEvent) {
-        let mut map = self.inner.lock().expect("session states lock");
-        match map.get_mut(event.session_id()) {
-            Some(state) => state.apply(event),
-            None => {
-                let mut state = SessionState::new(SessionStatus::Connecting);
-                state.apply(event);
-                map.insert(event.session_id().to_string(), state);
+    /// Applies the event; returns the session's state after it, for the cache. Late news of a
+    /// removed session is not kept: a status change is returned as the state it alone describes
+    /// (its time is the event's, so the cache orders it right), a QR code as nothing.
+    fn apply(&self, event: &GatewayEvent) -> Option<SessionState> {
+        let id = event.session_id();
+        {
+            let mut forgotten = self.forgotten.lock().expect("forgotten lock");
+            if let Some(removed_at) = forgotten.get(id).copied() {
+                if event.created() <= removed_at {
+                    return match event {
+                        GatewayEvent::Status(_) => {
+                            let mut detached = SessionState::new(SessionStatus::Connecting);
+                            detached.apply(event);
+                            Some(detached)
+                        }
+                        GatewayEvent::Qr(_) => None,
+                    };
+                }
+                forgotten.remove(id);
             }
         }
+        let mut map = self.inner.lock().expect("session states lock");
+        let state = map
+            .entry(id.to_string())
+            .or_insert_with(|| SessionState::new(SessionStatus::Connecting));
+        state.apply(event);
+        Some(state.clone())
     }
 
     pub fn get(&self, session_id: &str) -> Option<SessionState> {
@@ -77,11 +101,19 @@ impl SessionStates {
         self.len() == 0
     }
 
+    /// Forgets a session (deleted, moved away): it leaves re-sync and the gauges, and events it
+    /// produced before now no longer bring it back.
     pub fn remove(&self, session_id: &str) {
         self.inner
             .lock()
             .expect("session states lock")
             .remove(session_id);
+        let now = tokio::time::Instant::now();
+        let mut forgotten = self.forgotten.lock().expect("forgotten lock");
+        if forgotten.len() >= 1024 {
+            forgotten.retain(|_, at| now.duration_since(*at) < FORGOTTEN_FOR);
+        }
+        forgotten.insert(session_id.to_string(), now);
     }
 
     /// Sessions per status (for the `whatsapp_gateway_sessions{state}` gauge).
@@ -247,10 +279,10 @@ async fn route_events(
     cache: Option<(Arc<SessionCache>, String)>,
 ) {
     while let Some(event) = rx.recv().await {
-        states.apply(&event);
+        let state = states.apply(&event);
         // Write-through: the local tier at once, Redis and the invalidation in the background.
         if let Some((cache, gateway)) = &cache
-            && let Some(state) = states.get(event.session_id())
+            && let Some(state) = state
         {
             cache.write(SessionView::from_state(event.session_id(), &state, gateway));
         }
@@ -443,22 +475,23 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         Some(client) => Arc::new(RedisBook::new(client.clone())),
         None => Arc::new(MemoryBook::default()),
     };
-    let sessions = Arc::new(LocalSessions::new(
+    let mut sessions = LocalSessions::new(
         supervisor.clone(),
         logins,
         pipeline.states.clone(),
         configured,
         book,
-    ));
-    match sessions.reconcile(true).await {
-        Ok(_) => {}
-        Err(err) => {
-            tracing::warn!(%err, "cannot read the sessions created through the API yet; retrying")
-        }
+    );
+    if let Some(client) = &redis {
+        sessions = sessions.with_redis(client.clone());
     }
-    let follow = redis
-        .is_some()
-        .then(|| sessions.spawn_follow(BOOK_FOLLOW_INTERVAL, stop.clone()));
+    let sessions = Arc::new(sessions);
+    // The configured sessions start even if the book cannot be read yet (Redis down).
+    sessions.start_configured().await;
+    if let Err(err) = sessions.reconcile(true).await {
+        tracing::warn!(%err, "cannot read the sessions created through the API yet; retrying");
+    }
+    let follow = sessions.spawn_follow(BOOK_FOLLOW_INTERVAL, stop.clone());
     let count = supervisor.running().await.len();
     if count > 0 {
         tracing::info!(
@@ -500,9 +533,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     tracing::info!("shutting down: stopping sessions and flushing events");
     stop_http.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    if let Some(follow) = follow {
-        follow.abort();
-    }
+    follow.abort();
     drop(sessions);
     // Sessions stop, their events flush, and only then are the locks released.
     supervisor
@@ -612,5 +643,35 @@ pub async fn run(cli: crate::config::Cli) -> Result<()> {
     match cli.mode {
         crate::config::Mode::Standalone(args) => run_standalone(args).await,
         crate::config::Mode::Cluster(args) => crate::cluster::run_cluster(args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Priority, QrEvent, StatusEvent};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_removed_sessions_late_events_do_not_bring_it_back() {
+        let states = SessionStates::default();
+        let active = StatusEvent::new("s", SessionStatus::Active, Priority::High, None);
+        states.apply(&active.into());
+        // Produced before the removal, routed after it (a deleted session's last status).
+        let late = StatusEvent::new("s", SessionStatus::LoggedOut, Priority::High, None);
+        let late_qr = QrEvent::new("s", "code", 1, Duration::from_secs(20));
+        tokio::time::advance(Duration::from_millis(5)).await;
+        states.remove("s");
+        let seen = states
+            .apply(&late.into())
+            .expect("a status is still cached");
+        assert_eq!(seen.status, SessionStatus::LoggedOut);
+        assert!(states.apply(&late_qr.into()).is_none());
+        assert!(states.get("s").is_none(), "not tracked again");
+        assert!(states.resync_events().is_empty());
+        // The same id, started again later, is tracked.
+        tokio::time::advance(Duration::from_millis(5)).await;
+        let again = StatusEvent::new("s", SessionStatus::Connecting, Priority::Normal, None);
+        states.apply(&again.into());
+        assert_eq!(states.get("s").unwrap().status, SessionStatus::Connecting);
     }
 }

@@ -41,13 +41,27 @@ pub async fn is_up(client: &fred::clients::Client) -> bool {
 /// Deletes every Redis key of a session (`wa:{id}:*`: credentials, ownership, cache entries);
 /// returns how many. Used when a session is deleted with `logoutOnDelete`.
 pub async fn wipe_session(client: &fred::clients::Client, session_id: &str) -> Result<usize> {
+    wipe_session_except(client, session_id, &[]).await
+}
+
+/// [`wipe_session`] but for the keys in `keep`.
+pub async fn wipe_session_except(
+    client: &fred::clients::Client,
+    session_id: &str,
+    keep: &[String],
+) -> Result<usize> {
     use fred::types::scan::Scanner;
     use futures::TryStreamExt;
     let mut keys: Vec<String> = Vec::new();
     let mut scan = client.scan(crds::session_key_pattern(session_id), Some(100), None);
     while let Some(mut page) = scan.try_next().await? {
         if let Some(found) = page.take_results() {
-            keys.extend(found.into_iter().filter_map(|k| k.into_string()));
+            keys.extend(
+                found
+                    .into_iter()
+                    .filter_map(|k| k.into_string())
+                    .filter(|k| !keep.contains(k)),
+            );
         }
     }
     if !keys.is_empty() {

@@ -16,7 +16,8 @@ use gateway::session::credentials::{
     CredentialStore, Credentials, Fence, RedisCredentials, Write, creds_key,
 };
 use gateway::session::ownership::{
-    Acquired, HistoryEntry, HistoryEvent, LockStore, RedisLockStore, fence_key, read_history,
+    Acquired, HistoryEntry, HistoryEvent, LockStore, RedisLockStore, fence_key, hold_key,
+    read_history,
 };
 use test_support::gateway::GatewayProcess;
 use test_support::history::assert_no_overlap;
@@ -187,6 +188,28 @@ async fn redis_lock_fences_stale_writers() {
     assert_eq!(fence, b);
     let keys: i64 = client.exists(creds_key("s")).await.unwrap();
     assert_eq!(keys, 1, "credentials outlive the lock");
+
+    // A held session (paused or deleted through the API) is granted to nobody, and its holder
+    // (if any) keeps renewing until it follows the pause itself.
+    let Acquired::Yes { value: c_value, .. } = locks.acquire("s", "gw-c", ttl).await.unwrap()
+    else {
+        panic!("released lock not granted");
+    };
+    let _: () = client
+        .set(hold_key("s"), "paused", None, None, false)
+        .await
+        .unwrap();
+    assert!(locks.renew("s", &c_value, ttl).await.unwrap());
+    assert!(locks.release("s", &c_value).await.unwrap());
+    assert_eq!(
+        locks.acquire("s", "gw-a", ttl).await.unwrap(),
+        Acquired::HeldBy("hold:paused".into())
+    );
+    let _: i64 = client.del(hold_key("s")).await.unwrap();
+    assert!(matches!(
+        locks.acquire("s", "gw-a", ttl).await.unwrap(),
+        Acquired::Yes { .. }
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,6 +92,11 @@ async fn owner(redis: &Client, id: &str) -> Option<String> {
     redis.get(format!("wa:{{{id}}}:owner")).await.unwrap()
 }
 
+/// The session's hold (no gateway may take its lock): `paused`, `deleted` or none.
+async fn hold(redis: &Client, id: &str) -> Option<String> {
+    redis.get(format!("wa:{{{id}}}:hold")).await.unwrap()
+}
+
 async fn start_standalone(
     redis: &RedisServer,
     receiver: &Receiver,
@@ -241,6 +246,14 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
     .unwrap();
     let (_, list) = call(&a, Method::GET, "/v1/sessions", None).await;
     assert_eq!(listed(&list, "api-1").unwrap()["paused"], true);
+    // Held, so neither gateway takes it in the second before both follow the pause.
+    assert_eq!(hold(&client, "api-1").await.as_deref(), Some("paused"));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        owner(&client, "api-1").await,
+        None,
+        "nobody took it while paused"
+    );
     let connects = statuses(&receiver, "api-1")
         .iter()
         .filter(|(s, _)| s == "active")

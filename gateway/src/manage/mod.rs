@@ -183,42 +183,105 @@ pub trait SessionManager: Send + Sync {
 pub trait SessionBook: Send + Sync {
     /// Stores `spec` unless its id is taken; returns what was there.
     fn insert_new(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<Option<SessionSpec>>>;
-    /// Replaces an existing spec; `false` when there was none.
-    fn replace(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<bool>>;
+    /// Replaces `old` by `new` if the stored spec is still `old`; `false` otherwise.
+    fn replace<'a>(
+        &'a self,
+        old: &'a SessionSpec,
+        new: &'a SessionSpec,
+    ) -> BoxFuture<'a, ManageResult<bool>>;
     fn remove<'a>(
         &'a self,
         session_id: &'a str,
     ) -> BoxFuture<'a, ManageResult<Option<SessionSpec>>>;
-    fn all(&self) -> BoxFuture<'_, ManageResult<Vec<SessionSpec>>>;
+    fn all(&self) -> BoxFuture<'_, ManageResult<BookSnapshot>>;
     /// Changes with every write (by any gateway sharing the book): a cheap "anything new?".
     fn version(&self) -> BoxFuture<'_, ManageResult<u64>>;
+    /// Sets or clears the session's hold, which keeps every gateway from taking its lock (see
+    /// [`crate::session::ownership::hold_key`]).
+    fn set_hold<'a>(&'a self, session_id: &'a str, hold: Hold) -> BoxFuture<'a, ManageResult<()>>;
+    /// The session's hold, if any.
+    fn hold<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<Hold>>>;
 }
+
+/// The book's content at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BookSnapshot {
+    pub specs: Vec<SessionSpec>,
+    /// Ids whose entry does not parse (written by a newer version): kept as they are, never
+    /// taken for deleted.
+    pub unreadable: Vec<String>,
+}
+
+/// Whether a session may be started by any gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Runnable.
+    Clear,
+    /// Paused: held until resumed.
+    Paused,
+    /// Deleted: held until every gateway has followed the book ([`DELETED_HOLD`]), or the id is
+    /// created again. Only a session gone from the book *and* held as deleted is logged out by the
+    /// gateways that follow the book; one that merely vanished (Redis lost its data) is stopped.
+    Deleted,
+}
+
+impl Hold {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hold::Clear => "clear",
+            Hold::Paused => "paused",
+            Hold::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Hold> {
+        match value {
+            "paused" => Some(Hold::Paused),
+            "deleted" => Some(Hold::Deleted),
+            _ => None,
+        }
+    }
+}
+
+/// How long a deleted session stays held: many times the book's follow interval.
+pub const DELETED_HOLD: Duration = Duration::from_secs(30);
 
 /// A [`SessionBook`] for a gateway alone, without Redis: lost on restart (the log says so).
 #[derive(Debug, Default)]
 pub struct MemoryBook {
-    inner: Mutex<(u64, BTreeMap<String, SessionSpec>)>,
+    inner: Mutex<MemoryBookInner>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryBookInner {
+    version: u64,
+    specs: BTreeMap<String, SessionSpec>,
+    holds: HashMap<String, Hold>,
 }
 
 impl SessionBook for MemoryBook {
     fn insert_new(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<Option<SessionSpec>>> {
         let mut inner = self.inner.lock().expect("book lock");
-        let found = inner.1.get(&spec.session_id).cloned();
+        let found = inner.specs.get(&spec.session_id).cloned();
         if found.is_none() {
-            inner.1.insert(spec.session_id.clone(), spec.clone());
-            inner.0 += 1;
+            inner.specs.insert(spec.session_id.clone(), spec.clone());
+            inner.version += 1;
         }
         Box::pin(async move { Ok(found) })
     }
 
-    fn replace(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<bool>> {
+    fn replace<'a>(
+        &'a self,
+        old: &'a SessionSpec,
+        new: &'a SessionSpec,
+    ) -> BoxFuture<'a, ManageResult<bool>> {
         let mut inner = self.inner.lock().expect("book lock");
-        let found = inner.1.contains_key(&spec.session_id);
-        if found {
-            inner.1.insert(spec.session_id.clone(), spec.clone());
-            inner.0 += 1;
+        let current = inner.specs.get(&old.session_id) == Some(old);
+        if current {
+            inner.specs.insert(new.session_id.clone(), new.clone());
+            inner.version += 1;
         }
-        Box::pin(async move { Ok(found) })
+        Box::pin(async move { Ok(current) })
     }
 
     fn remove<'a>(
@@ -226,28 +289,54 @@ impl SessionBook for MemoryBook {
         session_id: &'a str,
     ) -> BoxFuture<'a, ManageResult<Option<SessionSpec>>> {
         let mut inner = self.inner.lock().expect("book lock");
-        let found = inner.1.remove(session_id);
+        let found = inner.specs.remove(session_id);
         if found.is_some() {
-            inner.0 += 1;
+            inner.version += 1;
         }
         Box::pin(async move { Ok(found) })
     }
 
-    fn all(&self) -> BoxFuture<'_, ManageResult<Vec<SessionSpec>>> {
-        let all = self
+    fn all(&self) -> BoxFuture<'_, ManageResult<BookSnapshot>> {
+        let specs = self
             .inner
             .lock()
             .expect("book lock")
-            .1
+            .specs
             .values()
             .cloned()
             .collect();
-        Box::pin(async move { Ok(all) })
+        Box::pin(async move {
+            Ok(BookSnapshot {
+                specs,
+                unreadable: Vec::new(),
+            })
+        })
     }
 
     fn version(&self) -> BoxFuture<'_, ManageResult<u64>> {
-        let version = self.inner.lock().expect("book lock").0;
+        let version = self.inner.lock().expect("book lock").version;
         Box::pin(async move { Ok(version) })
+    }
+
+    fn set_hold<'a>(&'a self, session_id: &'a str, hold: Hold) -> BoxFuture<'a, ManageResult<()>> {
+        let mut inner = self.inner.lock().expect("book lock");
+        if hold == Hold::Clear {
+            inner.holds.remove(session_id);
+        } else {
+            inner.holds.insert(session_id.to_owned(), hold);
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn hold<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<Hold>>> {
+        let hold = self
+            .inner
+            .lock()
+            .expect("book lock")
+            .holds
+            .get(session_id)
+            .copied();
+        Box::pin(async move { Ok(hold) })
     }
 }
 
@@ -316,9 +405,11 @@ pub struct LocalSessions<D: SessionDriver> {
     /// Named at start-up, with where (for the error when the API tries to change one).
     configured: HashMap<String, (SessionSpec, &'static str)>,
     book: Arc<dyn SessionBook>,
+    /// For the clean-up after a logout on delete (every `wa:{id}:*` key once no one holds it).
+    redis: Option<fred::clients::Client>,
     /// What the supervisor was last told to run; one reconciliation at a time.
     applied: tokio::sync::Mutex<HashMap<String, SessionSpec>>,
-    /// Book version last applied.
+    /// Book version last applied in full.
     seen_version: Mutex<Option<u64>>,
 }
 
@@ -339,13 +430,36 @@ impl<D: SessionDriver> LocalSessions<D> {
                 .map(|(spec, source)| (spec.session_id.clone(), (spec, source)))
                 .collect(),
             book,
+            redis: None,
             applied: tokio::sync::Mutex::new(HashMap::new()),
             seen_version: Mutex::new(None),
         }
     }
 
+    /// Cleans a deleted session's Redis keys up after its logout (see [`wipe_when_released`]).
+    pub fn with_redis(mut self, client: fred::clients::Client) -> Self {
+        self.redis = Some(client);
+        self
+    }
+
     pub fn supervisor(&self) -> &Arc<Supervisor<D>> {
         &self.supervisor
+    }
+
+    /// Starts the sessions named at start-up, whatever the book's state (Redis may be down).
+    pub async fn start_configured(&self) {
+        let mut applied = self.applied.lock().await;
+        for (id, (spec, _)) in &self.configured {
+            if !applied.contains_key(id) {
+                let step = if spec.paused {
+                    Step::Pause(spec.clone())
+                } else {
+                    Step::Run(spec.clone())
+                };
+                self.apply(&step).await;
+                applied.insert(id.clone(), spec.clone());
+            }
+        }
     }
 
     /// Brings the supervisor to the configured sessions plus the book's; `force` re-reads the
@@ -356,23 +470,54 @@ impl<D: SessionDriver> LocalSessions<D> {
         if !force && *self.seen_version.lock().expect("version lock") == Some(version) {
             return Ok(0);
         }
-        let mut wanted: HashMap<String, SessionSpec> = self
-            .book
-            .all()
-            .await?
+        let snapshot = self.book.all().await?;
+        let mut wanted: HashMap<String, SessionSpec> = snapshot
+            .specs
             .into_iter()
             .map(|spec| (spec.session_id.clone(), spec))
             .collect();
-        // Start-up configuration wins over a book entry with the same id.
+        // An entry this version cannot read stays as it was applied (or unstarted).
+        for id in snapshot.unreadable {
+            if let Some(spec) = applied.get(&id) {
+                wanted.insert(id, spec.clone());
+            }
+        }
+        // Start-up configuration wins over a book entry with the same id, and over its hold.
         for (id, (spec, _)) in &self.configured {
-            wanted.insert(id.clone(), spec.clone());
+            if wanted.insert(id.clone(), spec.clone()).is_some() && !applied.contains_key(id) {
+                self.book.set_hold(id, Hold::Clear).await?;
+            }
         }
         let steps = plan(&applied, &wanted);
         let count = steps.len();
+        // `applied` follows step by step, so a reconciliation cut short (a request whose client
+        // went away) leaves it true and the next one finishes the work.
         for step in steps {
+            let step = match step {
+                Step::End { session_id, logout } if logout => {
+                    // Log out only what was deleted on purpose: a session that vanished from
+                    // the book without a delete (Redis lost its data) is stopped, not unlinked.
+                    let deleted = self.book.hold(&session_id).await? == Some(Hold::Deleted);
+                    if !deleted {
+                        tracing::warn!(session_id = %session_id, "session vanished from the session book without a delete; stopping it without logging out");
+                    }
+                    Step::End {
+                        session_id,
+                        logout: deleted,
+                    }
+                }
+                other => other,
+            };
             self.apply(&step).await;
+            match &step {
+                Step::Run(spec) | Step::Pause(spec) => {
+                    applied.insert(spec.session_id.clone(), spec.clone());
+                }
+                Step::End { session_id, .. } => {
+                    applied.remove(session_id);
+                }
+            }
         }
-        *applied = wanted;
         *self.seen_version.lock().expect("version lock") = Some(version);
         Ok(count)
     }
@@ -390,6 +535,9 @@ impl<D: SessionDriver> LocalSessions<D> {
             Step::End { session_id, logout } => {
                 if *logout {
                     self.supervisor.logout(session_id).await;
+                    if let Some(redis) = &self.redis {
+                        tokio::spawn(wipe_when_released(redis.clone(), session_id.clone()));
+                    }
                 } else {
                     self.supervisor.stop(session_id).await;
                 }
@@ -405,8 +553,27 @@ impl<D: SessionDriver> LocalSessions<D> {
         self.configured.get(session_id).map(|(_, source)| *source)
     }
 
+    /// After a write to the book: applies it here now. A failure is only logged: the write
+    /// happened, and [`LocalSessions::spawn_follow`] applies it once the book reads again.
+    async fn apply_now(&self) {
+        if let Err(err) = self.reconcile(true).await {
+            tracing::warn!(%err, "session book changed but could not be re-read; applying it later");
+        }
+    }
+
+    async fn find(&self, session_id: &str) -> ManageResult<SessionSpec> {
+        self.book
+            .all()
+            .await?
+            .specs
+            .into_iter()
+            .find(|s| s.session_id == session_id)
+            .ok_or(ManageError::NotFound)
+    }
+
     /// Re-reads the book every `every` (a cheap version check) until `stop`, so sessions created
-    /// or deleted through another gateway sharing the Redis start or stop here too.
+    /// or deleted through another gateway sharing the Redis start or stop here too, and a change
+    /// whose immediate application failed is applied.
     pub fn spawn_follow(
         self: &Arc<Self>,
         every: Duration,
@@ -442,6 +609,44 @@ impl<D: SessionDriver> LocalSessions<D> {
     }
 }
 
+/// How long the clean-up after a delete waits for the session's lock to be let go (by this
+/// gateway, or by another that follows the book and logs it out).
+const WIPE_WAIT: Duration = Duration::from_secs(30);
+
+/// Once nobody holds the deleted session's lock, deletes its Redis keys (credentials, the
+/// whatsapp driver's key store, cache entries), as cluster mode does for a deleted resource:
+/// a session that was not running anywhere (paused, waiting) is wiped too, so creating the id
+/// again never resumes the old pairing. The fencing counter and the hold stay: tokens keep
+/// growing, and nobody takes the lock until the hold expires.
+async fn wipe_when_released(redis: fred::clients::Client, session_id: String) {
+    use crate::session::ownership::{fence_key, hold_key, owner_key};
+    use fred::interfaces::KeysInterface;
+    let deadline = tokio::time::Instant::now() + WIPE_WAIT;
+    loop {
+        match redis.exists::<i64, _>(owner_key(&session_id)).await {
+            Ok(0) => break,
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Ok(_) => {
+                tracing::warn!(session_id = %session_id, "deleted session still locked; its holder wipes it on logout");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(session_id = %session_id, %err, "cannot clean a deleted session's keys up");
+                return;
+            }
+        }
+    }
+    let keep = [fence_key(&session_id), hold_key(&session_id)];
+    match crate::redis::wipe_session_except(&redis, &session_id, &keep).await {
+        Ok(keys) => tracing::debug!(session_id = %session_id, keys, "deleted session's keys wiped"),
+        Err(err) => {
+            tracing::warn!(session_id = %session_id, %err, "wiping a deleted session's keys failed")
+        }
+    }
+}
+
 impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
     fn create(&self, spec: SessionSpec) -> BoxFuture<'_, ManageResult<Created>> {
         Box::pin(async move {
@@ -458,10 +663,19 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
                 Some(existing) if existing == spec => Created::Unchanged,
                 Some(_) => return Err(ManageError::Conflict),
             };
-            self.reconcile(true).await?;
             if created == Created::New {
+                // A hold left by an earlier delete of this id must not keep it from starting.
+                let hold = if spec.paused {
+                    Hold::Paused
+                } else {
+                    Hold::Clear
+                };
+                if let Err(err) = self.book.set_hold(&spec.session_id, hold).await {
+                    tracing::warn!(session_id = %spec.session_id, %err, "could not set the new session's hold");
+                }
                 tracing::info!(session_id = %spec.session_id, paused = spec.paused, "session created");
             }
+            self.apply_now().await;
             Ok(created)
         })
     }
@@ -475,20 +689,22 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
             if let Some(source) = self.configured_source(session_id) {
                 return Err(ManageError::Configured(source));
             }
-            let current = self
-                .book
-                .all()
-                .await?
-                .into_iter()
-                .find(|s| s.session_id == session_id)
-                .ok_or(ManageError::NotFound)?;
+            let current = self.find(session_id).await?;
+            // Held before the book says paused, so no gateway starts it meanwhile; cleared on
+            // resume even when the book already says running (a pause cut short).
+            let hold = if paused { Hold::Paused } else { Hold::Clear };
+            self.book.set_hold(session_id, hold).await?;
             if current.paused != paused {
-                let spec = SessionSpec { paused, ..current };
-                if !self.book.replace(&spec).await? {
-                    return Err(ManageError::NotFound);
+                let spec = SessionSpec {
+                    paused,
+                    ..current.clone()
+                };
+                if !self.book.replace(&current, &spec).await? {
+                    // Deleted or re-created meanwhile: the caller decides again.
+                    return Err(ManageError::Conflict);
                 }
             }
-            self.reconcile(true).await?;
+            self.apply_now().await;
             Ok(())
         })
     }
@@ -498,10 +714,13 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
             if let Some(source) = self.configured_source(session_id) {
                 return Err(ManageError::Configured(source));
             }
+            self.find(session_id).await?;
+            // Held first: nobody starts it again, and followers know it was deleted on purpose.
+            self.book.set_hold(session_id, Hold::Deleted).await?;
             if self.book.remove(session_id).await?.is_none() {
                 return Err(ManageError::NotFound);
             }
-            self.reconcile(true).await?;
+            self.apply_now().await;
             Ok(())
         })
     }
@@ -512,6 +731,7 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
                 .book
                 .all()
                 .await?
+                .specs
                 .into_iter()
                 .filter(|spec| !self.configured.contains_key(&spec.session_id))
                 .map(|spec| Listed {

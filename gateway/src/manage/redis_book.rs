@@ -5,10 +5,13 @@
 use fred::clients::Client;
 use fred::interfaces::KeysInterface;
 use fred::prelude::HashesInterface;
+use fred::types::Expiration;
 use futures::future::BoxFuture;
 
-use super::{ManageError, ManageResult, SessionBook, SessionSpec};
-use crate::session::ownership::LuaScript;
+use super::{
+    BookSnapshot, DELETED_HOLD, Hold, ManageError, ManageResult, SessionBook, SessionSpec,
+};
+use crate::session::ownership::{LuaScript, hold_key};
 
 const SPECS_KEY: &str = "wa:{sessions}:specs";
 const VERSION_KEY: &str = "wa:{sessions}:version";
@@ -22,9 +25,9 @@ redis.call('INCR', KEYS[2])
 return false
 ";
 
-/// HSET + INCR when the field exists; 1 if replaced, 0 if absent.
+/// HSET + INCR when the field still holds ARGV[3] (compare and set); 1 if replaced, 0 if not.
 const REPLACE_LUA: &str = r"
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('INCR', KEYS[2])
 return 1
@@ -65,8 +68,8 @@ fn encode(spec: &SessionSpec) -> ManageResult<String> {
     serde_json::to_string(spec).map_err(|e| ManageError::Unavailable(e.to_string()))
 }
 
-/// A stored spec; one that no longer parses (written by a newer version) is logged and skipped,
-/// not dropped: deleting it through the API still works (it then ends as a QR session would).
+/// A stored spec; one that does not parse (written by a newer version) is reported as unreadable
+/// and left alone (see [`BookSnapshot::unreadable`]); deleting it through the API still works.
 fn decode(session_id: &str, json: &str) -> Option<SessionSpec> {
     match serde_json::from_str(json) {
         Ok(spec) => Some(spec),
@@ -93,11 +96,15 @@ impl SessionBook for RedisBook {
         })
     }
 
-    fn replace(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<bool>> {
-        let (id, json) = (spec.session_id.clone(), encode(spec));
+    fn replace<'a>(
+        &'a self,
+        old: &'a SessionSpec,
+        new: &'a SessionSpec,
+    ) -> BoxFuture<'a, ManageResult<bool>> {
         Box::pin(async move {
+            let args = vec![new.session_id.clone(), encode(new)?, encode(old)?];
             let replaced: i64 = REPLACE
-                .run(&self.client, Self::keys(), vec![id, json?])
+                .run(&self.client, Self::keys(), args)
                 .await
                 .map_err(unavailable)?;
             Ok(replaced == 1)
@@ -119,14 +126,18 @@ impl SessionBook for RedisBook {
         })
     }
 
-    fn all(&self) -> BoxFuture<'_, ManageResult<Vec<SessionSpec>>> {
+    fn all(&self) -> BoxFuture<'_, ManageResult<BookSnapshot>> {
         Box::pin(async move {
             let entries: std::collections::HashMap<String, String> =
                 self.client.hgetall(SPECS_KEY).await.map_err(unavailable)?;
-            Ok(entries
-                .iter()
-                .filter_map(|(id, json)| decode(id, json))
-                .collect())
+            let mut snapshot = BookSnapshot::default();
+            for (id, json) in entries {
+                match decode(&id, &json) {
+                    Some(spec) => snapshot.specs.push(spec),
+                    None => snapshot.unreadable.push(id),
+                }
+            }
+            Ok(snapshot)
         })
     }
 
@@ -134,6 +145,44 @@ impl SessionBook for RedisBook {
         Box::pin(async move {
             let version: Option<u64> = self.client.get(VERSION_KEY).await.map_err(unavailable)?;
             Ok(version.unwrap_or(0))
+        })
+    }
+
+    fn set_hold<'a>(&'a self, session_id: &'a str, hold: Hold) -> BoxFuture<'a, ManageResult<()>> {
+        Box::pin(async move {
+            let key = hold_key(session_id);
+            match hold {
+                Hold::Clear => {
+                    let _: i64 = self.client.del(key).await.map_err(unavailable)?;
+                }
+                Hold::Paused => {
+                    let _: () = self
+                        .client
+                        .set(key, Hold::Paused.as_str(), None, None, false)
+                        .await
+                        .map_err(unavailable)?;
+                }
+                Hold::Deleted => {
+                    let expire = Expiration::EX(DELETED_HOLD.as_secs() as i64);
+                    let _: () = self
+                        .client
+                        .set(key, Hold::Deleted.as_str(), Some(expire), None, false)
+                        .await
+                        .map_err(unavailable)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn hold<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<Hold>>> {
+        Box::pin(async move {
+            let value: Option<String> = self
+                .client
+                .get(hold_key(session_id))
+                .await
+                .map_err(unavailable)?;
+            Ok(value.as_deref().and_then(Hold::parse))
         })
     }
 }

@@ -2,6 +2,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+
 use super::*;
 use crate::session::EventSink;
 use crate::session::sim::{SimConfig, SimDriver};
@@ -231,4 +233,132 @@ async fn deleting_logs_a_live_session_out_unless_told_otherwise() {
         }
     }
     assert_eq!(logged_out, ["bye"]);
+}
+
+fn logged_out(rx: &mut tokio::sync::mpsc::Receiver<crate::events::GatewayEvent>) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Ok(event) = rx.try_recv() {
+        if let crate::events::GatewayEvent::Status(s) = &event
+            && s.status == SessionStatus::LoggedOut
+        {
+            out.push(s.session_id.clone());
+        }
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_that_vanished_without_a_delete_is_stopped_not_logged_out() {
+    let book = Arc::new(MemoryBook::default());
+    let (sessions, mut rx) = local(Vec::new(), book.clone());
+    sessions.create(SessionSpec::qr("lost")).await.unwrap();
+    sessions.create(SessionSpec::qr("deleted")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    logged_out(&mut rx);
+    // As if Redis lost the book: the entry is gone, and no delete held it.
+    book.remove("lost").await.unwrap();
+    sessions.delete("deleted").await.unwrap();
+    sessions.reconcile(true).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(running(&sessions).await.is_empty());
+    assert_eq!(logged_out(&mut rx), ["deleted"]);
+}
+
+/// A book shared with a newer gateway that wrote an entry this version cannot read.
+struct WithUnreadable(MemoryBook, &'static str);
+
+impl SessionBook for WithUnreadable {
+    fn insert_new(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<Option<SessionSpec>>> {
+        self.0.insert_new(spec)
+    }
+    fn replace<'a>(
+        &'a self,
+        old: &'a SessionSpec,
+        new: &'a SessionSpec,
+    ) -> BoxFuture<'a, ManageResult<bool>> {
+        self.0.replace(old, new)
+    }
+    fn remove<'a>(
+        &'a self,
+        session_id: &'a str,
+    ) -> BoxFuture<'a, ManageResult<Option<SessionSpec>>> {
+        self.0.remove(session_id)
+    }
+    fn all(&self) -> BoxFuture<'_, ManageResult<BookSnapshot>> {
+        Box::pin(async move {
+            let mut snapshot = self.0.all().await?;
+            snapshot.specs.retain(|s| s.session_id != self.1);
+            snapshot.unreadable.push(self.1.to_owned());
+            Ok(snapshot)
+        })
+    }
+    fn version(&self) -> BoxFuture<'_, ManageResult<u64>> {
+        self.0.version()
+    }
+    fn set_hold<'a>(&'a self, session_id: &'a str, hold: Hold) -> BoxFuture<'a, ManageResult<()>> {
+        self.0.set_hold(session_id, hold)
+    }
+    fn hold<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<Hold>>> {
+        self.0.hold(session_id)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_entry_this_version_cannot_read_is_left_running() {
+    let inner = MemoryBook::default();
+    inner.insert_new(&SessionSpec::qr("newer")).await.unwrap();
+    let (sessions, _rx) = local(Vec::new(), Arc::new(WithUnreadable(inner, "newer")));
+    // Started before the entry became unreadable (say, before a newer gateway rewrote it).
+    sessions.start_configured().await;
+    sessions.supervisor().want("newer");
+    sessions
+        .applied
+        .lock()
+        .await
+        .insert("newer".into(), SessionSpec::qr("newer"));
+    sessions.reconcile(true).await.unwrap();
+    assert_eq!(running(&sessions).await, ["newer"], "not taken for deleted");
+}
+
+#[tokio::test(start_paused = true)]
+async fn configured_sessions_start_without_the_book() {
+    struct Down;
+    impl SessionBook for Down {
+        fn insert_new(&self, _: &SessionSpec) -> BoxFuture<'_, ManageResult<Option<SessionSpec>>> {
+            Box::pin(async { Err(ManageError::Unavailable("down".into())) })
+        }
+        fn replace<'a>(
+            &'a self,
+            _: &'a SessionSpec,
+            _: &'a SessionSpec,
+        ) -> BoxFuture<'a, ManageResult<bool>> {
+            Box::pin(async { Err(ManageError::Unavailable("down".into())) })
+        }
+        fn remove<'a>(&'a self, _: &'a str) -> BoxFuture<'a, ManageResult<Option<SessionSpec>>> {
+            Box::pin(async { Err(ManageError::Unavailable("down".into())) })
+        }
+        fn all(&self) -> BoxFuture<'_, ManageResult<BookSnapshot>> {
+            Box::pin(async { Err(ManageError::Unavailable("down".into())) })
+        }
+        fn version(&self) -> BoxFuture<'_, ManageResult<u64>> {
+            Box::pin(async { Err(ManageError::Unavailable("down".into())) })
+        }
+        fn set_hold<'a>(&'a self, _: &'a str, _: Hold) -> BoxFuture<'a, ManageResult<()>> {
+            Box::pin(async { Err(ManageError::Unavailable("down".into())) })
+        }
+        fn hold<'a>(&'a self, _: &'a str) -> BoxFuture<'a, ManageResult<Option<Hold>>> {
+            Box::pin(async { Err(ManageError::Unavailable("down".into())) })
+        }
+    }
+    let (sessions, _rx) = local(
+        vec![(SessionSpec::qr("fixed"), "--session")],
+        Arc::new(Down),
+    );
+    sessions.start_configured().await;
+    assert!(sessions.reconcile(true).await.is_err());
+    assert_eq!(running(&sessions).await, ["fixed"]);
+    assert!(matches!(
+        sessions.create(SessionSpec::qr("new")).await,
+        Err(ManageError::Unavailable(_))
+    ));
 }

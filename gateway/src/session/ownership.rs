@@ -45,6 +45,14 @@ pub fn fence_key(session_id: &str) -> String {
     format!("wa:{{{session_id}}}:fence")
 }
 
+/// While this key exists no gateway takes the session's lock (its value says why: a session
+/// paused or deleted through the API). Other gateways learn of a pause or delete from the session
+/// book about a second later; without the hold, one whose lock retry fell in that second would
+/// start the session again.
+pub fn hold_key(session_id: &str) -> String {
+    format!("wa:{{{session_id}}}:hold")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OwnershipError {
     #[error("redis: {0}")]
@@ -140,6 +148,8 @@ fn wall_ms_at(at: Instant) -> i64 {
 // Redis
 
 const ACQUIRE_LUA: &str = r"
+local hold = redis.call('GET', KEYS[3])
+if hold then return {'held', 'hold:' .. hold} end
 local holder = redis.call('GET', KEYS[1])
 if holder then return {'held', holder} end
 local token = redis.call('INCR', KEYS[2])
@@ -234,7 +244,11 @@ impl LockStore for RedisLockStore {
                 .acquire
                 .run(
                     &self.client,
-                    vec![owner_key(session_id), fence_key(session_id)],
+                    vec![
+                        owner_key(session_id),
+                        fence_key(session_id),
+                        hold_key(session_id),
+                    ],
                     vec![owner.to_string(), ttl_ms(ttl)],
                 )
                 .await?;
@@ -978,6 +992,7 @@ mod tests {
     fn keys_share_a_hash_tag() {
         assert_eq!(owner_key("s-1"), "wa:{s-1}:owner");
         assert_eq!(fence_key("s-1"), "wa:{s-1}:fence");
+        assert_eq!(hold_key("s-1"), "wa:{s-1}:hold");
     }
 
     #[test]

@@ -772,8 +772,12 @@ async fn worker<D: SessionDriver>(
         let end = supervise(&ctl, &current, &session, shared.ownership.config()).await;
         if ctl.desired() == LOGOUT && matches!(end, End::Command) {
             session.stop_and_logout().await;
-            // Whatever the driver reported, the account is unlinked now: the backend hears it,
-            // and the gate wipes the credentials with this lease's fencing token.
+            // Whatever the driver reported, the account is unlinked now: its credentials go
+            // (fenced, while the lease is still ours: the gate's own wipe on the event below runs
+            // in the background and may come after the release), and the backend hears it.
+            if let Err(err) = shared.credentials.wipe(&id, &Fence::of(&current)).await {
+                tracing::warn!(session_id = %id, %err, "wiping credentials after logout failed");
+            }
             if let Ok(sink) = shared.gate_sink() {
                 let logged_out = StatusEvent::new(
                     &*id,
