@@ -69,7 +69,35 @@ fn same_token(given: &[u8], expected: &[u8]) -> bool {
             == 0
 }
 
+/// Creating, pausing or deleting a session.
+fn is_management_write(request: &Request) -> bool {
+    let path = request.uri().path();
+    let method = request.method();
+    (path == "/v1/sessions" && method == axum::http::Method::POST)
+        || (path.starts_with("/v1/sessions/")
+            && path.matches('/').count() == 3
+            && (method == axum::http::Method::PATCH || method == axum::http::Method::DELETE))
+}
+
+fn from_loopback(request: &Request) -> bool {
+    request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .is_some_and(|info| info.0.ip().is_loopback())
+}
+
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    if state.token.is_none() && is_management_write(&request) && !from_loopback(&request) {
+        // Without a token the API is open; logging accounts out is not, beyond this machine.
+        return (
+            StatusCode::FORBIDDEN,
+            axum::Json(json!({
+                "error": "forbidden",
+                "detail": "without --api-token / WA_API_TOKEN, sessions can only be created, paused or deleted from this machine (loopback)",
+            })),
+        )
+            .into_response();
+    }
     if let Some(token) = &state.token {
         let given = request
             .headers()
@@ -251,6 +279,7 @@ fn manage_error(err: ManageError) -> Response {
         ManageError::Invalid { field, reason } => return invalid_body(reason.clone(), Some(field)),
         ManageError::NotFound => (StatusCode::NOT_FOUND, "session_not_found"),
         ManageError::Conflict => (StatusCode::CONFLICT, "session_exists"),
+        ManageError::Deleting => (StatusCode::CONFLICT, "session_deleting"),
         ManageError::Configured(_) => (StatusCode::CONFLICT, "configured_at_startup"),
         ManageError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
         ManageError::Unavailable(_) => {
@@ -355,5 +384,121 @@ async fn delete_session(State(state): State<ApiState>, Path(id): Path<String>) -
         )
             .into_response(),
         Err(err) => manage_error(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use axum::body::Body;
+    use axum::extract::ConnectInfo;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::cache::{CacheMetrics, ChainLookup, SessionCache};
+    use crate::manage::{Listed, ManageResult};
+    use futures::future::BoxFuture;
+
+    /// Accepts every call: what is tested is who may reach it.
+    struct Accepting;
+
+    impl SessionManager for Accepting {
+        fn create(&self, _: SessionSpec) -> BoxFuture<'_, ManageResult<Created>> {
+            Box::pin(async { Ok(Created::New) })
+        }
+        fn set_paused<'a>(&'a self, _: &'a str, _: bool) -> BoxFuture<'a, ManageResult<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn delete<'a>(&'a self, _: &'a str) -> BoxFuture<'a, ManageResult<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn list(&self) -> BoxFuture<'_, ManageResult<Vec<Listed>>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+    }
+
+    fn app(token: Option<&str>) -> Router {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let cache = SessionCache::new(
+            Default::default(),
+            None,
+            Arc::new(ChainLookup(Vec::new())),
+            CacheMetrics::register(&mut registry),
+        );
+        router(ApiState {
+            cache,
+            events: None,
+            token: token.map(Arc::from),
+            sessions: Some(Arc::new(Accepting)),
+        })
+    }
+
+    async fn status(
+        app: Router,
+        method: &str,
+        path: &str,
+        peer: &str,
+        bearer: Option<&str>,
+    ) -> u16 {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(token) = bearer {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let body = match method {
+            "POST" => r#"{"sessionId":"s"}"#,
+            "PATCH" => r#"{"paused":true}"#,
+            _ => "",
+        };
+        let mut request = request.body(Body::from(body)).unwrap();
+        let peer: SocketAddr = peer.parse().unwrap();
+        request.extensions_mut().insert(ConnectInfo(peer));
+        app.oneshot(request).await.unwrap().status().as_u16()
+    }
+
+    #[tokio::test]
+    async fn without_a_token_only_this_machine_manages_sessions() {
+        let remote = "10.1.2.3:5555";
+        let local = "127.0.0.1:5555";
+        for (method, path, ok) in [
+            ("POST", "/v1/sessions", 201),
+            ("PATCH", "/v1/sessions/s", 200),
+            ("DELETE", "/v1/sessions/s", 202),
+        ] {
+            assert_eq!(
+                status(app(None), method, path, remote, None).await,
+                403,
+                "{method}"
+            );
+            assert_eq!(
+                status(app(None), method, path, local, None).await,
+                ok,
+                "{method}"
+            );
+            assert_eq!(
+                status(app(None), method, path, "[::1]:1", None).await,
+                ok,
+                "{method}"
+            );
+            // With a token, the token decides, wherever the call comes from.
+            let with_token = app(Some("t"));
+            assert_eq!(
+                status(with_token, method, path, remote, None).await,
+                401,
+                "{method}"
+            );
+            assert_eq!(
+                status(app(Some("t")), method, path, remote, Some("t")).await,
+                ok
+            );
+        }
+        // Reads stay open without a token.
+        assert_eq!(
+            status(app(None), "GET", "/v1/sessions", remote, None).await,
+            200
+        );
     }
 }

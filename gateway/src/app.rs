@@ -524,9 +524,12 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         let stop = stop_http.clone();
         let app = crate::http::router(state).merge(crate::api::router(api));
         tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
         })
     };
     shutdown_signal().await;

@@ -125,9 +125,12 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
         let stop = stop_http.clone();
         let app = crate::http::router(http_state).merge(crate::api::router(api));
         tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
         })
     };
     let shutdown = CancellationToken::new();

@@ -80,6 +80,8 @@ pub struct Indexed {
     pub namespace: String,
     pub name: String,
     pub spec: SessionSpec,
+    /// Deleted, waiting for its finalizer (logout and clean-up).
+    pub deleting: bool,
 }
 
 fn indexed(session: &WhatsappSession) -> Arc<Indexed> {
@@ -93,6 +95,7 @@ fn indexed(session: &WhatsappSession) -> Arc<Indexed> {
             paused: session.spec.paused,
             logout_on_delete: session.spec.logout_on_delete,
         },
+        deleting: session.metadata.deletion_timestamp.is_some(),
     })
 }
 

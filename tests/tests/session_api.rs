@@ -92,6 +92,20 @@ async fn owner(redis: &Client, id: &str) -> Option<String> {
     redis.get(format!("wa:{{{id}}}:owner")).await.unwrap()
 }
 
+/// Every Redis key of a session (`wa:{id}:*`).
+async fn session_keys(redis: &Client, id: &str) -> Vec<String> {
+    use fred::types::scan::Scanner;
+    use futures::TryStreamExt;
+    let mut keys = Vec::new();
+    let mut scan = redis.scan(format!("wa:{{{id}}}:*"), Some(100), None);
+    while let Some(mut page) = scan.try_next().await.unwrap() {
+        if let Some(found) = page.take_results() {
+            keys.extend(found.into_iter().filter_map(|k| k.into_string()));
+        }
+    }
+    keys
+}
+
 /// The session's hold (no gateway may take its lock): `paused`, `deleted` or none.
 async fn hold(redis: &Client, id: &str) -> Option<String> {
     redis.get(format!("wa:{{{id}}}:hold")).await.unwrap()
@@ -293,6 +307,12 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
     let (_, list) = call(&c, Method::GET, "/v1/sessions", None).await;
     assert_eq!(listed(&list, "api-1").unwrap()["status"], "active");
 
+    assert!(
+        session_keys(&client, "api-1")
+            .await
+            .contains(&"wa:{api-1}:creds".to_string()),
+        "paired sessions have credentials"
+    );
     // Delete: the session logs out, the backend hears `logged_out`, and it is gone.
     let deleted = call(&c, Method::DELETE, "/v1/sessions/api-1", None).await;
     assert_eq!(
@@ -308,6 +328,18 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
     .await
     .unwrap();
     assert_eq!(owner(&client, "api-1").await, None);
+    // Its credentials and cache entries go; only the fencing counter and the hold stay.
+    wait_until("api-1's keys wiped", Duration::from_secs(15), || async {
+        let mut keys = session_keys(&client, "api-1").await;
+        keys.sort();
+        if keys == ["wa:{api-1}:fence", "wa:{api-1}:hold"] {
+            Ok(())
+        } else {
+            Err(format!("{keys:?}"))
+        }
+    })
+    .await
+    .unwrap();
     let (_, list) = call(&c, Method::GET, "/v1/sessions", None).await;
     assert!(listed(&list, "api-1").is_none(), "{list}");
     let (code, _) = call(&c, Method::DELETE, "/v1/sessions/api-1", None).await;
@@ -419,6 +451,34 @@ async fn cluster_gateways_bridge_the_session_api_to_resources() {
     assert_eq!((code, body["error"].as_str()), (403, Some("forbidden")));
     assert!(api.get_opt("nope").await.unwrap().is_none());
 
+    // Sessions of other namespaces are readable through /v1/sessions/{id} but not managed.
+    test_support::cluster::setup_in(&client, "elsewhere").await;
+    let elsewhere: Api<WhatsappSession> = Api::namespaced(client.clone(), "elsewhere");
+    test_support::cluster::create_sessions(&elsewhere, ["other-ns".to_string()]).await;
+    wait_until("other-ns indexed", Duration::from_secs(20), || async {
+        let (code, _) = call(&with_token, Method::GET, "/v1/sessions/other-ns", None).await;
+        if code == 200 {
+            Ok(())
+        } else {
+            Err(format!("{code}"))
+        }
+    })
+    .await
+    .unwrap();
+    let (_, list) = call(&with_token, Method::GET, "/v1/sessions", None).await;
+    assert!(listed(&list, "other-ns").is_none(), "{list}");
+    let (code, _) = call(
+        &with_token,
+        Method::PATCH,
+        "/v1/sessions/other-ns",
+        Some(json!({"paused": true})),
+    )
+    .await;
+    assert_eq!(code, 404);
+    let (code, _) = call(&with_token, Method::DELETE, "/v1/sessions/other-ns", None).await;
+    assert_eq!(code, 404);
+    assert!(!elsewhere.get("other-ns").await.unwrap().spec.paused);
+
     // Pause and delete go to the resource.
     let (code, _) = call(
         &with_token,
@@ -429,8 +489,36 @@ async fn cluster_gateways_bridge_the_session_api_to_resources() {
     .await;
     assert_eq!(code, 200);
     assert!(api.get(&name).await.unwrap().spec.paused);
+    // With the operator away the finalizer stays: the session is "being deleted" meanwhile,
+    // and creating it again is refused rather than answered with a resource about to vanish.
+    drop(operator);
     let (code, _) = call(&with_token, Method::DELETE, "/v1/sessions/Shop_42", None).await;
     assert_eq!(code, 202);
+    wait_until(
+        "create refused while deleting",
+        Duration::from_secs(20),
+        || async {
+            let (code, body) = call(
+                &with_token,
+                Method::POST,
+                "/v1/sessions",
+                Some(json!({"sessionId": "Shop_42", "logoutOnDelete": false})),
+            )
+            .await;
+            if (code, body["error"].as_str()) == (409, Some("session_deleting")) {
+                Ok(())
+            } else {
+                Err(format!("{code} {body}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let (_, list) = call(&with_token, Method::GET, "/v1/sessions", None).await;
+    assert!(listed(&list, "Shop_42").is_none(), "{list}");
+    let (code, _) = call(&with_token, Method::DELETE, "/v1/sessions/Shop_42", None).await;
+    assert_eq!(code, 202, "deleting again is accepted");
+    let _operator = start_operator(&plane).await;
     wait_until("resource gone", Duration::from_secs(30), || async {
         match api.get_opt(&name).await.map_err(|e| e.to_string())? {
             None => Ok(()),
@@ -441,4 +529,12 @@ async fn cluster_gateways_bridge_the_session_api_to_resources() {
     .unwrap();
     let (code, _) = call(&with_token, Method::DELETE, "/v1/sessions/Shop_42", None).await;
     assert_eq!(code, 404);
+    let created = call(
+        &with_token,
+        Method::POST,
+        "/v1/sessions",
+        Some(json!({"sessionId": "Shop_42"})),
+    )
+    .await;
+    assert_eq!(created.0, 201, "created again once gone: {:?}", created.1);
 }

@@ -4,10 +4,14 @@
 //! finalizer (logout when `logoutOnDelete`). Reads come from the informer index every gateway
 //! already keeps.
 //!
-//! Writes need an API token: without one the API is open, and an open endpoint that creates and
-//! deletes cluster resources is not something to enable by omission.
+//! Only sessions of the gateway's own namespace are managed (and listed), though the informer
+//! indexes every namespace for the read API. Writes need an API token: without one the API is
+//! open, and an open endpoint that creates and deletes cluster resources is not something to
+//! enable by omission.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crds::{WhatsappSession, WhatsappSessionSpec};
 use futures::future::BoxFuture;
@@ -15,7 +19,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use sha2::Digest;
 
 use super::{Created, Listed, ManageError, ManageResult, SessionManager, SessionSpec};
-use crate::informer::InformerLookup;
+use crate::informer::{Indexed, InformerLookup};
 
 /// Annotation on resources created through the API.
 pub const CREATED_BY_ANNOTATION: &str = "whatsapp.gateway.dev/created-by";
@@ -52,31 +56,47 @@ impl KubeSessions {
             Ok(())
         } else {
             Err(ManageError::Forbidden(
-                "creating and deleting sessions needs an API token (--api-token / WA_API_TOKEN; chart: api.tokenSecret)".into(),
+                "creating, pausing and deleting sessions needs an API token (--api-token / WA_API_TOKEN; chart: api.tokenSecretName)".into(),
             ))
         }
     }
 
+    /// Waits (briefly) for the informer's first list: before it, "not found" would be a guess.
+    async fn synced(&self) -> ManageResult<()> {
+        tokio::time::timeout(INFORMER_WAIT, self.informer.ready())
+            .await
+            .map_err(|_| ManageError::Unavailable("the session informer has not synced yet".into()))
+    }
+
+    /// The index entry of a session of this namespace (the API manages no other).
+    fn indexed(&self, session_id: &str) -> Option<Arc<Indexed>> {
+        self.informer
+            .entry(session_id)
+            .filter(|entry| entry.namespace == self.namespace)
+    }
+
     /// The resource of a session: from the index, or (just created, index not caught up) the
-    /// name the API would have given it in this namespace.
-    async fn locate(&self, session_id: &str) -> ManageResult<(String, String, SessionSpec)> {
-        if let Some(entry) = self.informer.entry(session_id) {
-            return Ok((
-                entry.namespace.clone(),
-                entry.name.clone(),
-                entry.spec.clone(),
-            ));
+    /// name the API would have given it. `(name, spec, deleting)`.
+    async fn locate(&self, session_id: &str) -> ManageResult<(String, SessionSpec, bool)> {
+        self.synced().await?;
+        if let Some(entry) = self.indexed(session_id) {
+            return Ok((entry.name.clone(), entry.spec.clone(), entry.deleting));
         }
         let name = resource_name(session_id);
         match self.api(&self.namespace).get_opt(&name).await {
-            Ok(Some(found)) if found.session_id() == session_id => {
-                Ok((self.namespace.clone(), name, spec_of(&found)))
-            }
+            Ok(Some(found)) if found.session_id() == session_id => Ok((
+                name,
+                spec_of(&found),
+                found.metadata.deletion_timestamp.is_some(),
+            )),
             Ok(_) => Err(ManageError::NotFound),
             Err(err) => Err(from_kube(err)),
         }
     }
 }
+
+/// Longest a request waits for the informer's first list after start-up.
+const INFORMER_WAIT: Duration = Duration::from_secs(10);
 
 fn spec_of(session: &WhatsappSession) -> SessionSpec {
     SessionSpec {
@@ -148,8 +168,11 @@ impl SessionManager for KubeSessions {
         Box::pin(async move {
             self.check_writable()?;
             spec.validate()?;
-            if let Some(entry) = self.informer.entry(&spec.session_id) {
-                return if entry.spec == spec {
+            self.synced().await?;
+            if let Some(entry) = self.indexed(&spec.session_id) {
+                return if entry.deleting {
+                    Err(ManageError::Deleting)
+                } else if entry.spec == spec {
                     Ok(Created::Unchanged)
                 } else {
                     Err(ManageError::Conflict)
@@ -179,7 +202,9 @@ impl SessionManager for KubeSessions {
                 // Created a moment ago (the index has not seen it yet), or a resource by that name.
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     let existing = api.get(&name).await.map_err(from_kube)?;
-                    if spec_of(&existing) == spec {
+                    if existing.metadata.deletion_timestamp.is_some() {
+                        Err(ManageError::Deleting)
+                    } else if spec_of(&existing) == spec {
                         Ok(Created::Unchanged)
                     } else {
                         Err(ManageError::Conflict)
@@ -197,12 +222,15 @@ impl SessionManager for KubeSessions {
     ) -> BoxFuture<'a, ManageResult<()>> {
         Box::pin(async move {
             self.check_writable()?;
-            let (namespace, name, spec) = self.locate(session_id).await?;
+            let (name, spec, deleting) = self.locate(session_id).await?;
+            if deleting {
+                return Err(ManageError::Deleting);
+            }
             if spec.paused == paused {
                 return Ok(());
             }
             let patch = serde_json::json!({ "spec": { "paused": paused } });
-            self.api(&namespace)
+            self.api(&self.namespace)
                 .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map_err(from_kube)?;
@@ -214,8 +242,11 @@ impl SessionManager for KubeSessions {
     fn delete<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<()>> {
         Box::pin(async move {
             self.check_writable()?;
-            let (namespace, name, _) = self.locate(session_id).await?;
-            self.api(&namespace)
+            let (name, _, deleting) = self.locate(session_id).await?;
+            if deleting {
+                return Ok(()); // already on its way
+            }
+            self.api(&self.namespace)
                 .delete(&name, &DeleteParams::default())
                 .await
                 .map_err(from_kube)?;
@@ -226,10 +257,12 @@ impl SessionManager for KubeSessions {
 
     fn list(&self) -> BoxFuture<'_, ManageResult<Vec<Listed>>> {
         Box::pin(async move {
+            self.synced().await?;
             let mut listed: Vec<Listed> = self
                 .informer
                 .entries()
                 .into_iter()
+                .filter(|entry| entry.namespace == self.namespace && !entry.deleting)
                 .map(|entry| Listed {
                     spec: entry.spec.clone(),
                     source: "resource",

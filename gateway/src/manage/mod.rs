@@ -124,6 +124,9 @@ pub enum ManageError {
     /// The session exists with a different spec.
     #[error("session exists with a different spec")]
     Conflict,
+    /// Being deleted (its logout and clean-up are running); create it again once it is gone.
+    #[error("session is being deleted; try again once it is gone")]
+    Deleting,
     /// Named in this gateway's configuration, so not the API's to change.
     #[error("session is configured at start-up ({0}); change the configuration instead")]
     Configured(&'static str),
