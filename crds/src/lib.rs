@@ -68,7 +68,8 @@ pub struct WhatsappSessionSpec {
     /// Log the device out and wipe its credentials when the resource is deleted.
     #[serde(default = "default_true")]
     pub logout_on_delete: bool,
-    /// Per-session backend override.
+    /// Per-session backend override. Reserved, not implemented yet: every session's batches go to
+    /// the gateways' configured backend, and a gateway logs a warning for a session that sets it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<Webhook>,
 }

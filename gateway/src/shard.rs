@@ -277,6 +277,10 @@ async fn reconcile<D: SessionDriver>(
             continue;
         }
         wanted.insert(id.clone());
+        if session.spec.webhook.is_some() && !placements.contains_key(&id) {
+            // Reserved in the schema, not implemented: say so rather than ignore it silently.
+            tracing::warn!(session_id = %id, "spec.webhook is not implemented yet; this session's batches go to the gateway's backend");
+        }
         settings.logins.set(&id, &session.spec.login);
         let generation = session.metadata.generation;
         placements

@@ -34,7 +34,7 @@ pub fn parse(text: &str) -> Result<Vec<SessionSpec>, String> {
         if session.spec.webhook.is_some() {
             tracing::warn!(
                 session_id = %session.session_id(),
-                "spec.webhook is not used in standalone mode; batches go to --backend-url"
+                "spec.webhook is not implemented yet; this session's batches go to --backend-url"
             );
         }
         let spec = SessionSpec {
