@@ -83,7 +83,8 @@ fn from_loopback(request: &Request) -> bool {
     request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .is_some_and(|info| info.0.ip().is_loopback())
+        // `::ffff:127.0.0.1` on a dual-stack listener is loopback too.
+        .is_some_and(|info| info.0.ip().to_canonical().is_loopback())
 }
 
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {

@@ -24,6 +24,7 @@ use crate::config::{DriverChoice, Settings, StandaloneArgs};
 use crate::delivery::spill::{RedisSpill, SpillKeys};
 use crate::delivery::{BackendClient, DeliveredHook, Delivery};
 use crate::events::{GatewayEvent, SessionStatus};
+use crate::manage::metered::Metered;
 use crate::manage::redis_book::RedisBook;
 use crate::manage::{LocalSessions, MemoryBook, SessionBook, SessionManager, SessionSpec};
 use crate::metrics::BatchStatsCollector;
@@ -45,21 +46,43 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 /// How long a removed session's late events are recognised as such.
 const FORGOTTEN_FOR: Duration = Duration::from_secs(120);
 
+/// What [`SessionStates::apply`] made of an event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// The session's state after the event.
+    Tracked(SessionState),
+    /// Late news of a removed session (produced before its removal): the state this status
+    /// change alone describes, not kept.
+    Late(SessionState),
+    /// A removed session's late QR code: nothing to keep or cache.
+    Ignored,
+}
+
+type RemoveHook = Box<dyn Fn(&str) + Send + Sync>;
+
 /// The latest known state of every session this process runs.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct SessionStates {
     inner: Mutex<HashMap<String, SessionState>>,
+    /// Told of every removal (the cache drops the session from its owned tier).
+    on_remove: std::sync::OnceLock<RemoveHook>,
     /// Sessions removed, and when: an event created before that (a deleted session's last
     /// `logged_out`, still queued when it was removed) is delivered but does not bring the
     /// session back into re-sync and the gauges.
     forgotten: Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
+impl std::fmt::Debug for SessionStates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionStates")
+            .field("sessions", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl SessionStates {
-    /// Applies the event; returns the session's state after it, for the cache. Late news of a
-    /// removed session is not kept: a status change is returned as the state it alone describes
-    /// (its time is the event's, so the cache orders it right), a QR code as nothing.
-    fn apply(&self, event: &GatewayEvent) -> Option<SessionState> {
+    /// Applies the event (see [`Applied`]).
+    fn apply(&self, event: &GatewayEvent) -> Applied {
         let id = event.session_id();
         {
             let mut forgotten = self.forgotten.lock().expect("forgotten lock");
@@ -69,9 +92,9 @@ impl SessionStates {
                         GatewayEvent::Status(_) => {
                             let mut detached = SessionState::new(SessionStatus::Connecting);
                             detached.apply(event);
-                            Some(detached)
+                            Applied::Late(detached)
                         }
-                        GatewayEvent::Qr(_) => None,
+                        GatewayEvent::Qr(_) => Applied::Ignored,
                     };
                 }
                 forgotten.remove(id);
@@ -82,7 +105,12 @@ impl SessionStates {
             .entry(id.to_string())
             .or_insert_with(|| SessionState::new(SessionStatus::Connecting));
         state.apply(event);
-        Some(state.clone())
+        Applied::Tracked(state.clone())
+    }
+
+    /// Calls `hook` with every session removed from now on (set once).
+    pub fn on_remove(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.on_remove.set(Box::new(hook));
     }
 
     pub fn get(&self, session_id: &str) -> Option<SessionState> {
@@ -114,6 +142,10 @@ impl SessionStates {
             forgotten.retain(|_, at| now.duration_since(*at) < FORGOTTEN_FOR);
         }
         forgotten.insert(session_id.to_string(), now);
+        drop(forgotten);
+        if let Some(hook) = self.on_remove.get() {
+            hook(session_id);
+        }
     }
 
     /// Sessions per status (for the `whatsapp_gateway_sessions{state}` gauge).
@@ -279,12 +311,22 @@ async fn route_events(
     cache: Option<(Arc<SessionCache>, String)>,
 ) {
     while let Some(event) = rx.recv().await {
-        let state = states.apply(&event);
+        let applied = states.apply(&event);
         // Write-through: the local tier at once, Redis and the invalidation in the background.
-        if let Some((cache, gateway)) = &cache
-            && let Some(state) = state
-        {
-            cache.write(SessionView::from_state(event.session_id(), &state, gateway));
+        if let Some((cache, gateway)) = &cache {
+            match applied {
+                Applied::Tracked(state) => {
+                    cache.write(SessionView::from_state(event.session_id(), &state, gateway));
+                }
+                Applied::Late(state) => {
+                    cache.write_detached(SessionView::from_state(
+                        event.session_id(),
+                        &state,
+                        gateway,
+                    ));
+                }
+                Applied::Ignored => {}
+            }
         }
         if batcher.submit(event).await.is_err() {
             tracing::error!("batcher stopped while sessions still report events");
@@ -475,17 +517,13 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         Some(client) => Arc::new(RedisBook::new(client.clone())),
         None => Arc::new(MemoryBook::default()),
     };
-    let mut sessions = LocalSessions::new(
+    let sessions = Arc::new(LocalSessions::new(
         supervisor.clone(),
         logins,
         pipeline.states.clone(),
         configured,
         book,
-    );
-    if let Some(client) = &redis {
-        sessions = sessions.with_redis(client.clone());
-    }
-    let sessions = Arc::new(sessions);
+    ));
     // The configured sessions start even if the book cannot be read yet (Redis down).
     sessions.start_configured().await;
     if let Err(err) = sessions.reconcile(true).await {
@@ -501,6 +539,8 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         );
     }
 
+    let api_sessions: Arc<dyn SessionManager> =
+        Arc::new(Metered::new(sessions.clone(), &mut registry));
     let state = crate::http::HttpState {
         registry: Arc::new(registry),
         redis,
@@ -510,7 +550,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         cache,
         events: Some(pipeline.event_sink()),
         token: settings.api_token.as_deref().map(Arc::from),
-        sessions: Some(sessions.clone() as Arc<dyn SessionManager>),
+        sessions: Some(api_sessions),
     };
     if api.token.is_none() {
         tracing::warn!("no API token (--api-token / WA_API_TOKEN): the /v1 API is open");
@@ -568,6 +608,14 @@ pub async fn start_pipeline_with_cache(
     let states = Arc::new(SessionStates::default());
     let (cache, tasks) =
         start_cache(settings, redis, states.clone(), informer, registry, stop).await?;
+    // A session that stops running here leaves the cache's owned tier too (weak: the cache
+    // reads the states, so a strong reference back would be a cycle).
+    let weak_cache = Arc::downgrade(&cache);
+    states.on_remove(move |id| {
+        if let Some(cache) = weak_cache.upgrade() {
+            cache.forget(id);
+        }
+    });
     let pipeline = Pipeline::start_with_cache(
         settings,
         redis.cloned(),
@@ -657,6 +705,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_removed_sessions_late_events_do_not_bring_it_back() {
         let states = SessionStates::default();
+        let removed = Arc::new(Mutex::new(Vec::new()));
+        let seen_removed = removed.clone();
+        states.on_remove(move |id| seen_removed.lock().unwrap().push(id.to_owned()));
         let active = StatusEvent::new("s", SessionStatus::Active, Priority::High, None);
         states.apply(&active.into());
         // Produced before the removal, routed after it (a deleted session's last status).
@@ -664,12 +715,13 @@ mod tests {
         let late_qr = QrEvent::new("s", "code", 1, Duration::from_secs(20));
         tokio::time::advance(Duration::from_millis(5)).await;
         states.remove("s");
-        let seen = states
-            .apply(&late.into())
-            .expect("a status is still cached");
+        let Applied::Late(seen) = states.apply(&late.into()) else {
+            panic!("a late status is still cached, detached");
+        };
         assert_eq!(seen.status, SessionStatus::LoggedOut);
-        assert!(states.apply(&late_qr.into()).is_none());
+        assert_eq!(states.apply(&late_qr.into()), Applied::Ignored);
         assert!(states.get("s").is_none(), "not tracked again");
+        assert_eq!(*removed.lock().unwrap(), ["s"], "the cache is told");
         assert!(states.resync_events().is_empty());
         // The same id, started again later, is tracked.
         tokio::time::advance(Duration::from_millis(5)).await;

@@ -64,11 +64,14 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
     // sessions from memory, others from the cache tiers, then from the informer store.
     let (informer, informer_task) =
         InformerLookup::spawn(client.clone(), None, stop_background.clone());
-    let manager = crate::manage::kube::KubeSessions::new(
-        client.clone(),
-        args.namespace.clone(),
-        informer.clone(),
-        settings.api_token.is_some(),
+    let manager = crate::manage::metered::Metered::new(
+        crate::manage::kube::KubeSessions::new(
+            client.clone(),
+            args.namespace.clone(),
+            informer.clone(),
+            settings.api_token.is_some(),
+        ),
+        &mut registry,
     );
     let (pipeline, cache, cache_tasks) = crate::app::start_pipeline_with_cache(
         &settings,

@@ -352,6 +352,45 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
     )
     .await;
     assert_eq!(code, 404);
+
+    // Held for a while after the delete: creating the id again waits until every gateway has
+    // seen it gone, then starts afresh.
+    assert_eq!(hold(&client, "api-1").await.as_deref(), Some("deleted"));
+    let hold_ttl: i64 = client.ttl("wa:{api-1}:hold").await.unwrap();
+    assert!((1..=15).contains(&hold_ttl), "{hold_ttl}");
+    let (code, body) = call(
+        &c,
+        Method::POST,
+        "/v1/sessions",
+        Some(json!({"sessionId": "api-1"})),
+    )
+    .await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (409, Some("session_deleting"))
+    );
+    let connects = statuses(&receiver, "api-1")
+        .iter()
+        .filter(|(s, _)| s == "active")
+        .count();
+    wait_until("api-1 created again", Duration::from_secs(25), || async {
+        let (code, body) = call(
+            &c,
+            Method::POST,
+            "/v1/sessions",
+            Some(json!({"sessionId": "api-1"})),
+        )
+        .await;
+        if code == 201 {
+            Ok(())
+        } else {
+            Err(format!("{code} {body}"))
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(hold(&client, "api-1").await, None);
+    wait_active_count(&receiver, "api-1", connects + 1, "api-1 running again").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,6 +517,19 @@ async fn cluster_gateways_bridge_the_session_api_to_resources() {
     let (code, _) = call(&with_token, Method::DELETE, "/v1/sessions/other-ns", None).await;
     assert_eq!(code, 404);
     assert!(!elsewhere.get("other-ns").await.unwrap().spec.paused);
+    // Its id is taken all the same: ids key Redis, so they are global.
+    let (code, body) = call(
+        &with_token,
+        Method::POST,
+        "/v1/sessions",
+        Some(json!({"sessionId": "other-ns"})),
+    )
+    .await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (409, Some("session_exists"))
+    );
+    assert!(api.get_opt("other-ns").await.unwrap().is_none());
 
     // Pause and delete go to the resource.
     let (code, _) = call(

@@ -363,6 +363,18 @@ impl SessionCache {
         version
     }
 
+    /// A change of a session this gateway no longer runs (its last status, routed after it was
+    /// removed): written to the shared tier with an invalidation, not kept as owned.
+    pub fn write_detached(&self, mut view: SessionView) -> u64 {
+        let version = self.next_version();
+        view.status.version = version;
+        self.enqueue(PendingWrite {
+            view: Arc::new(view),
+            mode: WriteMode::Change,
+        });
+        version
+    }
+
     /// This gateway no longer runs the session (stopped, handed over): its entry is no longer
     /// authoritative here. The shared tier keeps the last state until its TTL or the next owner.
     pub fn forget(&self, session_id: &str) {

@@ -169,6 +169,13 @@ impl SessionManager for KubeSessions {
             self.check_writable()?;
             spec.validate()?;
             self.synced().await?;
+            // Session ids are global (they key Redis): one in another namespace is taken.
+            if let Some(entry) = self.informer.entry(&spec.session_id)
+                && entry.namespace != self.namespace
+            {
+                tracing::info!(session_id = %spec.session_id, namespace = %entry.namespace, "session id taken in another namespace");
+                return Err(ManageError::Conflict);
+            }
             if let Some(entry) = self.indexed(&spec.session_id) {
                 return if entry.deleting {
                     Err(ManageError::Deleting)

@@ -12,6 +12,7 @@
 
 pub mod file;
 pub mod kube;
+pub mod metered;
 pub mod redis_book;
 
 use std::collections::{BTreeMap, HashMap};
@@ -182,6 +183,25 @@ pub trait SessionManager: Send + Sync {
     fn list(&self) -> BoxFuture<'_, ManageResult<Vec<Listed>>>;
 }
 
+impl<T: SessionManager + ?Sized> SessionManager for Arc<T> {
+    fn create(&self, spec: SessionSpec) -> BoxFuture<'_, ManageResult<Created>> {
+        (**self).create(spec)
+    }
+    fn set_paused<'a>(
+        &'a self,
+        session_id: &'a str,
+        paused: bool,
+    ) -> BoxFuture<'a, ManageResult<()>> {
+        (**self).set_paused(session_id, paused)
+    }
+    fn delete<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<()>> {
+        (**self).delete(session_id)
+    }
+    fn list(&self) -> BoxFuture<'_, ManageResult<Vec<Listed>>> {
+        (**self).list()
+    }
+}
+
 /// Where standalone keeps the sessions created through the API.
 pub trait SessionBook: Send + Sync {
     /// Stores `spec` unless its id is taken; returns what was there.
@@ -204,6 +224,19 @@ pub trait SessionBook: Send + Sync {
     fn set_hold<'a>(&'a self, session_id: &'a str, hold: Hold) -> BoxFuture<'a, ManageResult<()>>;
     /// The session's hold, if any.
     fn hold<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<Hold>>>;
+    /// Deletes a deleted session's stored state (credentials, key store, cache entries) if it is
+    /// still held as deleted and nobody holds its lock. A no-op for a book without a store.
+    fn wipe_deleted<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Wipe>>;
+}
+
+/// Outcome of [`SessionBook::wipe_deleted`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wipe {
+    Wiped(usize),
+    /// Not (or no longer) held as deleted: created again, or the hold expired.
+    NotDeleted,
+    /// A gateway still holds its lock (it logs out and wipes its credentials itself).
+    Locked,
 }
 
 /// The book's content at one moment.
@@ -246,8 +279,9 @@ impl Hold {
     }
 }
 
-/// How long a deleted session stays held: many times the book's follow interval.
-pub const DELETED_HOLD: Duration = Duration::from_secs(30);
+/// How long a deleted session stays held: many times the book's follow interval. Creating the id
+/// again is refused meanwhile (`409 session_deleting`), so every gateway sees it gone first.
+pub const DELETED_HOLD: Duration = Duration::from_secs(15);
 
 /// A [`SessionBook`] for a gateway alone, without Redis: lost on restart (the log says so).
 #[derive(Debug, Default)]
@@ -323,10 +357,20 @@ impl SessionBook for MemoryBook {
 
     fn set_hold<'a>(&'a self, session_id: &'a str, hold: Hold) -> BoxFuture<'a, ManageResult<()>> {
         let mut inner = self.inner.lock().expect("book lock");
-        if hold == Hold::Clear {
-            inner.holds.remove(session_id);
-        } else {
-            inner.holds.insert(session_id.to_owned(), hold);
+        // As in Redis: only a delete sets or replaces a `deleted` hold (which, here, stays until
+        // the delete's clean-up: there is only this process to tell).
+        let deleted = inner.holds.get(session_id) == Some(&Hold::Deleted);
+        match hold {
+            Hold::Deleted => {
+                inner.holds.insert(session_id.to_owned(), hold);
+            }
+            _ if deleted => {}
+            Hold::Clear => {
+                inner.holds.remove(session_id);
+            }
+            Hold::Paused => {
+                inner.holds.insert(session_id.to_owned(), hold);
+            }
         }
         Box::pin(async { Ok(()) })
     }
@@ -340,6 +384,15 @@ impl SessionBook for MemoryBook {
             .get(session_id)
             .copied();
         Box::pin(async move { Ok(hold) })
+    }
+
+    fn wipe_deleted<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Wipe>> {
+        // Nothing stored beyond the spec; the hold has done its job once the delete is applied.
+        let mut inner = self.inner.lock().expect("book lock");
+        if inner.holds.get(session_id) == Some(&Hold::Deleted) {
+            inner.holds.remove(session_id);
+        }
+        Box::pin(async { Ok(Wipe::Wiped(0)) })
     }
 }
 
@@ -408,8 +461,8 @@ pub struct LocalSessions<D: SessionDriver> {
     /// Named at start-up, with where (for the error when the API tries to change one).
     configured: HashMap<String, (SessionSpec, &'static str)>,
     book: Arc<dyn SessionBook>,
-    /// For the clean-up after a logout on delete (every `wa:{id}:*` key once no one holds it).
-    redis: Option<fred::clients::Client>,
+    /// Configured ids whose hold was cleared (once per process).
+    holds_cleared: Mutex<std::collections::HashSet<String>>,
     /// What the supervisor was last told to run; one reconciliation at a time.
     applied: tokio::sync::Mutex<HashMap<String, SessionSpec>>,
     /// Book version last applied in full.
@@ -433,16 +486,10 @@ impl<D: SessionDriver> LocalSessions<D> {
                 .map(|(spec, source)| (spec.session_id.clone(), (spec, source)))
                 .collect(),
             book,
-            redis: None,
+            holds_cleared: Mutex::default(),
             applied: tokio::sync::Mutex::new(HashMap::new()),
             seen_version: Mutex::new(None),
         }
-    }
-
-    /// Cleans a deleted session's Redis keys up after its logout (see [`wipe_when_released`]).
-    pub fn with_redis(mut self, client: fred::clients::Client) -> Self {
-        self.redis = Some(client);
-        self
     }
 
     pub fn supervisor(&self) -> &Arc<Supervisor<D>> {
@@ -487,8 +534,14 @@ impl<D: SessionDriver> LocalSessions<D> {
         }
         // Start-up configuration wins over a book entry with the same id, and over its hold.
         for (id, (spec, _)) in &self.configured {
-            if wanted.insert(id.clone(), spec.clone()).is_some() && !applied.contains_key(id) {
+            if wanted.insert(id.clone(), spec.clone()).is_some()
+                && !self.holds_cleared.lock().expect("holds lock").contains(id)
+            {
                 self.book.set_hold(id, Hold::Clear).await?;
+                self.holds_cleared
+                    .lock()
+                    .expect("holds lock")
+                    .insert(id.clone());
             }
         }
         let steps = plan(&applied, &wanted);
@@ -538,9 +591,6 @@ impl<D: SessionDriver> LocalSessions<D> {
             Step::End { session_id, logout } => {
                 if *logout {
                     self.supervisor.logout(session_id).await;
-                    if let Some(redis) = &self.redis {
-                        tokio::spawn(wipe_when_released(redis.clone(), session_id.clone()));
-                    }
                 } else {
                     self.supervisor.stop(session_id).await;
                 }
@@ -614,38 +664,31 @@ impl<D: SessionDriver> LocalSessions<D> {
 
 /// How long the clean-up after a delete waits for the session's lock to be let go (by this
 /// gateway, or by another that follows the book and logs it out).
-const WIPE_WAIT: Duration = Duration::from_secs(30);
+const WIPE_WAIT: Duration = DELETED_HOLD;
 
-/// Once nobody holds the deleted session's lock, deletes its Redis keys (credentials, the
-/// whatsapp driver's key store, cache entries), as cluster mode does for a deleted resource:
-/// a session that was not running anywhere (paused, waiting) is wiped too, so creating the id
-/// again never resumes the old pairing. The fencing counter and the hold stay: tokens keep
-/// growing, and nobody takes the lock until the hold expires.
-async fn wipe_when_released(redis: fred::clients::Client, session_id: String) {
-    use crate::session::ownership::{fence_key, hold_key, owner_key};
-    use fred::interfaces::KeysInterface;
+/// Once nobody holds the deleted session's lock, deletes its stored state, as cluster mode does
+/// for a deleted resource: a session that was not running anywhere (paused, waiting) is wiped
+/// too, so creating the id again starts a new pairing. Runs on the gateway that took the delete.
+async fn wipe_when_released(book: Arc<dyn SessionBook>, session_id: String) {
     let deadline = tokio::time::Instant::now() + WIPE_WAIT;
     loop {
-        match redis.exists::<i64, _>(owner_key(&session_id)).await {
-            Ok(0) => break,
-            Ok(_) if tokio::time::Instant::now() < deadline => {
+        match book.wipe_deleted(&session_id).await {
+            Ok(Wipe::Wiped(keys)) => {
+                tracing::debug!(session_id = %session_id, keys, "deleted session's keys wiped");
+                return;
+            }
+            Ok(Wipe::NotDeleted) => return,
+            Ok(Wipe::Locked) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Ok(_) => {
-                tracing::warn!(session_id = %session_id, "deleted session still locked; its holder wipes it on logout");
+            Ok(Wipe::Locked) => {
+                tracing::warn!(session_id = %session_id, "deleted session still locked; its holder wipes its credentials on logout");
                 return;
             }
             Err(err) => {
                 tracing::warn!(session_id = %session_id, %err, "cannot clean a deleted session's keys up");
                 return;
             }
-        }
-    }
-    let keep = [fence_key(&session_id), hold_key(&session_id)];
-    match crate::redis::wipe_session_except(&redis, &session_id, &keep).await {
-        Ok(keys) => tracing::debug!(session_id = %session_id, keys, "deleted session's keys wiped"),
-        Err(err) => {
-            tracing::warn!(session_id = %session_id, %err, "wiping a deleted session's keys failed")
         }
     }
 }
@@ -660,6 +703,9 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
                 } else {
                     Err(ManageError::Configured(source))
                 };
+            }
+            if self.book.hold(&spec.session_id).await? == Some(Hold::Deleted) {
+                return Err(ManageError::Deleting);
             }
             let created = match self.book.insert_new(&spec).await? {
                 None => Created::New,
@@ -693,6 +739,9 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
                 return Err(ManageError::Configured(source));
             }
             let current = self.find(session_id).await?;
+            if self.book.hold(session_id).await? == Some(Hold::Deleted) {
+                return Err(ManageError::Deleting);
+            }
             // Held before the book says paused, so no gateway starts it meanwhile; cleared on
             // resume even when the book already says running (a pause cut short).
             let hold = if paused { Hold::Paused } else { Hold::Clear };
@@ -702,9 +751,25 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
                     paused,
                     ..current.clone()
                 };
-                if !self.book.replace(&current, &spec).await? {
-                    // Deleted or re-created meanwhile: the caller decides again.
-                    return Err(ManageError::Conflict);
+                let replaced = self.book.replace(&current, &spec).await;
+                if !matches!(replaced, Ok(true)) {
+                    // Not stored: an identical pause may have won the race (then all is well);
+                    // otherwise take the hold back, so a refused pause leaves nothing behind.
+                    let now = self.find(session_id).await;
+                    if let Ok(now) = &now
+                        && now.paused == paused
+                    {
+                        self.apply_now().await;
+                        return Ok(());
+                    }
+                    if paused {
+                        let _ = self.book.set_hold(session_id, Hold::Clear).await;
+                    }
+                    return match (replaced, now) {
+                        (Err(err), _) => Err(err),
+                        (_, Err(ManageError::NotFound)) => Err(ManageError::NotFound),
+                        _ => Err(ManageError::Conflict),
+                    };
                 }
             }
             self.apply_now().await;
@@ -717,13 +782,20 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
             if let Some(source) = self.configured_source(session_id) {
                 return Err(ManageError::Configured(source));
             }
-            self.find(session_id).await?;
+            // An entry this version cannot read can still be deleted.
+            let snapshot = self.book.all().await?;
+            let known = snapshot.specs.iter().any(|s| s.session_id == session_id)
+                || snapshot.unreadable.iter().any(|id| id == session_id);
+            if !known {
+                return Err(ManageError::NotFound);
+            }
             // Held first: nobody starts it again, and followers know it was deleted on purpose.
             self.book.set_hold(session_id, Hold::Deleted).await?;
             if self.book.remove(session_id).await?.is_none() {
                 return Err(ManageError::NotFound);
             }
             self.apply_now().await;
+            tokio::spawn(wipe_when_released(self.book.clone(), session_id.to_owned()));
             Ok(())
         })
     }

@@ -1,6 +1,7 @@
 //! The standalone session book in Redis: one hash of specs (JSON by session id) and a version
 //! counter, changed together by Lua scripts so a reader never sees one without the other. Both keys
-//! share a hash tag, so this works on Redis Cluster.
+//! share a hash tag, so this works on Redis Cluster. They live outside the `wa:{<session id>}:*`
+//! space, so wiping a session's keys can never touch them, whatever the id.
 
 use fred::clients::Client;
 use fred::interfaces::KeysInterface;
@@ -9,12 +10,12 @@ use fred::types::Expiration;
 use futures::future::BoxFuture;
 
 use super::{
-    BookSnapshot, DELETED_HOLD, Hold, ManageError, ManageResult, SessionBook, SessionSpec,
+    BookSnapshot, DELETED_HOLD, Hold, ManageError, ManageResult, SessionBook, SessionSpec, Wipe,
 };
-use crate::session::ownership::{LuaScript, hold_key};
+use crate::session::ownership::{LuaScript, fence_key, hold_key, owner_key};
 
-const SPECS_KEY: &str = "wa:{sessions}:specs";
-const VERSION_KEY: &str = "wa:{sessions}:version";
+const SPECS_KEY: &str = "wa:book:{book}:specs";
+const VERSION_KEY: &str = "wa:book:{book}:version";
 
 /// HSETNX + INCR; returns the existing spec, or nil when stored.
 const INSERT_NEW_LUA: &str = r"
@@ -42,6 +43,26 @@ redis.call('INCR', KEYS[2])
 return existing
 ";
 
+/// Sets (ARGV[1] = value) or clears (ARGV[1] = '') a session's hold, leaving a `deleted` hold
+/// alone: a pause or resume racing a delete must not cut the delete's hold short.
+const SET_HOLD_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == 'deleted' then return 0 end
+if ARGV[1] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+";
+
+/// Deletes KEYS[3..] only while the session is held as deleted (KEYS[1]) and nobody holds its
+/// lock (KEYS[2]): a session created again, or taken by a gateway, keeps its keys.
+const WIPE_DELETED_LUA: &str = r"
+if redis.call('GET', KEYS[1]) ~= 'deleted' then return -1 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
+local n = 0
+for i = 3, #KEYS do n = n + redis.call('DEL', KEYS[i]) end
+return n
+";
+
+static SET_HOLD: LuaScript = LuaScript::new(SET_HOLD_LUA);
+static WIPE_DELETED: LuaScript = LuaScript::new(WIPE_DELETED_LUA);
 static INSERT_NEW: LuaScript = LuaScript::new(INSERT_NEW_LUA);
 static REPLACE: LuaScript = LuaScript::new(REPLACE_LUA);
 static REMOVE: LuaScript = LuaScript::new(REMOVE_LUA);
@@ -152,13 +173,14 @@ impl SessionBook for RedisBook {
         Box::pin(async move {
             let key = hold_key(session_id);
             match hold {
-                Hold::Clear => {
-                    let _: i64 = self.client.del(key).await.map_err(unavailable)?;
-                }
-                Hold::Paused => {
-                    let _: () = self
-                        .client
-                        .set(key, Hold::Paused.as_str(), None, None, false)
+                Hold::Clear | Hold::Paused => {
+                    let value = if hold == Hold::Paused {
+                        Hold::Paused.as_str()
+                    } else {
+                        ""
+                    };
+                    let _: i64 = SET_HOLD
+                        .run(&self.client, vec![key], vec![value.to_owned()])
                         .await
                         .map_err(unavailable)?;
                 }
@@ -183,6 +205,43 @@ impl SessionBook for RedisBook {
                 .await
                 .map_err(unavailable)?;
             Ok(value.as_deref().and_then(Hold::parse))
+        })
+    }
+
+    fn wipe_deleted<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Wipe>> {
+        Box::pin(async move {
+            use fred::types::scan::Scanner;
+            use futures::TryStreamExt;
+            // The lock, the fencing counter and the hold stay; the script checks the first and
+            // the last before deleting anything.
+            let keep = [
+                owner_key(session_id),
+                fence_key(session_id),
+                hold_key(session_id),
+            ];
+            let mut keys = vec![hold_key(session_id), owner_key(session_id)];
+            let mut scan = self
+                .client
+                .scan(crds::session_key_pattern(session_id), Some(100), None);
+            while let Some(mut page) = scan.try_next().await.map_err(unavailable)? {
+                if let Some(found) = page.take_results() {
+                    keys.extend(
+                        found
+                            .into_iter()
+                            .filter_map(|k| k.into_string())
+                            .filter(|k| !keep.contains(k)),
+                    );
+                }
+            }
+            let wiped: i64 = WIPE_DELETED
+                .run(&self.client, keys, Vec::new())
+                .await
+                .map_err(unavailable)?;
+            Ok(match wiped {
+                -1 => Wipe::NotDeleted,
+                -2 => Wipe::Locked,
+                n => Wipe::Wiped(n.max(0) as usize),
+            })
         })
     }
 }

@@ -301,6 +301,9 @@ impl SessionBook for WithUnreadable {
     fn hold<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<Hold>>> {
         self.0.hold(session_id)
     }
+    fn wipe_deleted<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Wipe>> {
+        self.0.wipe_deleted(session_id)
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -349,6 +352,9 @@ async fn configured_sessions_start_without_the_book() {
         fn hold<'a>(&'a self, _: &'a str) -> BoxFuture<'a, ManageResult<Option<Hold>>> {
             Box::pin(async { Err(ManageError::Unavailable("down".into())) })
         }
+        fn wipe_deleted<'a>(&'a self, _: &'a str) -> BoxFuture<'a, ManageResult<Wipe>> {
+            Box::pin(async { Err(ManageError::Unavailable("down".into())) })
+        }
     }
     let (sessions, _rx) = local(
         vec![(SessionSpec::qr("fixed"), "--session")],
@@ -361,4 +367,87 @@ async fn configured_sessions_start_without_the_book() {
         sessions.create(SessionSpec::qr("new")).await,
         Err(ManageError::Unavailable(_))
     ));
+}
+
+/// A book where another writer always changes the entry first (every compare-and-set fails).
+struct LosingRace(MemoryBook);
+
+impl SessionBook for LosingRace {
+    fn insert_new(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<Option<SessionSpec>>> {
+        self.0.insert_new(spec)
+    }
+    fn replace<'a>(
+        &'a self,
+        _: &'a SessionSpec,
+        _: &'a SessionSpec,
+    ) -> BoxFuture<'a, ManageResult<bool>> {
+        Box::pin(async { Ok(false) })
+    }
+    fn remove<'a>(
+        &'a self,
+        session_id: &'a str,
+    ) -> BoxFuture<'a, ManageResult<Option<SessionSpec>>> {
+        self.0.remove(session_id)
+    }
+    fn all(&self) -> BoxFuture<'_, ManageResult<BookSnapshot>> {
+        self.0.all()
+    }
+    fn version(&self) -> BoxFuture<'_, ManageResult<u64>> {
+        self.0.version()
+    }
+    fn set_hold<'a>(&'a self, session_id: &'a str, hold: Hold) -> BoxFuture<'a, ManageResult<()>> {
+        self.0.set_hold(session_id, hold)
+    }
+    fn hold<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<Hold>>> {
+        self.0.hold(session_id)
+    }
+    fn wipe_deleted<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Wipe>> {
+        self.0.wipe_deleted(session_id)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_pause_leaves_no_hold_behind() {
+    let book = Arc::new(LosingRace(MemoryBook::default()));
+    let (sessions, _rx) = local(Vec::new(), book.clone());
+    sessions.create(SessionSpec::qr("s")).await.unwrap();
+    assert_eq!(
+        sessions.set_paused("s", true).await,
+        Err(ManageError::Conflict)
+    );
+    assert_eq!(
+        book.hold("s").await.unwrap(),
+        None,
+        "the pause's hold was taken back"
+    );
+    assert_eq!(running(&sessions).await, ["s"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pause_and_resume_never_replace_a_deletes_hold() {
+    let book = MemoryBook::default();
+    book.set_hold("s", Hold::Deleted).await.unwrap();
+    book.set_hold("s", Hold::Paused).await.unwrap();
+    book.set_hold("s", Hold::Clear).await.unwrap();
+    assert_eq!(book.hold("s").await.unwrap(), Some(Hold::Deleted));
+    book.set_hold("t", Hold::Paused).await.unwrap();
+    assert_eq!(book.hold("t").await.unwrap(), Some(Hold::Paused));
+    book.set_hold("t", Hold::Clear).await.unwrap();
+    assert_eq!(book.hold("t").await.unwrap(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_id_cannot_be_created_while_it_is_held() {
+    let book = Arc::new(MemoryBook::default());
+    let (sessions, _rx) = local(Vec::new(), book.clone());
+    sessions.create(SessionSpec::qr("s")).await.unwrap();
+    book.set_hold("s", Hold::Deleted).await.unwrap();
+    assert_eq!(
+        sessions.create(SessionSpec::qr("s")).await,
+        Err(ManageError::Deleting)
+    );
+    assert_eq!(
+        sessions.set_paused("s", true).await,
+        Err(ManageError::Deleting)
+    );
 }
