@@ -471,7 +471,9 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     if let Some(bad) = wanted.iter().find(|id| !crate::cache::valid_session_id(id)) {
         return Err(Error::config(
             "--session / WA_SESSIONS",
-            format!("`{bad}` is not a valid session id (1-128 of A-Z a-z 0-9 - _ . @ :)"),
+            format!(
+                "`{bad}` is not a valid session id (1-128 of A-Z a-z 0-9 - _ . @ :, not starting with `gw:`)"
+            ),
         ));
     }
     let mut configured: Vec<(SessionSpec, &'static str)> = wanted

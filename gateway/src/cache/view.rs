@@ -53,6 +53,9 @@ pub fn key(session_id: &str, kind: Kind) -> String {
     format!("wa:{{{session_id}}}:{}", kind.suffix())
 }
 
+/// Session ids may not start with this (see [`valid_session_id`]).
+pub const RESERVED_ID_PREFIX: &str = "gw:";
+
 /// Sorted set of the session ids that have a key of `kind`, scored by expiry (ms since the
 /// epoch): counting keys is `ZREMRANGEBYSCORE` + `ZCARD`, never a `KEYS`/`SCAN` sweep. No braces,
 /// so it can never collide with a session key.
@@ -60,9 +63,12 @@ pub fn index_key(kind: Kind) -> String {
     format!("wa:cache-index:{}", kind.suffix())
 }
 
-/// Session ids end up inside Redis keys and URLs: keep them to a safe, bounded alphabet.
+/// Session ids end up inside Redis keys and URLs: keep them to a safe, bounded alphabet. The
+/// `gw:` prefix is reserved: a gateway's own streams live under `wa:{gw:<gateway>}:*`, which a
+/// session of that id would share (and a delete of it would wipe).
 pub fn valid_session_id(id: &str) -> bool {
     !id.is_empty()
+        && !id.starts_with(RESERVED_ID_PREFIX)
         && id.len() <= 128
         && id
             .bytes()
@@ -266,7 +272,8 @@ mod tests {
     fn session_ids_are_restricted() {
         assert!(valid_session_id("sim-00001"));
         assert!(valid_session_id("5511999999999@s.whatsapp.net"));
-        for bad in ["", "a{b}", "a b", "a/b", &"x".repeat(129)] {
+        assert!(valid_session_id("gw-1:x"));
+        for bad in ["", "a{b}", "a b", "a/b", &"x".repeat(129), "gw:standalone"] {
             assert!(!valid_session_id(bad), "{bad}");
         }
     }

@@ -90,7 +90,7 @@ impl SessionSpec {
         if !crate::cache::valid_session_id(&self.session_id) {
             return Err(ManageError::invalid(
                 "sessionId",
-                "1-128 characters of A-Z a-z 0-9 - _ . @ :",
+                "1-128 characters of A-Z a-z 0-9 - _ . @ :, not starting with `gw:` (reserved)",
             ));
         }
         match (&self.login.method, &self.login.phone_number) {
