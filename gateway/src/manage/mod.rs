@@ -217,6 +217,8 @@ pub trait SessionBook: Send + Sync {
         session_id: &'a str,
     ) -> BoxFuture<'a, ManageResult<Option<SessionSpec>>>;
     fn all(&self) -> BoxFuture<'_, ManageResult<BookSnapshot>>;
+    /// One entry, without reading the whole book.
+    fn get<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<BookEntry>>>;
     /// Changes with every write (by any gateway sharing the book): a cheap "anything new?".
     fn version(&self) -> BoxFuture<'_, ManageResult<u64>>;
     /// Sets or clears the session's hold, which keeps every gateway from taking its lock (see
@@ -237,6 +239,14 @@ pub enum Wipe {
     NotDeleted,
     /// A gateway still holds its lock (it logs out and wipes its credentials itself).
     Locked,
+}
+
+/// One entry of the book.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BookEntry {
+    Spec(SessionSpec),
+    /// Written by a newer version (see [`BookSnapshot::unreadable`]).
+    Unreadable,
 }
 
 /// The book's content at one moment.
@@ -348,6 +358,18 @@ impl SessionBook for MemoryBook {
                 unreadable: Vec::new(),
             })
         })
+    }
+
+    fn get<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<BookEntry>>> {
+        let found = self
+            .inner
+            .lock()
+            .expect("book lock")
+            .specs
+            .get(session_id)
+            .cloned()
+            .map(BookEntry::Spec);
+        Box::pin(async move { Ok(found) })
     }
 
     fn version(&self) -> BoxFuture<'_, ManageResult<u64>> {
@@ -606,22 +628,39 @@ impl<D: SessionDriver> LocalSessions<D> {
         self.configured.get(session_id).map(|(_, source)| *source)
     }
 
-    /// After a write to the book: applies it here now. A failure is only logged: the write
-    /// happened, and [`LocalSessions::spawn_follow`] applies it once the book reads again.
-    async fn apply_now(&self) {
-        if let Err(err) = self.reconcile(true).await {
-            tracing::warn!(%err, "session book changed but could not be re-read; applying it later");
+    /// After a write to the book: applies that one session's change here now (the follow loop
+    /// re-reads the whole book at most once a second, so a burst of calls costs one read each,
+    /// not one of the whole book).
+    async fn apply_change(&self, session_id: &str, wanted: Option<SessionSpec>) {
+        let mut applied = self.applied.lock().await;
+        let before: HashMap<String, SessionSpec> = applied
+            .get(session_id)
+            .map(|spec| (session_id.to_owned(), spec.clone()))
+            .into_iter()
+            .collect();
+        let after: HashMap<String, SessionSpec> = wanted
+            .map(|spec| (session_id.to_owned(), spec))
+            .into_iter()
+            .collect();
+        for step in plan(&before, &after) {
+            self.apply(&step).await;
+            match &step {
+                Step::Run(spec) | Step::Pause(spec) => {
+                    applied.insert(spec.session_id.clone(), spec.clone());
+                }
+                Step::End { session_id, .. } => {
+                    applied.remove(session_id);
+                }
+            }
         }
     }
 
     async fn find(&self, session_id: &str) -> ManageResult<SessionSpec> {
-        self.book
-            .all()
-            .await?
-            .specs
-            .into_iter()
-            .find(|s| s.session_id == session_id)
-            .ok_or(ManageError::NotFound)
+        match self.book.get(session_id).await? {
+            Some(BookEntry::Spec(spec)) => Ok(spec),
+            Some(BookEntry::Unreadable) => Err(ManageError::Conflict),
+            None => Err(ManageError::NotFound),
+        }
     }
 
     /// Re-reads the book every `every` (a cheap version check) until `stop`, so sessions created
@@ -724,7 +763,8 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
                 }
                 tracing::info!(session_id = %spec.session_id, paused = spec.paused, "session created");
             }
-            self.apply_now().await;
+            let id = spec.session_id.clone();
+            self.apply_change(&id, Some(spec)).await;
             Ok(created)
         })
     }
@@ -756,10 +796,10 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
                     // Not stored: an identical pause may have won the race (then all is well);
                     // otherwise take the hold back, so a refused pause leaves nothing behind.
                     let now = self.find(session_id).await;
-                    if let Ok(now) = &now
+                    if let Ok(now) = now.clone()
                         && now.paused == paused
                     {
-                        self.apply_now().await;
+                        self.apply_change(session_id, Some(now)).await;
                         return Ok(());
                     }
                     if paused {
@@ -772,7 +812,8 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
                     };
                 }
             }
-            self.apply_now().await;
+            self.apply_change(session_id, Some(SessionSpec { paused, ..current }))
+                .await;
             Ok(())
         })
     }
@@ -783,10 +824,7 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
                 return Err(ManageError::Configured(source));
             }
             // An entry this version cannot read can still be deleted.
-            let snapshot = self.book.all().await?;
-            let known = snapshot.specs.iter().any(|s| s.session_id == session_id)
-                || snapshot.unreadable.iter().any(|id| id == session_id);
-            if !known {
+            if self.book.get(session_id).await?.is_none() {
                 return Err(ManageError::NotFound);
             }
             // Held first: nobody starts it again, and followers know it was deleted on purpose.
@@ -794,7 +832,7 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
             if self.book.remove(session_id).await?.is_none() {
                 return Err(ManageError::NotFound);
             }
-            self.apply_now().await;
+            self.apply_change(session_id, None).await;
             tokio::spawn(wipe_when_released(self.book.clone(), session_id.to_owned()));
             Ok(())
         })

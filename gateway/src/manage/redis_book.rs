@@ -10,7 +10,8 @@ use fred::types::Expiration;
 use futures::future::BoxFuture;
 
 use super::{
-    BookSnapshot, DELETED_HOLD, Hold, ManageError, ManageResult, SessionBook, SessionSpec, Wipe,
+    BookEntry, BookSnapshot, DELETED_HOLD, Hold, ManageError, ManageResult, SessionBook,
+    SessionSpec, Wipe,
 };
 use crate::session::ownership::{LuaScript, fence_key, hold_key, owner_key};
 
@@ -159,6 +160,20 @@ impl SessionBook for RedisBook {
                 }
             }
             Ok(snapshot)
+        })
+    }
+
+    fn get<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<BookEntry>>> {
+        Box::pin(async move {
+            let json: Option<String> = self
+                .client
+                .hget(SPECS_KEY, session_id)
+                .await
+                .map_err(unavailable)?;
+            Ok(json.map(|json| match decode(session_id, &json) {
+                Some(spec) => BookEntry::Spec(spec),
+                None => BookEntry::Unreadable,
+            }))
         })
     }
 

@@ -292,6 +292,9 @@ impl SessionBook for WithUnreadable {
             Ok(snapshot)
         })
     }
+    fn get<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<BookEntry>>> {
+        self.0.get(session_id)
+    }
     fn version(&self) -> BoxFuture<'_, ManageResult<u64>> {
         self.0.version()
     }
@@ -343,6 +346,9 @@ async fn configured_sessions_start_without_the_book() {
         fn all(&self) -> BoxFuture<'_, ManageResult<BookSnapshot>> {
             Box::pin(async { Err(ManageError::Unavailable("down".into())) })
         }
+        fn get<'a>(&'a self, _: &'a str) -> BoxFuture<'a, ManageResult<Option<BookEntry>>> {
+            Box::pin(async { Err(ManageError::Unavailable("down".into())) })
+        }
         fn version(&self) -> BoxFuture<'_, ManageResult<u64>> {
             Box::pin(async { Err(ManageError::Unavailable("down".into())) })
         }
@@ -391,6 +397,9 @@ impl SessionBook for LosingRace {
     }
     fn all(&self) -> BoxFuture<'_, ManageResult<BookSnapshot>> {
         self.0.all()
+    }
+    fn get<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<BookEntry>>> {
+        self.0.get(session_id)
     }
     fn version(&self) -> BoxFuture<'_, ManageResult<u64>> {
         self.0.version()
