@@ -6,6 +6,7 @@ mod assign;
 mod cache;
 mod delivery;
 mod operator;
+mod session_api;
 mod sessions;
 
 #[derive(Parser)]
@@ -35,6 +36,9 @@ enum What {
     /// time until every session is assigned and Connected, apiserver writes per session, steady
     /// status writes, moves and load balance when a shard is added.
     Operator(operator::OperatorArgs),
+    /// Sessions created and deleted through the HTTP API of two standalone gateway processes
+    /// sharing a real Redis: call rate and latency, time until the backend saw them all.
+    SessionApi(session_api::SessionApiArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         What::Delivery(args) => delivery::run(args),
         What::Cache(args) => cache::run(args),
         What::Sessions(args) => sessions::run(args),
+        What::SessionApi(args) => session_api::run(args),
         What::Operator(args) => operator::run(args),
     }
 }
