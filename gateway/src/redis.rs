@@ -38,34 +38,76 @@ pub async fn is_up(client: &fred::clients::Client) -> bool {
     )
 }
 
-/// Deletes every Redis key of a session (`wa:{id}:*`: credentials, ownership, cache entries);
-/// returns how many. Used when a session is deleted with `logoutOnDelete`.
-pub async fn wipe_session(client: &fred::clients::Client, session_id: &str) -> Result<usize> {
-    wipe_session_except(client, session_id, &[]).await
+/// Every Redis key a session can have (`wa:{id}:*`), known without a keyspace scan: ownership
+/// (lock, fencing counter, hold), credentials, cache entries and the whatsapp driver's key store.
+/// The store's index (a set naming its other keys) comes first; `None` without that driver.
+pub fn session_keys(session_id: &str) -> (Option<String>, Vec<String>) {
+    use crate::session::ownership::{fence_key, hold_key, owner_key};
+    let mut keys = vec![
+        owner_key(session_id),
+        fence_key(session_id),
+        hold_key(session_id),
+        crate::session::credentials::creds_key(session_id),
+    ];
+    keys.extend(
+        crate::cache::Kind::ALL
+            .iter()
+            .map(|kind| crate::cache::key(session_id, *kind)),
+    );
+    #[cfg(feature = "whatsapp")]
+    {
+        keys.extend(crate::session::wa_store::fixed_keys(session_id));
+        (Some(crate::session::wa_store::index_key(session_id)), keys)
+    }
+    #[cfg(not(feature = "whatsapp"))]
+    (None, keys)
 }
 
-/// [`wipe_session`] but for the keys in `keep`.
-pub async fn wipe_session_except(
+/// KEYS[1] hold, KEYS[2] owner, KEYS[3] store index (or the hold again), KEYS[4..] the keys to
+/// delete; ARGV[1] `1` to delete only while the session is held as deleted and unlocked (-1 /
+/// -2 otherwise). Deletes the index's members too; returns how many keys existed.
+const WIPE_LUA: &str = r"
+if ARGV[1] == '1' then
+  if redis.call('GET', KEYS[1]) ~= 'deleted' then return -1 end
+  if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
+end
+local n = 0
+if KEYS[3] ~= KEYS[1] then
+  local members = redis.call('SMEMBERS', KEYS[3])
+  for i = 1, #members, 256 do
+    n = n + redis.call('DEL', unpack(members, i, math.min(i + 255, #members)))
+  end
+  n = n + redis.call('DEL', KEYS[3])
+end
+for i = 4, #KEYS do n = n + redis.call('DEL', KEYS[i]) end
+return n
+";
+
+static WIPE: crate::session::ownership::LuaScript =
+    crate::session::ownership::LuaScript::new(WIPE_LUA);
+
+/// Deletes the session's keys but those in `keep`, in one script (one hash slot), without a
+/// keyspace scan. With `only_if_deleted`, only while the session is held as deleted and nobody
+/// holds its lock: then `-1` (not deleted) or `-2` (locked) when nothing was done.
+pub async fn wipe_session_keys(
     client: &fred::clients::Client,
     session_id: &str,
     keep: &[String],
-) -> Result<usize> {
-    use fred::types::scan::Scanner;
-    use futures::TryStreamExt;
-    let mut keys: Vec<String> = Vec::new();
-    let mut scan = client.scan(crds::session_key_pattern(session_id), Some(100), None);
-    while let Some(mut page) = scan.try_next().await? {
-        if let Some(found) = page.take_results() {
-            keys.extend(
-                found
-                    .into_iter()
-                    .filter_map(|k| k.into_string())
-                    .filter(|k| !keep.contains(k)),
-            );
-        }
-    }
-    if !keys.is_empty() {
-        let _: i64 = client.del(keys.clone()).await?;
-    }
-    Ok(keys.len())
+    only_if_deleted: bool,
+) -> Result<i64> {
+    use crate::session::ownership::{hold_key, owner_key};
+    let (index, all) = session_keys(session_id);
+    let hold = hold_key(session_id);
+    let mut keys = vec![hold.clone(), owner_key(session_id), index.unwrap_or(hold)];
+    keys.extend(all.into_iter().filter(|k| !keep.contains(k)));
+    let flag = if only_if_deleted { "1" } else { "0" };
+    Ok(WIPE.run(client, keys, vec![flag.to_owned()]).await?)
+}
+
+/// Deletes every Redis key of a session (credentials, ownership, cache entries, the driver's
+/// store); returns how many existed. Used when a resource is deleted with `logoutOnDelete`.
+pub async fn wipe_session(client: &fred::clients::Client, session_id: &str) -> Result<usize> {
+    Ok(wipe_session_keys(client, session_id, &[], false)
+        .await?
+        .max(0) as usize)
 }

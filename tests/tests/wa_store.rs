@@ -1543,7 +1543,7 @@ async fn wipe_deletes_every_store_key_of_the_session_and_nothing_else() {
     assert_eq!(s1.wipe().await.unwrap(), 0);
     assert_eq!(snapshot(&client, "s2").await, s2_before);
 
-    // The session wipe of the gateway (pattern `wa:{id}:*`) finds every store key too.
+    // The session wipe of the gateway (known keys, no scan) leaves nothing under `wa:{id}:*`.
     let pattern = crds::session_key_pattern("s2");
     assert_eq!(pattern, "wa:{s2}:*");
     let removed = gateway::redis::wipe_session(&client, "s2").await.unwrap();

@@ -52,18 +52,7 @@ if ARGV[1] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1],
 return 1
 ";
 
-/// Deletes KEYS[3..] only while the session is held as deleted (KEYS[1]) and nobody holds its
-/// lock (KEYS[2]): a session created again, or taken by a gateway, keeps its keys.
-const WIPE_DELETED_LUA: &str = r"
-if redis.call('GET', KEYS[1]) ~= 'deleted' then return -1 end
-if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
-local n = 0
-for i = 3, #KEYS do n = n + redis.call('DEL', KEYS[i]) end
-return n
-";
-
 static SET_HOLD: LuaScript = LuaScript::new(SET_HOLD_LUA);
-static WIPE_DELETED: LuaScript = LuaScript::new(WIPE_DELETED_LUA);
 static INSERT_NEW: LuaScript = LuaScript::new(INSERT_NEW_LUA);
 static REPLACE: LuaScript = LuaScript::new(REPLACE_LUA);
 static REMOVE: LuaScript = LuaScript::new(REMOVE_LUA);
@@ -225,8 +214,6 @@ impl SessionBook for RedisBook {
 
     fn wipe_deleted<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Wipe>> {
         Box::pin(async move {
-            use fred::types::scan::Scanner;
-            use futures::TryStreamExt;
             // The lock, the fencing counter and the hold stay; the script checks the first and
             // the last before deleting anything.
             let keep = [
@@ -234,24 +221,9 @@ impl SessionBook for RedisBook {
                 fence_key(session_id),
                 hold_key(session_id),
             ];
-            let mut keys = vec![hold_key(session_id), owner_key(session_id)];
-            let mut scan = self
-                .client
-                .scan(crds::session_key_pattern(session_id), Some(100), None);
-            while let Some(mut page) = scan.try_next().await.map_err(unavailable)? {
-                if let Some(found) = page.take_results() {
-                    keys.extend(
-                        found
-                            .into_iter()
-                            .filter_map(|k| k.into_string())
-                            .filter(|k| !keep.contains(k)),
-                    );
-                }
-            }
-            let wiped: i64 = WIPE_DELETED
-                .run(&self.client, keys, Vec::new())
+            let wiped = crate::redis::wipe_session_keys(&self.client, session_id, &keep, true)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| ManageError::Unavailable(e.to_string()))?;
             Ok(match wiped {
                 -1 => Wipe::NotDeleted,
                 -2 => Wipe::Locked,

@@ -8,7 +8,8 @@
 //!
 //! Every key of session `<id>` starts with `wa:{<id>}:wa:` (below: `P`). The hash tag puts all of
 //! them, the session's fence and its credentials in one cluster slot, and the session wipe
-//! (`crate::redis::wipe_session`, pattern `wa:{<id>}:*`) finds them. Items of one kind share a key
+//! (`crate::redis::wipe_session`: the fixed keys, the index and the keys it names, no keyspace
+//! scan) removes them all (a test checks nothing under `wa:{<id>}:*` is left). Items of one kind share a key
 //! (hash field = item key) instead of one key per item:
 //!
 //! | key | type | content |
@@ -621,6 +622,13 @@ const FIXED_KEYS: &[&str] = &[
 /// `wa:{<id>}:wa:`: the prefix of every store key of a session.
 pub fn store_prefix(session_id: &str) -> String {
     format!("wa:{{{session_id}}}:wa:")
+}
+
+/// Every store key of a session that is known without reading Redis (the fixed keys); the
+/// others are members of [`index_key`].
+pub fn fixed_keys(session_id: &str) -> Vec<String> {
+    let prefix = store_prefix(session_id);
+    FIXED_KEYS.iter().map(|k| format!("{prefix}{k}")).collect()
 }
 
 /// The index of a session's store keys.
