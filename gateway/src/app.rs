@@ -60,6 +60,14 @@ pub enum Applied {
 
 type RemoveHook = Box<dyn Fn(&str) + Send + Sync>;
 
+/// Removed sessions and when, pruned of entries older than [`FORGOTTEN_FOR`] whenever the map
+/// has doubled since the last pruning (amortised: a bulk removal stays linear).
+#[derive(Default)]
+struct Forgotten {
+    at: HashMap<String, tokio::time::Instant>,
+    prune_at_len: usize,
+}
+
 /// The latest known state of every session this process runs.
 #[derive(Default)]
 pub struct SessionStates {
@@ -69,7 +77,7 @@ pub struct SessionStates {
     /// Sessions removed, and when: an event created before that (a deleted session's last
     /// `logged_out`, still queued when it was removed) is delivered but does not bring the
     /// session back into re-sync and the gauges.
-    forgotten: Mutex<HashMap<String, tokio::time::Instant>>,
+    forgotten: Mutex<Forgotten>,
 }
 
 impl std::fmt::Debug for SessionStates {
@@ -86,7 +94,7 @@ impl SessionStates {
         let id = event.session_id();
         {
             let mut forgotten = self.forgotten.lock().expect("forgotten lock");
-            if let Some(removed_at) = forgotten.get(id).copied() {
+            if let Some(removed_at) = forgotten.at.get(id).copied() {
                 if event.created() <= removed_at {
                     return match event {
                         GatewayEvent::Status(_) => {
@@ -97,7 +105,7 @@ impl SessionStates {
                         GatewayEvent::Qr(_) => Applied::Ignored,
                     };
                 }
-                forgotten.remove(id);
+                forgotten.at.remove(id);
             }
         }
         let mut map = self.inner.lock().expect("session states lock");
@@ -138,10 +146,13 @@ impl SessionStates {
             .remove(session_id);
         let now = tokio::time::Instant::now();
         let mut forgotten = self.forgotten.lock().expect("forgotten lock");
-        if forgotten.len() >= 1024 {
-            forgotten.retain(|_, at| now.duration_since(*at) < FORGOTTEN_FOR);
+        if forgotten.at.len() >= forgotten.prune_at_len.max(1024) {
+            forgotten
+                .at
+                .retain(|_, at| now.duration_since(*at) < FORGOTTEN_FOR);
+            forgotten.prune_at_len = 2 * forgotten.at.len();
         }
-        forgotten.insert(session_id.to_string(), now);
+        forgotten.at.insert(session_id.to_string(), now);
         drop(forgotten);
         if let Some(hook) = self.on_remove.get() {
             hook(session_id);

@@ -69,12 +69,17 @@ fn statuses(receiver: &Receiver, id: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// How many times the backend heard `id` connect.
+fn connects(receiver: &Receiver, id: &str) -> usize {
+    statuses(receiver, id)
+        .iter()
+        .filter(|(s, _)| s == "active")
+        .count()
+}
+
 async fn wait_active_count(receiver: &Receiver, id: &str, at_least: usize, what: &str) {
     wait_until(what, Duration::from_secs(30), || async {
-        let active = statuses(receiver, id)
-            .iter()
-            .filter(|(s, _)| s == "active")
-            .count();
+        let active = connects(receiver, id);
         if active >= at_least {
             Ok(())
         } else {
@@ -268,10 +273,7 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
         None,
         "nobody took it while paused"
     );
-    let connects = statuses(&receiver, "api-1")
-        .iter()
-        .filter(|(s, _)| s == "active")
-        .count();
+    let before = connects(&receiver, "api-1");
     let resumed = call(
         &a,
         Method::PATCH,
@@ -283,7 +285,7 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
     wait_active_count(
         &receiver,
         "api-1",
-        connects + 1,
+        before + 1,
         "api-1 active again after resume",
     )
     .await;
@@ -291,18 +293,9 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
     // Both gateways go; a new one (without the file) runs api-1 again: it was kept in Redis.
     a.child.kill();
     drop(b);
-    let connects = statuses(&receiver, "api-1")
-        .iter()
-        .filter(|(s, _)| s == "active")
-        .count();
+    let before = connects(&receiver, "api-1");
     let c = start_standalone(&redis, &receiver, "gw-c", &[]).await;
-    wait_active_count(
-        &receiver,
-        "api-1",
-        connects + 1,
-        "api-1 back after a restart",
-    )
-    .await;
+    wait_active_count(&receiver, "api-1", before + 1, "api-1 back after a restart").await;
     assert!(owner(&client, "api-1").await.unwrap().starts_with("gw-c:"));
     let (_, list) = call(&c, Method::GET, "/v1/sessions", None).await;
     assert_eq!(listed(&list, "api-1").unwrap()["status"], "active");
@@ -369,10 +362,7 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
         (code, body["error"].as_str()),
         (409, Some("session_deleting"))
     );
-    let connects = statuses(&receiver, "api-1")
-        .iter()
-        .filter(|(s, _)| s == "active")
-        .count();
+    let before = connects(&receiver, "api-1");
     wait_until("api-1 created again", Duration::from_secs(25), || async {
         let (code, body) = call(
             &c,
@@ -390,7 +380,7 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
     .await
     .unwrap();
     assert_eq!(hold(&client, "api-1").await, None);
-    wait_active_count(&receiver, "api-1", connects + 1, "api-1 running again").await;
+    wait_active_count(&receiver, "api-1", before + 1, "api-1 running again").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

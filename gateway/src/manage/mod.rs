@@ -528,8 +528,7 @@ impl<D: SessionDriver> LocalSessions<D> {
                 } else {
                     Step::Run(spec.clone())
                 };
-                self.apply(&step).await;
-                applied.insert(id.clone(), spec.clone());
+                self.apply(&mut applied, &step).await;
             }
         }
     }
@@ -586,21 +585,14 @@ impl<D: SessionDriver> LocalSessions<D> {
                 }
                 other => other,
             };
-            self.apply(&step).await;
-            match &step {
-                Step::Run(spec) | Step::Pause(spec) => {
-                    applied.insert(spec.session_id.clone(), spec.clone());
-                }
-                Step::End { session_id, .. } => {
-                    applied.remove(session_id);
-                }
-            }
+            self.apply(&mut applied, &step).await;
         }
         *self.seen_version.lock().expect("version lock") = Some(version);
         Ok(count)
     }
 
-    async fn apply(&self, step: &Step) {
+    /// Carries a step out and records it in `applied`.
+    async fn apply(&self, applied: &mut HashMap<String, SessionSpec>, step: &Step) {
         match step {
             Step::Run(spec) => {
                 self.logins.set(&spec.session_id, &(&spec.login).into());
@@ -620,6 +612,14 @@ impl<D: SessionDriver> LocalSessions<D> {
                 // Its last status went out with the stop; re-sync and the gauges forget it.
                 self.states.remove(session_id);
                 tracing::info!(session_id = %session_id, logout = *logout, "session deleted");
+            }
+        }
+        match step {
+            Step::Run(spec) | Step::Pause(spec) => {
+                applied.insert(spec.session_id.clone(), spec.clone());
+            }
+            Step::End { session_id, .. } => {
+                applied.remove(session_id);
             }
         }
     }
@@ -643,15 +643,7 @@ impl<D: SessionDriver> LocalSessions<D> {
             .into_iter()
             .collect();
         for step in plan(&before, &after) {
-            self.apply(&step).await;
-            match &step {
-                Step::Run(spec) | Step::Pause(spec) => {
-                    applied.insert(spec.session_id.clone(), spec.clone());
-                }
-                Step::End { session_id, .. } => {
-                    applied.remove(session_id);
-                }
-            }
+            self.apply(&mut applied, &step).await;
         }
     }
 

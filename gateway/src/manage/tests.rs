@@ -264,48 +264,60 @@ async fn a_session_that_vanished_without_a_delete_is_stopped_not_logged_out() {
     assert_eq!(logged_out(&mut rx), ["deleted"]);
 }
 
-/// A book shared with a newer gateway that wrote an entry this version cannot read.
-struct WithUnreadable(MemoryBook, &'static str);
+/// A [`MemoryBook`] shared with other writers: a newer gateway that wrote an entry this version
+/// cannot read (`unreadable`), or one that always changes an entry first (`lose_races`: every
+/// compare-and-set fails).
+#[derive(Default)]
+struct SharedBook {
+    inner: MemoryBook,
+    unreadable: Option<&'static str>,
+    lose_races: bool,
+}
 
-impl SessionBook for WithUnreadable {
+impl SessionBook for SharedBook {
     fn insert_new(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<Option<SessionSpec>>> {
-        self.0.insert_new(spec)
+        self.inner.insert_new(spec)
     }
     fn replace<'a>(
         &'a self,
         old: &'a SessionSpec,
         new: &'a SessionSpec,
     ) -> BoxFuture<'a, ManageResult<bool>> {
-        self.0.replace(old, new)
+        if self.lose_races {
+            return Box::pin(async { Ok(false) });
+        }
+        self.inner.replace(old, new)
     }
     fn remove<'a>(
         &'a self,
         session_id: &'a str,
     ) -> BoxFuture<'a, ManageResult<Option<SessionSpec>>> {
-        self.0.remove(session_id)
+        self.inner.remove(session_id)
     }
     fn all(&self) -> BoxFuture<'_, ManageResult<BookSnapshot>> {
         Box::pin(async move {
-            let mut snapshot = self.0.all().await?;
-            snapshot.specs.retain(|s| s.session_id != self.1);
-            snapshot.unreadable.push(self.1.to_owned());
+            let mut snapshot = self.inner.all().await?;
+            if let Some(id) = self.unreadable {
+                snapshot.specs.retain(|s| s.session_id != id);
+                snapshot.unreadable.push(id.to_owned());
+            }
             Ok(snapshot)
         })
     }
     fn get<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<BookEntry>>> {
-        self.0.get(session_id)
+        self.inner.get(session_id)
     }
     fn version(&self) -> BoxFuture<'_, ManageResult<u64>> {
-        self.0.version()
+        self.inner.version()
     }
     fn set_hold<'a>(&'a self, session_id: &'a str, hold: Hold) -> BoxFuture<'a, ManageResult<()>> {
-        self.0.set_hold(session_id, hold)
+        self.inner.set_hold(session_id, hold)
     }
     fn hold<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<Hold>>> {
-        self.0.hold(session_id)
+        self.inner.hold(session_id)
     }
     fn wipe_deleted<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Wipe>> {
-        self.0.wipe_deleted(session_id)
+        self.inner.wipe_deleted(session_id)
     }
 }
 
@@ -313,7 +325,14 @@ impl SessionBook for WithUnreadable {
 async fn an_entry_this_version_cannot_read_is_left_running() {
     let inner = MemoryBook::default();
     inner.insert_new(&SessionSpec::qr("newer")).await.unwrap();
-    let (sessions, _rx) = local(Vec::new(), Arc::new(WithUnreadable(inner, "newer")));
+    let (sessions, _rx) = local(
+        Vec::new(),
+        Arc::new(SharedBook {
+            inner,
+            unreadable: Some("newer"),
+            ..SharedBook::default()
+        }),
+    );
     // Started before the entry became unreadable (say, before a newer gateway rewrote it).
     sessions.start_configured().await;
     sessions.supervisor().want("newer");
@@ -375,49 +394,12 @@ async fn configured_sessions_start_without_the_book() {
     ));
 }
 
-/// A book where another writer always changes the entry first (every compare-and-set fails).
-struct LosingRace(MemoryBook);
-
-impl SessionBook for LosingRace {
-    fn insert_new(&self, spec: &SessionSpec) -> BoxFuture<'_, ManageResult<Option<SessionSpec>>> {
-        self.0.insert_new(spec)
-    }
-    fn replace<'a>(
-        &'a self,
-        _: &'a SessionSpec,
-        _: &'a SessionSpec,
-    ) -> BoxFuture<'a, ManageResult<bool>> {
-        Box::pin(async { Ok(false) })
-    }
-    fn remove<'a>(
-        &'a self,
-        session_id: &'a str,
-    ) -> BoxFuture<'a, ManageResult<Option<SessionSpec>>> {
-        self.0.remove(session_id)
-    }
-    fn all(&self) -> BoxFuture<'_, ManageResult<BookSnapshot>> {
-        self.0.all()
-    }
-    fn get<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<BookEntry>>> {
-        self.0.get(session_id)
-    }
-    fn version(&self) -> BoxFuture<'_, ManageResult<u64>> {
-        self.0.version()
-    }
-    fn set_hold<'a>(&'a self, session_id: &'a str, hold: Hold) -> BoxFuture<'a, ManageResult<()>> {
-        self.0.set_hold(session_id, hold)
-    }
-    fn hold<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Option<Hold>>> {
-        self.0.hold(session_id)
-    }
-    fn wipe_deleted<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<Wipe>> {
-        self.0.wipe_deleted(session_id)
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_refused_pause_leaves_no_hold_behind() {
-    let book = Arc::new(LosingRace(MemoryBook::default()));
+    let book = Arc::new(SharedBook {
+        lose_races: true,
+        ..SharedBook::default()
+    });
     let (sessions, _rx) = local(Vec::new(), book.clone());
     sessions.create(SessionSpec::qr("s")).await.unwrap();
     assert_eq!(
