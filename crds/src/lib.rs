@@ -68,8 +68,9 @@ pub struct WhatsappSessionSpec {
     /// Log the device out and wipe its credentials when the resource is deleted.
     #[serde(default = "default_true")]
     pub logout_on_delete: bool,
-    /// Per-session backend override. Reserved, not implemented yet: every session's batches go to
-    /// the gateways' configured backend, and a gateway logs a warning for a session that sets it.
+    /// Per-session backend: this session's batches go to `url` (the batch paths appended),
+    /// signed with the key in `secretRef` (a Secret in the session's namespace), instead of to
+    /// the gateways' configured backend. The session does not start until the Secret resolves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<Webhook>,
 }
@@ -113,7 +114,7 @@ pub enum LoginMethod {
     PairingCode,
 }
 
-#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Webhook {
     /// Base URL of the backend for this session (the batch paths are appended).
@@ -124,7 +125,7 @@ pub struct Webhook {
     pub secret_ref: Option<SecretKeyRef>,
 }
 
-#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     pub name: String,

@@ -22,7 +22,7 @@ use crate::cache::{
 };
 use crate::config::{DriverChoice, Settings, StandaloneArgs};
 use crate::delivery::spill::{RedisSpill, SpillKeys};
-use crate::delivery::{BackendClient, DeliveredHook, Delivery};
+use crate::delivery::{BackendClient, DeliveredHook, Delivery, RoutingSink, Webhooks};
 use crate::events::{GatewayEvent, SessionStatus};
 use crate::manage::metered::Metered;
 use crate::manage::redis_book::RedisBook;
@@ -203,6 +203,8 @@ impl Collector for SessionsCollector {
 /// The running delivery pipeline.
 pub struct Pipeline {
     pub delivery: Delivery,
+    /// Per-session webhooks (`spec.webhook`); the session layers set each session's route.
+    pub webhooks: Arc<Webhooks>,
     pub states: Arc<SessionStates>,
     events: EventSink,
     batcher: BatcherTask,
@@ -237,7 +239,9 @@ impl Pipeline {
             .clone()
             .map(BackendClient::new)
             .transpose()?;
-        let spill = redis.map(|client| RedisSpill::new(client, SpillKeys::new(&settings.identity)));
+        let spill = redis
+            .clone()
+            .map(|client| RedisSpill::new(client, SpillKeys::new(&settings.identity)));
         let mut delivery = Delivery::new(backend, spill, settings.delivery.clone(), registry);
         if let Some(hook) = on_delivered {
             delivery = delivery.with_delivered_hook(hook);
@@ -245,8 +249,21 @@ impl Pipeline {
         delivery.recover_backlog().await;
         let cancel = CancellationToken::new();
         let mut background = delivery.spawn_drainers(cancel.clone());
+        let webhooks = Webhooks::new(
+            settings.webhook_endpoints.clone(),
+            settings.delivery.clone(),
+            &settings.identity,
+            redis,
+            &delivery,
+            registry,
+        );
+        webhooks.recover().await;
+        let sweeper = webhooks.spawn_sweeper();
 
-        let (handle, batcher) = spawn_batcher(settings.batch.clone(), Arc::new(delivery.clone()))?;
+        let (handle, batcher) = spawn_batcher(
+            settings.batch.clone(),
+            Arc::new(RoutingSink::new(delivery.clone(), webhooks.clone())),
+        )?;
         registry.register_collector(Box::new(BatchStatsCollector(batcher.stats().clone())));
         registry.register_collector(Box::new(SessionsCollector(states.clone())));
 
@@ -262,8 +279,10 @@ impl Pipeline {
             )));
         }
         drop(handle);
+        drop(sweeper); // ends with `webhooks.drain()`
         Ok(Pipeline {
             delivery,
+            webhooks,
             states,
             events,
             batcher,
@@ -287,6 +306,7 @@ impl Pipeline {
     pub async fn shutdown(self, sessions: Vec<RunningSession>, grace: Duration) {
         let Pipeline {
             delivery,
+            webhooks,
             events,
             batcher,
             router,
@@ -302,6 +322,7 @@ impl Pipeline {
             let _ = router.await;
             cancel.cancel();
             batcher.join().await;
+            webhooks.drain().await;
             for task in background {
                 let _ = task.await;
             }
@@ -530,13 +551,35 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         Some(client) => Arc::new(RedisBook::new(client.clone())),
         None => Arc::new(MemoryBook::default()),
     };
-    let sessions = Arc::new(LocalSessions::new(
-        supervisor.clone(),
-        logins,
-        pipeline.states.clone(),
-        configured,
-        book,
-    ));
+    let routing = crate::secrets::WebhookRouting {
+        webhooks: pipeline.webhooks.clone(),
+        resolver: crate::secrets::WebhookResolver::dir(args.secrets_dir.clone()),
+    };
+    // A configured session whose webhook cannot be resolved would never start: refuse it now.
+    for (spec, source) in &configured {
+        if let Some(webhook) = &spec.webhook
+            && let Err(reason) = routing.resolver.resolve("", webhook).await
+        {
+            return Err(Error::config(
+                if *source == "--sessions-file" {
+                    "--sessions-file / WA_SESSIONS_FILE"
+                } else {
+                    "--secrets-dir / WA_SECRETS_DIR"
+                },
+                format!("session `{}`: {reason}", spec.session_id),
+            ));
+        }
+    }
+    let sessions = Arc::new(
+        LocalSessions::new(
+            supervisor.clone(),
+            logins,
+            pipeline.states.clone(),
+            configured,
+            book,
+        )
+        .with_webhooks(routing),
+    );
     // The configured sessions start even if the book cannot be read yet (Redis down).
     sessions.start_configured().await;
     if let Err(err) = sessions.reconcile(true).await {

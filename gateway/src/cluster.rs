@@ -145,11 +145,15 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
         });
     }
     crate::shard::run(
-        client,
+        client.clone(),
         redis_for_shard,
         shard_settings,
         supervisor,
         states,
+        crate::secrets::WebhookRouting {
+            webhooks: pipeline.webhooks.clone(),
+            resolver: crate::secrets::WebhookResolver::kube(client.clone()),
+        },
         shutdown,
     )
     .await?;

@@ -80,6 +80,10 @@ pub struct StandaloneArgs {
     /// documents allowed). More can be created at run time with `POST /v1/sessions`.
     #[arg(long, env = "WA_SESSIONS_FILE")]
     pub sessions_file: Option<std::path::PathBuf>,
+    /// Where a session's `webhook.secretRef` is read from, laid out as a mounted Secret:
+    /// `<dir>/<name>/<key>`. Without it only unsigned webhooks are accepted.
+    #[arg(long, env = "WA_SECRETS_DIR")]
+    pub secrets_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -229,6 +233,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub redis_url: Option<String>,
     pub backend: Option<BackendSettings>,
+    /// Paths, timeouts and legacy mode for per-session webhooks (`spec.webhook`).
+    pub webhook_endpoints: BackendSettings,
     pub delivery: DeliverySettings,
     pub batch: BatchConfig,
     pub resync_interval: Option<Duration>,
@@ -332,6 +338,29 @@ impl CommonArgs {
             }
             None => None,
         };
+        // Paths, timeouts and legacy mode apply to the backend and to every per-session webhook
+        // (which only overrides the base URL and the key), so they are checked with or without
+        // a backend URL.
+        let endpoints = BackendSettings {
+            base_url: reqwest::Url::parse("http://backend.invalid/").expect("valid URL"),
+            qr_batch_path: path("--qr-batch-path / WA_QR_BATCH_PATH", &self.qr_batch_path)?,
+            status_batch_path: path(
+                "--status-batch-path / WA_STATUS_BATCH_PATH",
+                &self.status_batch_path,
+            )?,
+            legacy: self.legacy_endpoints,
+            qr_path: path("--qr-path / WA_QR_PATH", &self.qr_path)?,
+            status_path: path("--status-path / WA_STATUS_PATH", &self.status_path)?,
+            secret: None,
+            request_timeout: positive_ms(
+                "--request-timeout-ms / WA_REQUEST_TIMEOUT_MS",
+                self.request_timeout_ms,
+            )?,
+            connect_timeout: positive_ms(
+                "--connect-timeout-ms / WA_CONNECT_TIMEOUT_MS",
+                self.connect_timeout_ms,
+            )?,
+        };
         let backend = match &self.backend_url {
             Some(url) if url.trim().is_empty() => None,
             Some(url) => {
@@ -349,23 +378,8 @@ impl CommonArgs {
                 }
                 Some(BackendSettings {
                     base_url,
-                    qr_batch_path: path("--qr-batch-path / WA_QR_BATCH_PATH", &self.qr_batch_path)?,
-                    status_batch_path: path(
-                        "--status-batch-path / WA_STATUS_BATCH_PATH",
-                        &self.status_batch_path,
-                    )?,
-                    legacy: self.legacy_endpoints,
-                    qr_path: path("--qr-path / WA_QR_PATH", &self.qr_path)?,
-                    status_path: path("--status-path / WA_STATUS_PATH", &self.status_path)?,
                     secret: trimmed_secret(self.backend_secret.as_deref()),
-                    request_timeout: positive_ms(
-                        "--request-timeout-ms / WA_REQUEST_TIMEOUT_MS",
-                        self.request_timeout_ms,
-                    )?,
-                    connect_timeout: positive_ms(
-                        "--connect-timeout-ms / WA_CONNECT_TIMEOUT_MS",
-                        self.connect_timeout_ms,
-                    )?,
+                    ..endpoints.clone()
                 })
             }
             None => None,
@@ -477,6 +491,7 @@ impl CommonArgs {
             listen: SocketAddr::new(ip, self.port),
             redis_url,
             backend,
+            webhook_endpoints: endpoints,
             delivery: DeliverySettings {
                 qr_format: self.qr_format,
                 retry: RetryPolicy {

@@ -94,6 +94,7 @@ fn indexed(session: &WhatsappSession) -> Arc<Indexed> {
             login: LoginSpec::from(&session.spec.login),
             paused: session.spec.paused,
             logout_on_delete: session.spec.logout_on_delete,
+            webhook: session.spec.webhook.clone(),
         },
         deleting: session.metadata.deletion_timestamp.is_some(),
     })

@@ -13,6 +13,7 @@ pub mod informer;
 pub mod manage;
 pub mod metrics;
 pub mod redis;
+pub mod secrets;
 pub mod session;
 pub mod shard;
 pub mod status;

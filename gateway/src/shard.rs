@@ -20,6 +20,7 @@ use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::SessionStates;
+use crate::secrets::WebhookRouting;
 use crate::session::SessionDriver;
 use crate::session::supervisor::Supervisor;
 use crate::status::{Assignment, CoalescePolicy, StatusCoalescer, StatusSnapshot, StatusWriter};
@@ -41,6 +42,7 @@ pub struct ShardSettings {
     /// Filled from each session's `spec.login`, read by the driver at start.
     pub logins: crate::session::LoginDirectory,
 }
+
 
 /// The shard ordinal of a pod named `<release>-gateway-<k>`.
 pub fn shard_of_pod(pod: &str) -> Option<String> {
@@ -96,6 +98,7 @@ pub async fn run<D: SessionDriver>(
     settings: ShardSettings,
     supervisor: Arc<Supervisor<D>>,
     states: Arc<SessionStates>,
+    routing: WebhookRouting,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &settings.namespace);
@@ -180,6 +183,7 @@ pub async fn run<D: SessionDriver>(
             &mut placements,
             &mut coalescer,
             &states,
+            &routing,
         )
         .await;
         write_statuses(&writer, &placements, &mut coalescer, &states).await;
@@ -223,6 +227,7 @@ async fn reconcile<D: SessionDriver>(
     placements: &mut HashMap<String, Placement>,
     coalescer: &mut StatusCoalescer,
     states: &SessionStates,
+    routing: &WebhookRouting,
 ) {
     let mut wanted = HashSet::new();
     let mut drains = Vec::new();
@@ -277,10 +282,6 @@ async fn reconcile<D: SessionDriver>(
             continue;
         }
         wanted.insert(id.clone());
-        if session.spec.webhook.is_some() && !placements.contains_key(&id) {
-            // Reserved in the schema, not implemented: say so rather than ignore it silently.
-            tracing::warn!(session_id = %id, "spec.webhook is not implemented yet; this session's batches go to the gateway's backend");
-        }
         settings.logins.set(&id, &session.spec.login);
         let generation = session.metadata.generation;
         placements
@@ -292,6 +293,13 @@ async fn reconcile<D: SessionDriver>(
                 generation,
                 since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             });
+        let namespace = placements[&id].namespace.clone();
+        if !routing
+            .route(&id, &namespace, session.spec.webhook.as_ref())
+            .await
+        {
+            continue;
+        }
         match supervisor.ensure_running(&id).await {
             Ok(true) => tracing::debug!(session_id = %id, "session started"),
             Ok(false) => {}
@@ -327,6 +335,7 @@ async fn reconcile<D: SessionDriver>(
         if !keep {
             coalescer.forget(id);
             states.remove(id);
+            routing.webhooks.removed(id);
             settings.logins.remove(id);
         }
         keep

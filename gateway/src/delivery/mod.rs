@@ -6,6 +6,7 @@ pub mod client;
 pub mod render;
 pub mod retry;
 pub mod spill;
+pub mod webhooks;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use crate::batch::{Batch, BatchSink};
 pub use client::{BackendClient, BackendSettings};
 pub use render::{Endpoint, QrFormat, WireBatch, unix_ms_now};
 pub use retry::{Outcome, RetryPolicy};
+pub use webhooks::{RoutingSink, WebhookTarget, Webhooks};
 use spill::{MemorySpill, RedisSpill};
 
 #[derive(Debug, Clone)]
@@ -67,46 +69,27 @@ struct LaneLabel {
     lane: String,
 }
 
+/// Per-lane metrics, shared by the backend's delivery and every webhook destination's.
 #[derive(Debug, Clone)]
-struct DeliveryMetrics {
-    requests: Family<RequestLabels, Counter>,
-    request_duration: Family<EndpointLabel, Histogram>,
+pub struct LaneMetrics {
     batch_size: Family<LaneLabel, Histogram>,
     delivery_latency: Family<LaneLabel, Histogram>,
-    spill_backlog: Family<EndpointLabel, Gauge>,
-    dead_letters: Family<EndpointLabel, Counter>,
     delivered_items: Family<LaneLabel, Counter>,
     expired_items: Counter,
 }
 
-impl DeliveryMetrics {
+impl LaneMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let m = DeliveryMetrics {
-            requests: Family::default(),
-            request_duration: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.002, 2.0, 14))
-            }),
+        let m = LaneMetrics {
             batch_size: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(1.0, 2.0, 12))
             }),
             delivery_latency: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.005, 2.0, 14))
             }),
-            spill_backlog: Family::default(),
-            dead_letters: Family::default(),
             delivered_items: Family::default(),
             expired_items: Counter::default(),
         };
-        registry.register(
-            "whatsapp_gateway_backend_requests",
-            "Requests to the backend by endpoint and HTTP status code (`error` when no answer)",
-            m.requests.clone(),
-        );
-        registry.register(
-            "whatsapp_gateway_backend_request_duration_seconds",
-            "Duration of backend requests",
-            m.request_duration.clone(),
-        );
         registry.register(
             "whatsapp_gateway_batch_size",
             "Items per batch sent, by lane",
@@ -116,16 +99,6 @@ impl DeliveryMetrics {
             "whatsapp_gateway_delivery_latency_seconds",
             "Time from an event to the backend's 2xx for it, by lane",
             m.delivery_latency.clone(),
-        );
-        registry.register(
-            "whatsapp_gateway_spill_backlog",
-            "Batches waiting in the retry (spill) stream, by endpoint",
-            m.spill_backlog.clone(),
-        );
-        registry.register(
-            "whatsapp_gateway_dead_letters",
-            "Batches moved to the dead-letter stream after a permanent 4xx",
-            m.dead_letters.clone(),
         );
         registry.register(
             "whatsapp_gateway_delivered_items",
@@ -141,6 +114,87 @@ impl DeliveryMetrics {
     }
 }
 
+/// Per-target metrics: one set for the configured backend (`whatsapp_gateway_backend_*`,
+/// `whatsapp_gateway_spill_backlog`, `whatsapp_gateway_dead_letters`) and one set summed over every
+/// per-session webhook (`whatsapp_gateway_webhook_*`), so a customer's broken webhook is told
+/// apart from the backend without a label per URL.
+#[derive(Debug, Clone)]
+pub struct TargetMetrics {
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<EndpointLabel, Histogram>,
+    spill_backlog: Family<EndpointLabel, Gauge>,
+    dead_letters: Family<EndpointLabel, Counter>,
+}
+
+impl TargetMetrics {
+    fn new() -> Self {
+        TargetMetrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.002, 2.0, 14))
+            }),
+            spill_backlog: Family::default(),
+            dead_letters: Family::default(),
+        }
+    }
+
+    fn register_backend(registry: &mut Registry) -> Self {
+        let m = Self::new();
+        registry.register(
+            "whatsapp_gateway_backend_requests",
+            "Requests to the backend by endpoint and HTTP status code (`error` when no answer)",
+            m.requests.clone(),
+        );
+        registry.register(
+            "whatsapp_gateway_backend_request_duration_seconds",
+            "Duration of backend requests",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "whatsapp_gateway_spill_backlog",
+            "Batches waiting in the retry (spill) stream, by endpoint",
+            m.spill_backlog.clone(),
+        );
+        registry.register(
+            "whatsapp_gateway_dead_letters",
+            "Batches moved to the dead-letter stream after a permanent 4xx",
+            m.dead_letters.clone(),
+        );
+        m
+    }
+
+    pub(crate) fn register_webhooks(registry: &mut Registry) -> Self {
+        let m = Self::new();
+        registry.register(
+            "whatsapp_gateway_webhook_requests",
+            "Requests to per-session webhooks (spec.webhook), summed over destinations, by endpoint and HTTP status code",
+            m.requests.clone(),
+        );
+        registry.register(
+            "whatsapp_gateway_webhook_request_duration_seconds",
+            "Duration of requests to per-session webhooks",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "whatsapp_gateway_webhook_spill_backlog",
+            "Batches waiting for per-session webhooks, summed over destinations, by endpoint",
+            m.spill_backlog.clone(),
+        );
+        registry.register(
+            "whatsapp_gateway_webhook_dead_letters",
+            "Batches for per-session webhooks moved to the dead-letter stream",
+            m.dead_letters.clone(),
+        );
+        m
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DeliveryMetrics {
+    lanes: LaneMetrics,
+    target: TargetMetrics,
+}
+
 /// Called for every item the backend accepted, with the batch id (for tests and benches).
 pub type DeliveredHook = Arc<dyn Fn(&WireBatch) + Send + Sync>;
 
@@ -154,7 +208,9 @@ struct Inner {
     /// Batches spilled and not yet delivered, per endpoint; while non-zero, new batches of that
     /// endpoint join the spill so the backend sees them in order.
     backlog: [AtomicI64; 2],
-    wake_drainer: Notify,
+    /// Per endpoint; `notify_one` keeps a permit when the drainer is busy, so a batch spilled
+    /// between its backlog check and its wait is not left for the 1 s poll.
+    wake_drainer: [Notify; 2],
     dead_letters: AtomicU64,
     /// Items counted for reconciliation: accepted by the backend, dead-lettered, expired in the spill.
     delivered_items: AtomicU64,
@@ -163,6 +219,11 @@ struct Inner {
     last_backend_ok: AtomicI64,
     last_backend_error: AtomicI64,
     on_delivered: Option<DeliveredHook>,
+    /// Webhook destinations: every batch goes through the spill and its drainer, so the batcher
+    /// (shared with every other session) never waits on a customer's slow or broken webhook.
+    queued: bool,
+    /// For logs and dead letters: which webhook (redacted URL); None for the backend.
+    destination: Option<String>,
 }
 
 /// The batcher's sink. Cheap to clone.
@@ -187,6 +248,53 @@ impl Delivery {
         settings: DeliverySettings,
         registry: &mut Registry,
     ) -> Self {
+        let metrics = DeliveryMetrics {
+            lanes: LaneMetrics::register(registry),
+            target: TargetMetrics::register_backend(registry),
+        };
+        Self::build(backend, redis, settings, metrics, None)
+    }
+
+    /// A per-session webhook's delivery: its own client, limiter and spill, the shared metrics,
+    /// and every batch queued (see `Inner::queued`).
+    pub(crate) fn for_webhook(
+        backend: BackendClient,
+        redis: Option<RedisSpill>,
+        settings: DeliverySettings,
+        lanes: LaneMetrics,
+        target: TargetMetrics,
+        on_delivered: Option<DeliveredHook>,
+    ) -> Self {
+        let destination = crate::config::redact_url(backend.settings().base_url.as_str());
+        let mut delivery = Self::build(
+            Some(backend),
+            redis,
+            settings,
+            DeliveryMetrics { lanes, target },
+            Some(destination),
+        );
+        Arc::get_mut(&mut delivery.inner)
+            .expect("not shared yet")
+            .on_delivered = on_delivered;
+        delivery
+    }
+
+    /// The metrics every webhook destination shares with this delivery.
+    pub(crate) fn lane_metrics(&self) -> LaneMetrics {
+        self.inner.metrics.lanes.clone()
+    }
+
+    pub(crate) fn delivered_hook(&self) -> Option<DeliveredHook> {
+        self.inner.on_delivered.clone()
+    }
+
+    fn build(
+        backend: Option<BackendClient>,
+        redis: Option<RedisSpill>,
+        settings: DeliverySettings,
+        metrics: DeliveryMetrics,
+        destination: Option<String>,
+    ) -> Self {
         let per_second = NonZeroU32::new(settings.rate_limit_per_second.max(1)).expect("non-zero");
         let burst = NonZeroU32::new(settings.rate_limit_burst.max(1)).expect("non-zero");
         let limiter = RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst));
@@ -197,9 +305,9 @@ impl Delivery {
                 settings,
                 redis,
                 limiter,
-                metrics: DeliveryMetrics::register(registry),
+                metrics,
                 backlog: [AtomicI64::new(0), AtomicI64::new(0)],
-                wake_drainer: Notify::new(),
+                wake_drainer: [Notify::new(), Notify::new()],
                 dead_letters: AtomicU64::new(0),
                 delivered_items: AtomicU64::new(0),
                 dead_letter_items: AtomicU64::new(0),
@@ -207,6 +315,8 @@ impl Delivery {
                 last_backend_ok: AtomicI64::new(0),
                 last_backend_error: AtomicI64::new(0),
                 on_delivered: None,
+                queued: destination.is_some(),
+                destination,
             }),
         }
     }
@@ -265,13 +375,12 @@ impl Delivery {
                             batches = n,
                             "resuming spilled batches from Redis"
                         );
-                        self.inner.backlog[slot(endpoint)].fetch_add(n as i64, Ordering::Relaxed);
+                        self.add_backlog(endpoint, n as i64);
                     }
                     Ok(_) => {}
                     Err(err) => tracing::warn!(%err, "could not read the spill backlog from Redis"),
                 }
             }
-            self.update_backlog_gauge();
         }
     }
 
@@ -287,17 +396,29 @@ impl Delivery {
             .collect()
     }
 
-    fn update_backlog_gauge(&self) {
-        for endpoint in Endpoint::ALL {
-            self.inner
-                .metrics
-                .spill_backlog
-                .get_or_create(&EndpointLabel {
-                    endpoint: endpoint.as_str(),
-                })
-                .set(self.inner.backlog[slot(endpoint)].load(Ordering::Relaxed));
-        }
+    /// Changes the backlog and its gauge by the same amount: the webhook gauge is a sum over
+    /// destinations, so each one adds its changes rather than setting a value.
+    fn add_backlog(&self, endpoint: Endpoint, delta: i64) {
+        self.inner.backlog[slot(endpoint)].fetch_add(delta, Ordering::Relaxed);
+        self.backlog_gauge(endpoint).inc_by(delta);
     }
+
+    fn reset_backlog(&self, endpoint: Endpoint, actual: i64) {
+        let before = self.inner.backlog[slot(endpoint)].swap(actual, Ordering::Relaxed);
+        self.backlog_gauge(endpoint).inc_by(actual - before);
+    }
+
+    fn backlog_gauge(&self, endpoint: Endpoint) -> Gauge {
+        self.inner
+            .metrics
+            .target
+            .spill_backlog
+            .get_or_create(&EndpointLabel {
+                endpoint: endpoint.as_str(),
+            })
+            .clone()
+    }
+
 
     /// One attempt: rate limit, send, metrics.
     async fn attempt(&self, batch: &WireBatch) -> Outcome {
@@ -316,12 +437,12 @@ impl Delivery {
         let outcome = backend.send(batch).await;
         self.inner
             .metrics
-            .request_duration
+            .target.request_duration
             .get_or_create(&EndpointLabel { endpoint })
             .observe(started.elapsed().as_secs_f64());
         self.inner
             .metrics
-            .requests
+            .target.requests
             .get_or_create(&RequestLabels {
                 endpoint,
                 code: outcome.code_label(),
@@ -343,18 +464,18 @@ impl Delivery {
         let lane = LaneLabel {
             lane: batch.lane.clone(),
         };
-        let latency = self.inner.metrics.delivery_latency.get_or_create(&lane);
+        let latency = self.inner.metrics.lanes.delivery_latency.get_or_create(&lane);
         for item in &batch.items {
             latency.observe(((now - item.created_unix_ms).max(0) as f64) / 1000.0);
         }
         self.inner
             .metrics
-            .batch_size
+            .lanes.batch_size
             .get_or_create(&lane)
             .observe(batch.items.len() as f64);
         self.inner
             .metrics
-            .delivered_items
+            .lanes.delivered_items
             .get_or_create(&lane)
             .inc_by(batch.items.len() as u64);
         self.inner
@@ -372,7 +493,8 @@ impl Delivery {
             items = batch.items.len(),
             code,
             body,
-            "backend refused the batch permanently: moved to the dead-letter stream"
+            destination = self.inner.destination.as_deref().unwrap_or("backend"),
+            "batch refused permanently: moved to the dead-letter stream"
         );
         self.inner.dead_letters.fetch_add(1, Ordering::Relaxed);
         self.inner
@@ -380,13 +502,15 @@ impl Delivery {
             .fetch_add(batch.items.len() as u64, Ordering::Relaxed);
         self.inner
             .metrics
-            .dead_letters
+            .target.dead_letters
             .get_or_create(&EndpointLabel {
                 endpoint: batch.endpoint.as_str(),
             })
             .inc();
         if let Some(redis) = &self.inner.redis
-            && let Err(err) = redis.dead_letter(batch, code, body).await
+            && let Err(err) = redis
+                .dead_letter(batch, code, body, self.inner.destination.as_deref())
+                .await
         {
             tracing::error!(%err, batch_id = %batch.batch_id, "could not write the dead letter to Redis; it is only logged");
         }
@@ -441,9 +565,8 @@ impl Delivery {
         if let Some(redis) = &self.inner.redis {
             match redis.append(&batch).await {
                 Ok(()) => {
-                    self.inner.backlog[slot(endpoint)].fetch_add(1, Ordering::Relaxed);
-                    self.update_backlog_gauge();
-                    self.inner.wake_drainer.notify_waiters();
+                    self.add_backlog(endpoint, 1);
+                    self.inner.wake_drainer[slot(endpoint)].notify_one();
                     return;
                 }
                 Err(err) => tracing::warn!(%err, "Redis spill failed; keeping the batch in memory"),
@@ -453,24 +576,29 @@ impl Delivery {
         loop {
             match self.inner.memory.try_append(batch) {
                 Ok(()) => break,
+                Err(back) if self.inner.queued => {
+                    // A webhook that stays down must not stall the batcher for everyone: past
+                    // the memory bound its batches are dead-lettered (logged and counted).
+                    self.dead_letter(&back, 0, "webhook queue full").await;
+                    return;
+                }
                 Err(back) => {
                     batch = back;
                     tracing::warn!(
                         "in-memory spill is full: waiting for the backend (backpressure)"
                     );
-                    self.inner.wake_drainer.notify_waiters();
+                    self.inner.wake_drainer[slot(endpoint)].notify_one();
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         }
-        self.inner.backlog[slot(endpoint)].fetch_add(1, Ordering::Relaxed);
-        self.update_backlog_gauge();
-        self.inner.wake_drainer.notify_waiters();
+        self.add_backlog(endpoint, 1);
+        self.inner.wake_drainer[slot(endpoint)].notify_one();
     }
 
     /// Hot path for a rendered batch: quick retries, then the spill.
     pub async fn deliver_wire(&self, batch: WireBatch) {
-        if self.inner.backlog[slot(batch.endpoint)].load(Ordering::Relaxed) > 0 {
+        if self.inner.queued || self.inner.backlog[slot(batch.endpoint)].load(Ordering::Relaxed) > 0 {
             // Older batches are waiting: queue behind them so the backend sees events in order.
             self.spill(batch).await;
             return;
@@ -506,7 +634,7 @@ impl Delivery {
             }
             if self.inner.backlog[slot(endpoint)].load(Ordering::Relaxed) <= 0 {
                 tokio::select! {
-                    _ = self.inner.wake_drainer.notified() => {}
+                    _ = self.inner.wake_drainer[slot(endpoint)].notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = shutdown.cancelled() => return,
                 }
@@ -537,15 +665,14 @@ impl Delivery {
                     Some(redis) => redis.len(endpoint).await.unwrap_or(0) as i64,
                     None => 0,
                 } + self.inner.memory.len(endpoint) as i64;
-                self.inner.backlog[slot(endpoint)].store(actual, Ordering::Relaxed);
-                self.update_backlog_gauge();
+                self.reset_backlog(endpoint, actual);
                 continue;
             }
             for entry in entries {
                 let mut batch = entry.batch;
                 let expired = batch.drop_expired(unix_ms_now());
                 if expired > 0 {
-                    self.inner.metrics.expired_items.inc_by(expired as u64);
+                    self.inner.metrics.lanes.expired_items.inc_by(expired as u64);
                     self.inner
                         .expired_items
                         .fetch_add(expired as u64, Ordering::Relaxed);
@@ -572,8 +699,7 @@ impl Delivery {
                     tracing::warn!(%err, "could not acknowledge a delivered spill entry");
                     break;
                 }
-                self.inner.backlog[slot(endpoint)].fetch_sub(1, Ordering::Relaxed);
-                self.update_backlog_gauge();
+                self.add_backlog(endpoint, -1);
             }
         }
     }

@@ -21,21 +21,41 @@ pub struct SpilledBatch {
     pub batch: WireBatch,
 }
 
-/// Keys: `wa:{gw:<identity>}:spill:<endpoint>` and `wa:{gw:<identity>}:dead`. The hash tag keeps
-/// one gateway's streams on one Redis Cluster slot.
+/// Keys: `wa:{gw:<identity>}:spill:<endpoint>` (a webhook destination's:
+/// `wa:{gw:<identity>}:wh:<destination>:spill:<endpoint>`) and `wa:{gw:<identity>}:dead`. The hash
+/// tag keeps one gateway's streams on one Redis Cluster slot.
 #[derive(Debug, Clone)]
 pub struct SpillKeys {
     identity: String,
+    webhook: Option<String>,
 }
 
 impl SpillKeys {
     pub fn new(identity: &str) -> Self {
         SpillKeys {
             identity: identity.to_string(),
+            webhook: None,
+        }
+    }
+    pub fn for_webhook(identity: &str, destination: &str) -> Self {
+        SpillKeys {
+            identity: identity.to_string(),
+            webhook: Some(destination.to_string()),
         }
     }
     pub fn spill(&self, endpoint: Endpoint) -> String {
-        format!("wa:{{gw:{}}}:spill:{}", self.identity, endpoint.as_str())
+        match &self.webhook {
+            None => format!("wa:{{gw:{}}}:spill:{}", self.identity, endpoint.as_str()),
+            Some(destination) => format!(
+                "wa:{{gw:{}}}:wh:{destination}:spill:{}",
+                self.identity,
+                endpoint.as_str()
+            ),
+        }
+    }
+    /// The registry of this gateway's webhook destinations (hash: destination -> target).
+    pub fn webhooks(&self) -> String {
+        format!("wa:{{gw:{}}}:webhooks", self.identity)
     }
     pub fn dead(&self) -> String {
         format!("wa:{{gw:{}}}:dead", self.identity)
@@ -110,21 +130,26 @@ impl RedisSpill {
         Ok(self.client.xlen(self.keys.spill(endpoint)).await?)
     }
 
-    pub async fn dead_letter(&self, batch: &WireBatch, code: u16, body: &str) -> Result<()> {
+    /// `destination`: the webhook's (redacted) URL for a per-session webhook's batch.
+    pub async fn dead_letter(
+        &self,
+        batch: &WireBatch,
+        code: u16,
+        body: &str,
+        destination: Option<&str>,
+    ) -> Result<()> {
         let data = serde_json::to_string(batch)?;
+        let mut fields = vec![
+            ("batch", data),
+            ("code", code.to_string()),
+            ("body", body.chars().take(512).collect()),
+        ];
+        if let Some(destination) = destination {
+            fields.push(("destination", destination.to_owned()));
+        }
         let _: String = self
             .client
-            .xadd(
-                self.keys.dead(),
-                false,
-                dead_cap(),
-                "*",
-                vec![
-                    ("batch", data),
-                    ("code", code.to_string()),
-                    ("body", body.chars().take(512).collect()),
-                ],
-            )
+            .xadd(self.keys.dead(), false, dead_cap(), "*", fields)
             .await?;
         Ok(())
     }
@@ -239,5 +264,11 @@ mod tests {
         let keys = SpillKeys::new("wa-gateway-2");
         assert_eq!(keys.spill(Endpoint::Qr), "wa:{gw:wa-gateway-2}:spill:qr");
         assert_eq!(keys.dead(), "wa:{gw:wa-gateway-2}:dead");
+        let webhook = SpillKeys::for_webhook("wa-gateway-2", "0123abcd");
+        assert_eq!(
+            webhook.spill(Endpoint::Status),
+            "wa:{gw:wa-gateway-2}:wh:0123abcd:spill:status"
+        );
+        assert_eq!(webhook.dead(), keys.dead());
     }
 }

@@ -31,17 +31,12 @@ pub fn parse(text: &str) -> Result<Vec<SessionSpec>, String> {
         }
         let session: WhatsappSession = serde_yaml::from_value(value)
             .map_err(|e| format!("document {doc}: not a WhatsappSession: {e}"))?;
-        if session.spec.webhook.is_some() {
-            tracing::warn!(
-                session_id = %session.session_id(),
-                "spec.webhook is not implemented yet; this session's batches go to --backend-url"
-            );
-        }
         let spec = SessionSpec {
             session_id: session.session_id(),
             login: LoginSpec::from(&session.spec.login),
             paused: session.spec.paused,
             logout_on_delete: session.spec.logout_on_delete,
+            webhook: session.spec.webhook.clone(),
         };
         spec.validate()
             .map_err(|e| format!("document {doc} ({}): {e}", spec.session_id))?;

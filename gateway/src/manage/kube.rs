@@ -104,6 +104,7 @@ fn spec_of(session: &WhatsappSession) -> SessionSpec {
         login: (&session.spec.login).into(),
         paused: session.spec.paused,
         logout_on_delete: session.spec.logout_on_delete,
+        webhook: session.spec.webhook.clone(),
     }
 }
 
@@ -193,7 +194,7 @@ impl SessionManager for KubeSessions {
                     login: (&spec.login).into(),
                     paused: spec.paused,
                     logout_on_delete: spec.logout_on_delete,
-                    webhook: None,
+                    webhook: spec.webhook.clone(),
                 },
             );
             session.metadata.annotations = Some(BTreeMap::from([(

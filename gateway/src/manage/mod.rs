@@ -39,6 +39,9 @@ pub struct SessionSpec {
     pub paused: bool,
     #[serde(default = "default_true")]
     pub logout_on_delete: bool,
+    /// The resource's `spec.webhook`: this session's own backend and signing key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<crds::Webhook>,
 }
 
 fn default_true() -> bool {
@@ -81,6 +84,7 @@ impl SessionSpec {
             login: LoginSpec::default(),
             paused: false,
             logout_on_delete: true,
+            webhook: None,
         }
     }
 
@@ -103,7 +107,20 @@ impl SessionSpec {
                 "international format without spaces, 8-15 digits, e.g. +5491122334455",
             )),
             _ => Ok(()),
+        }?;
+        if let Some(webhook) = &self.webhook {
+            crate::delivery::WebhookTarget::parse_url(&webhook.url)
+                .map_err(|reason| ManageError::invalid("webhook.url", reason))?;
+            if let Some(reference) = &webhook.secret_ref
+                && (reference.name.is_empty() || reference.key.is_empty())
+            {
+                return Err(ManageError::invalid(
+                    "webhook.secretRef",
+                    "name and key are required",
+                ));
+            }
         }
+        Ok(())
     }
 }
 
@@ -489,6 +506,8 @@ pub struct LocalSessions<D: SessionDriver> {
     applied: tokio::sync::Mutex<HashMap<String, SessionSpec>>,
     /// Book version last applied in full.
     seen_version: Mutex<Option<u64>>,
+    /// Per-session webhooks; without it (unit tests) a session naming one does not start.
+    routing: Option<crate::secrets::WebhookRouting>,
 }
 
 impl<D: SessionDriver> LocalSessions<D> {
@@ -511,6 +530,52 @@ impl<D: SessionDriver> LocalSessions<D> {
             holds_cleared: Mutex::default(),
             applied: tokio::sync::Mutex::new(HashMap::new()),
             seen_version: Mutex::new(None),
+            routing: None,
+        }
+    }
+
+    /// Routes each session's batches to its `webhook` when it names one.
+    pub fn with_webhooks(mut self, routing: crate::secrets::WebhookRouting) -> Self {
+        self.routing = Some(routing);
+        self
+    }
+
+    /// The webhook of `spec` resolved now, so a create naming a Secret that cannot be read is
+    /// refused with the field named instead of stored and never started.
+    async fn check_webhook(&self, spec: &SessionSpec) -> ManageResult<()> {
+        let Some(webhook) = &spec.webhook else {
+            return Ok(());
+        };
+        let Some(routing) = &self.routing else {
+            return Err(ManageError::invalid(
+                "webhook",
+                "per-session webhooks are not available here",
+            ));
+        };
+        routing
+            .resolver
+            .resolve("", webhook)
+            .await
+            .map(drop)
+            .map_err(|reason| {
+                let field = if reason.starts_with("webhook.url") {
+                    "webhook.url"
+                } else {
+                    "webhook.secretRef"
+                };
+                ManageError::invalid(field, reason)
+            })
+    }
+
+    /// Points the session's batches at its webhook; false when it must not start yet.
+    async fn route(&self, spec: &SessionSpec) -> bool {
+        match &self.routing {
+            Some(routing) => {
+                routing
+                    .route(&spec.session_id, "", spec.webhook.as_ref())
+                    .await
+            }
+            None => spec.webhook.is_none(),
         }
     }
 
@@ -595,12 +660,20 @@ impl<D: SessionDriver> LocalSessions<D> {
     async fn apply(&self, applied: &mut HashMap<String, SessionSpec>, step: &Step) {
         match step {
             Step::Run(spec) => {
+                if !self.route(spec).await {
+                    // Not recorded as applied: the next full reconciliation tries again.
+                    tracing::warn!(session_id = %spec.session_id, "session not started: its webhook cannot be resolved");
+                    return;
+                }
                 self.logins.set(&spec.session_id, &(&spec.login).into());
                 self.supervisor.want(&spec.session_id);
             }
             Step::Pause(spec) => {
                 self.logins.set(&spec.session_id, &(&spec.login).into());
                 self.supervisor.pause(&spec.session_id).await;
+                if let Some(routing) = &self.routing {
+                    routing.webhooks.removed(&spec.session_id);
+                }
             }
             Step::End { session_id, logout } => {
                 if *logout {
@@ -611,6 +684,9 @@ impl<D: SessionDriver> LocalSessions<D> {
                 self.logins.remove(session_id);
                 // Its last status went out with the stop; re-sync and the gauges forget it.
                 self.states.remove(session_id);
+                if let Some(routing) = &self.routing {
+                    routing.webhooks.removed(session_id);
+                }
                 tracing::info!(session_id = %session_id, logout = *logout, "session deleted");
             }
         }
@@ -728,6 +804,7 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
     fn create(&self, spec: SessionSpec) -> BoxFuture<'_, ManageResult<Created>> {
         Box::pin(async move {
             spec.validate()?;
+            self.check_webhook(&spec).await?;
             if let Some((configured, source)) = self.configured.get(&spec.session_id) {
                 return if *configured == spec {
                     Ok(Created::Unchanged)
