@@ -80,11 +80,19 @@ impl WebhookResolver {
         Ok(WebhookTarget { url, secret })
     }
 
-    async fn secret(&self, namespace: &str, name: &str) -> Result<BTreeMap<String, String>, String> {
+    async fn secret(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<BTreeMap<String, String>, String> {
         let key = (namespace.to_owned(), name.to_owned());
         let now = Instant::now();
         if let Some((at, cached)) = self.cache.lock().expect("secret cache").get(&key) {
-            let ttl = if cached.is_ok() { SECRET_TTL } else { SECRET_RETRY };
+            let ttl = if cached.is_ok() {
+                SECRET_TTL
+            } else {
+                SECRET_RETRY
+            };
             if now.duration_since(*at) < ttl {
                 return cached.clone();
             }
@@ -199,22 +207,38 @@ mod tests {
         std::fs::write(dir.join("shop/hmac"), "k3y\n").unwrap();
         let resolver = WebhookResolver::dir(Some(dir.clone()));
         let target = resolver
-            .resolve("", &webhook("https://shop.example/api", Some(("shop", "hmac"))))
+            .resolve(
+                "",
+                &webhook("https://shop.example/api", Some(("shop", "hmac"))),
+            )
             .await
             .unwrap();
         assert_eq!(target.url.as_str(), "https://shop.example/api");
-        assert_eq!(target.secret.as_deref(), Some("k3y"), "trimmed like the backend secret");
+        assert_eq!(
+            target.secret.as_deref(),
+            Some("k3y"),
+            "trimmed like the backend secret"
+        );
 
         let missing_key = resolver
-            .resolve("", &webhook("https://shop.example/api", Some(("shop", "other"))))
+            .resolve(
+                "",
+                &webhook("https://shop.example/api", Some(("shop", "other"))),
+            )
             .await
             .unwrap_err();
         assert!(missing_key.contains("no key `other`"), "{missing_key}");
         let missing_secret = resolver
-            .resolve("", &webhook("https://shop.example/api", Some(("nope", "hmac"))))
+            .resolve(
+                "",
+                &webhook("https://shop.example/api", Some(("nope", "hmac"))),
+            )
             .await
             .unwrap_err();
-        assert!(missing_secret.contains("webhook.secretRef"), "{missing_secret}");
+        assert!(
+            missing_secret.contains("webhook.secretRef"),
+            "{missing_secret}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

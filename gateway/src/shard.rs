@@ -43,7 +43,6 @@ pub struct ShardSettings {
     pub logins: crate::session::LoginDirectory,
 }
 
-
 /// The shard ordinal of a pod named `<release>-gateway-<k>`.
 pub fn shard_of_pod(pod: &str) -> Option<String> {
     let (_, ordinal) = pod.rsplit_once('-')?;

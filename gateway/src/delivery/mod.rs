@@ -27,8 +27,8 @@ use crate::batch::{Batch, BatchSink};
 pub use client::{BackendClient, BackendSettings};
 pub use render::{Endpoint, QrFormat, WireBatch, unix_ms_now};
 pub use retry::{Outcome, RetryPolicy};
-pub use webhooks::{RoutingSink, WebhookTarget, Webhooks};
 use spill::{MemorySpill, RedisSpill};
+pub use webhooks::{RoutingSink, WebhookTarget, Webhooks};
 
 #[derive(Debug, Clone)]
 pub struct DeliverySettings {
@@ -419,7 +419,6 @@ impl Delivery {
             .clone()
     }
 
-
     /// One attempt: rate limit, send, metrics.
     async fn attempt(&self, batch: &WireBatch) -> Outcome {
         let Some(backend) = &self.inner.backend else {
@@ -437,12 +436,14 @@ impl Delivery {
         let outcome = backend.send(batch).await;
         self.inner
             .metrics
-            .target.request_duration
+            .target
+            .request_duration
             .get_or_create(&EndpointLabel { endpoint })
             .observe(started.elapsed().as_secs_f64());
         self.inner
             .metrics
-            .target.requests
+            .target
+            .requests
             .get_or_create(&RequestLabels {
                 endpoint,
                 code: outcome.code_label(),
@@ -464,18 +465,25 @@ impl Delivery {
         let lane = LaneLabel {
             lane: batch.lane.clone(),
         };
-        let latency = self.inner.metrics.lanes.delivery_latency.get_or_create(&lane);
+        let latency = self
+            .inner
+            .metrics
+            .lanes
+            .delivery_latency
+            .get_or_create(&lane);
         for item in &batch.items {
             latency.observe(((now - item.created_unix_ms).max(0) as f64) / 1000.0);
         }
         self.inner
             .metrics
-            .lanes.batch_size
+            .lanes
+            .batch_size
             .get_or_create(&lane)
             .observe(batch.items.len() as f64);
         self.inner
             .metrics
-            .lanes.delivered_items
+            .lanes
+            .delivered_items
             .get_or_create(&lane)
             .inc_by(batch.items.len() as u64);
         self.inner
@@ -502,7 +510,8 @@ impl Delivery {
             .fetch_add(batch.items.len() as u64, Ordering::Relaxed);
         self.inner
             .metrics
-            .target.dead_letters
+            .target
+            .dead_letters
             .get_or_create(&EndpointLabel {
                 endpoint: batch.endpoint.as_str(),
             })
@@ -598,7 +607,8 @@ impl Delivery {
 
     /// Hot path for a rendered batch: quick retries, then the spill.
     pub async fn deliver_wire(&self, batch: WireBatch) {
-        if self.inner.queued || self.inner.backlog[slot(batch.endpoint)].load(Ordering::Relaxed) > 0 {
+        if self.inner.queued || self.inner.backlog[slot(batch.endpoint)].load(Ordering::Relaxed) > 0
+        {
             // Older batches are waiting: queue behind them so the backend sees events in order.
             self.spill(batch).await;
             return;
@@ -672,7 +682,11 @@ impl Delivery {
                 let mut batch = entry.batch;
                 let expired = batch.drop_expired(unix_ms_now());
                 if expired > 0 {
-                    self.inner.metrics.lanes.expired_items.inc_by(expired as u64);
+                    self.inner
+                        .metrics
+                        .lanes
+                        .expired_items
+                        .inc_by(expired as u64);
                     self.inner
                         .expired_items
                         .fetch_add(expired as u64, Ordering::Relaxed);

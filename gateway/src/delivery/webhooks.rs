@@ -32,9 +32,9 @@ use super::spill::{RedisSpill, SpillKeys};
 use super::{
     BackendClient, BackendSettings, Delivery, DeliverySettings, LaneMetrics, TargetMetrics,
 };
+use crate::Result;
 use crate::batch::{Batch, BatchSink};
 use crate::events::GatewayEvent;
-use crate::Result;
 
 /// How long a removed session's events still go to its webhook.
 pub const ROUTE_GRACE: Duration = Duration::from_secs(600);
@@ -274,9 +274,10 @@ impl Webhooks {
             secret: target.secret.clone(),
             ..self.template.clone()
         })?;
-        let spill = self.redis.clone().map(|redis| {
-            RedisSpill::new(redis, SpillKeys::for_webhook(&self.identity, id))
-        });
+        let spill = self
+            .redis
+            .clone()
+            .map(|redis| RedisSpill::new(redis, SpillKeys::for_webhook(&self.identity, id)));
         if let Some(redis) = &self.redis {
             let stored = serde_json::to_string(&StoredTarget {
                 url: target.url.to_string(),
@@ -314,14 +315,16 @@ impl Webhooks {
     /// them is delivered; the sweep closes those that end up unused and empty.
     pub async fn recover(&self) {
         let Some(redis) = &self.redis else { return };
-        let recorded: HashMap<String, String> =
-            match redis.hgetall(SpillKeys::new(&self.identity).webhooks()).await {
-                Ok(recorded) => recorded,
-                Err(err) => {
-                    tracing::warn!(%err, "could not read the webhook destinations from Redis");
-                    return;
-                }
-            };
+        let recorded: HashMap<String, String> = match redis
+            .hgetall(SpillKeys::new(&self.identity).webhooks())
+            .await
+        {
+            Ok(recorded) => recorded,
+            Err(err) => {
+                tracing::warn!(%err, "could not read the webhook destinations from Redis");
+                return;
+            }
+        };
         for (id, stored) in recorded {
             let target = serde_json::from_str::<StoredTarget>(&stored)
                 .ok()
@@ -337,7 +340,9 @@ impl Webhooks {
                         tracing::warn!(%err, destination = %id, "could not reopen a webhook destination");
                     }
                 }
-                _ => tracing::warn!(destination = %id, "unreadable webhook destination record ignored"),
+                _ => {
+                    tracing::warn!(destination = %id, "unreadable webhook destination record ignored")
+                }
             }
         }
     }
@@ -468,4 +473,3 @@ impl BatchSink for RoutingSink {
         }
     }
 }
-
