@@ -128,8 +128,48 @@ pub struct Webhook {
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
+    /// A Secret in the session's namespace.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"))]
     pub name: String,
+    /// The key in the Secret's data holding the HMAC key.
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]{1,253}$"))]
     pub key: String,
+}
+
+impl SecretKeyRef {
+    /// The schema's rules, for specs that do not pass through the apiserver (standalone): they
+    /// also keep a name from escaping the directory standalone reads Secrets from.
+    pub fn validate(&self) -> Result<(), String> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 253
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && !self.name.starts_with(['-', '.'])
+            && !self.name.ends_with(['-', '.']);
+        if !name_ok {
+            return Err(format!(
+                "name `{}` is not a Secret name (lowercase letters, digits, - and .)",
+                self.name
+            ));
+        }
+        let key_ok = !self.key.is_empty()
+            && self.key.len() <= 253
+            && self
+                .key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && self.key != "."
+            && self.key != "..";
+        if !key_ok {
+            return Err(format!(
+                "key `{}` is not a Secret key (letters, digits, -, _ and .)",
+                self.key
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]

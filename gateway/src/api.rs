@@ -35,6 +35,8 @@ pub struct ApiState {
     pub token: Option<Arc<str>>,
     /// Session management; `None` answers its endpoints with 405.
     pub sessions: Option<Arc<dyn SessionManager>>,
+    /// Per-session webhooks this gateway routes to (`PUT .../status` checks them).
+    pub webhooks: Option<Arc<crate::delivery::Webhooks>>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -255,6 +257,24 @@ async fn put_status(
                 .into_response();
         }
     };
+    // A session with its own webhook that this gateway does not run: from here the change
+    // would reach the gateway's backend, which the session did not name.
+    if let Some(sessions) = &state.sessions
+        && !state
+            .webhooks
+            .as_ref()
+            .is_some_and(|webhooks| webhooks.routes_to_webhook(&id))
+        && sessions.has_webhook(&id).await
+    {
+        return (
+            StatusCode::CONFLICT,
+            axum::Json(json!({
+                "error": "session_has_webhook",
+                "detail": "the session delivers to its own webhook from the gateway that runs it; this gateway does not",
+            })),
+        )
+            .into_response();
+    }
     let event = StatusEvent::new(id.clone(), change.status, Priority::High, change.reason);
     if events.emit(event).await.is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
@@ -419,6 +439,62 @@ mod tests {
         }
     }
 
+    /// Knows one session, `hooked`, that names its own webhook.
+    struct WithWebhook;
+
+    impl SessionManager for WithWebhook {
+        fn create(&self, _: SessionSpec) -> BoxFuture<'_, ManageResult<Created>> {
+            Box::pin(async { Ok(Created::New) })
+        }
+        fn set_paused<'a>(&'a self, _: &'a str, _: bool) -> BoxFuture<'a, ManageResult<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn delete<'a>(&'a self, _: &'a str) -> BoxFuture<'a, ManageResult<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn list(&self) -> BoxFuture<'_, ManageResult<Vec<Listed>>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn has_webhook<'a>(&'a self, id: &'a str) -> BoxFuture<'a, bool> {
+            Box::pin(async move { id == "hooked" })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_status_change_for_a_webhook_session_run_elsewhere_is_refused() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let cache = SessionCache::new(
+            Default::default(),
+            None,
+            Arc::new(ChainLookup(Vec::new())),
+            CacheMetrics::register(&mut registry),
+        );
+        let (events, mut rx) = crate::session::EventSink::channel(8);
+        let app = router(ApiState {
+            cache,
+            events: Some(events),
+            token: None,
+            sessions: Some(Arc::new(WithWebhook)),
+            webhooks: None,
+        });
+        let put = |id: &str| {
+            let mut request = Request::builder()
+                .method("PUT")
+                .uri(format!("/v1/sessions/{id}/status"))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(r#"{"status":"inactive"}"#))
+                .unwrap();
+            request
+                .extensions_mut()
+                .insert(ConnectInfo("127.0.0.1:1".parse::<SocketAddr>().unwrap()));
+            app.clone().oneshot(request)
+        };
+        assert_eq!(put("hooked").await.unwrap().status().as_u16(), 409);
+        assert!(rx.try_recv().is_err(), "nothing reaches the pipeline");
+        assert_eq!(put("plain").await.unwrap().status().as_u16(), 202);
+        assert_eq!(rx.try_recv().unwrap().session_id(), "plain");
+    }
+
     fn app(token: Option<&str>) -> Router {
         let mut registry = prometheus_client::registry::Registry::default();
         let cache = SessionCache::new(
@@ -432,6 +508,7 @@ mod tests {
             events: None,
             token: token.map(Arc::from),
             sessions: Some(Arc::new(Accepting)),
+            webhooks: None,
         })
     }
 

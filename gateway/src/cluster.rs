@@ -117,6 +117,7 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
         events: Some(pipeline.event_sink()),
         token: settings.api_token.as_deref().map(Arc::from),
         sessions: Some(Arc::new(manager)),
+        webhooks: Some(pipeline.webhooks.clone()),
     };
     if api.token.is_none() {
         tracing::warn!("no API token (--api-token / WA_API_TOKEN): the /v1 API is open");

@@ -59,6 +59,9 @@ impl WebhookResolver {
         let secret = match &webhook.secret_ref {
             None => None,
             Some(reference) => {
+                reference
+                    .validate()
+                    .map_err(|e| format!("webhook.secretRef: {e}"))?;
                 let data = self.secret(namespace, &reference.name).await?;
                 let value = data.get(&reference.key).ok_or_else(|| {
                     format!(

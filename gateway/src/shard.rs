@@ -297,6 +297,9 @@ async fn reconcile<D: SessionDriver>(
             .route(&id, &namespace, session.spec.webhook.as_ref())
             .await
         {
+            // Its webhook cannot be resolved yet: not started, or stopped if it ran (a webhook
+            // added to a running session), since its events must not reach our backend.
+            supervisor.stop(&id).await;
             continue;
         }
         match supervisor.ensure_running(&id).await {

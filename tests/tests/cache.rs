@@ -371,6 +371,7 @@ async fn the_qr_endpoint_serves_json_or_png_and_404_once_expired() {
         events: None,
         token: None,
         sessions: None,
+        webhooks: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

@@ -165,7 +165,11 @@ async fn kubectl_apply_of_the_examples_works() {
     let client = plane.client().await.unwrap();
     install_crd(&client).await;
     namespace(&client, "smoke-kubectl").await;
-    for example in ["session-qr.yaml", "session-pairing-code.yaml"] {
+    for example in [
+        "session-qr.yaml",
+        "session-pairing-code.yaml",
+        "session-webhook.yaml",
+    ] {
         let path = tools::workspace_root().join("examples").join(example);
         let path = path.display().to_string();
         // kubectl's discovery can lag the CRD's Established condition by a moment.
@@ -204,6 +208,10 @@ async fn kubectl_apply_of_the_examples_works() {
     );
     assert!(
         out.contains("whatsappsession.whatsapp.gateway.dev/sales-line"),
+        "{out}"
+    );
+    assert!(
+        out.contains("whatsappsession.whatsapp.gateway.dev/shop-orders"),
         "{out}"
     );
     // Unknown fields: kubectl's (default) strict server-side field validation rejects them and

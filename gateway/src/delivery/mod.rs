@@ -97,12 +97,12 @@ impl LaneMetrics {
         );
         registry.register(
             "whatsapp_gateway_delivery_latency_seconds",
-            "Time from an event to the backend's 2xx for it, by lane",
+            "Time from an event to the 2xx (backend or per-session webhook) for it, by lane",
             m.delivery_latency.clone(),
         );
         registry.register(
             "whatsapp_gateway_delivered_items",
-            "Items the backend accepted, by lane",
+            "Items the backend or a per-session webhook accepted, by lane",
             m.delivered_items.clone(),
         );
         registry.register(
@@ -194,6 +194,9 @@ struct DeliveryMetrics {
     lanes: LaneMetrics,
     target: TargetMetrics,
 }
+
+/// Batches one webhook destination may have spilled per endpoint; beyond, dead letters.
+pub const WEBHOOK_SPILL_MAX: i64 = 100_000;
 
 /// Called for every item the backend accepted, with the batch id (for tests and benches).
 pub type DeliveredHook = Arc<dyn Fn(&WireBatch) + Send + Sync>;
@@ -298,7 +301,7 @@ impl Delivery {
         let per_second = NonZeroU32::new(settings.rate_limit_per_second.max(1)).expect("non-zero");
         let burst = NonZeroU32::new(settings.rate_limit_burst.max(1)).expect("non-zero");
         let limiter = RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst));
-        Delivery {
+        let delivery = Delivery {
             inner: Arc::new(Inner {
                 backend,
                 memory: MemorySpill::new(settings.memory_spill_capacity),
@@ -318,7 +321,12 @@ impl Delivery {
                 queued: destination.is_some(),
                 destination,
             }),
+        };
+        // The backlog series exist (at 0) from the start, for dashboards and `absent()` alerts.
+        for endpoint in Endpoint::ALL {
+            delivery.backlog_gauge(endpoint);
         }
+        delivery
     }
 
     /// Installs a hook called with each batch the backend accepted. Must be called before the
@@ -328,6 +336,38 @@ impl Delivery {
             .expect("hook installed before sharing")
             .on_delivered = Some(hook);
         self
+    }
+
+    /// Spilled batches held in memory (both endpoints): those a stop would lose.
+    pub(crate) fn memory_backlog(&self) -> usize {
+        Endpoint::ALL
+            .into_iter()
+            .map(|endpoint| self.inner.memory.len(endpoint))
+            .sum()
+    }
+
+    /// A webhook batch its destination's queue could not take: logged and counted as a dead
+    /// letter (not stored: the queue is full because the spill cannot keep up).
+    pub(crate) fn refuse_unqueued(&self, batch: &Batch) {
+        let endpoint = Endpoint::of(batch.lane);
+        tracing::error!(
+            destination = self.inner.destination.as_deref().unwrap_or("backend"),
+            lane = batch.lane.as_str(),
+            items = batch.items.len(),
+            "webhook queue full: batch dropped and counted as a dead letter"
+        );
+        self.inner.dead_letters.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .dead_letter_items
+            .fetch_add(batch.items.len() as u64, Ordering::Relaxed);
+        self.inner
+            .metrics
+            .target
+            .dead_letters
+            .get_or_create(&EndpointLabel {
+                endpoint: endpoint.as_str(),
+            })
+            .inc();
     }
 
     /// Batches waiting in the spill (both endpoints).
@@ -571,6 +611,14 @@ impl Delivery {
     /// is full too, waits: backpressure up to the batcher).
     async fn spill(&self, batch: WireBatch) {
         let endpoint = batch.endpoint;
+        if self.inner.queued
+            && self.inner.backlog[slot(endpoint)].load(Ordering::Relaxed) >= WEBHOOK_SPILL_MAX
+        {
+            // One customer's webhook down for days must not fill the Redis every session's
+            // credentials live in.
+            self.dead_letter(&batch, 0, "webhook spill full").await;
+            return;
+        }
         if let Some(redis) = &self.inner.redis {
             match redis.append(&batch).await {
                 Ok(()) => {

@@ -25,6 +25,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -93,15 +94,37 @@ impl WebhookTarget {
 
 #[derive(Debug, Clone)]
 struct Route {
-    /// None: the gateway's backend.
-    destination: Option<String>,
+    destination: String,
+    /// Kept so a destination closed under a route can be reopened (fail closed: never the
+    /// gateway's backend).
+    target: WebhookTarget,
     removed_at: Option<Instant>,
 }
 
 struct Destination {
     delivery: Delivery,
+    /// To the destination's own task, which renders and spills: the batcher never awaits a
+    /// webhook's work, not even a Redis write.
+    queue: mpsc::Sender<Batch>,
     stop: CancellationToken,
+    /// Consecutive sweeps that found it unused and empty; closed at two, so a batch handed to
+    /// it just before the first sweep has shown up in its backlog by the second.
+    idle_sweeps: u8,
 }
+
+/// Where a session's batches go.
+enum Lookup {
+    Backend,
+    Webhook(String, Delivery, mpsc::Sender<Batch>),
+    /// Routed to a destination that is not open (closed by a sweep meanwhile): reopen it.
+    Closed(String, WebhookTarget),
+}
+
+/// Batches waiting for a destination's task; past it they are dropped and counted as dead
+/// letters (a Redis that stays unwritable for minutes).
+pub const QUEUE_BATCHES: usize = 1024;
+/// How long shutdown waits for webhook batches that would otherwise be lost.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// The per-session webhook destinations of one gateway and which session goes where.
 pub struct Webhooks {
@@ -116,6 +139,7 @@ pub struct Webhooks {
     /// Stops drainers and the sweeper; its own, because they must outlive the batcher's last
     /// flush, which happens after the pipeline's background tasks were told to stop.
     shutdown: CancellationToken,
+    /// Lock order: `routes`, then `destinations`.
     routes: RwLock<HashMap<String, Route>>,
     destinations: Mutex<HashMap<String, Destination>>,
     /// False until a session names a webhook: until then batches skip the split.
@@ -158,41 +182,43 @@ impl Webhooks {
 
     /// Sends `session_id`'s batches to `target` (None: the gateway's backend) from now on.
     pub async fn route(&self, session_id: &str, target: Option<&WebhookTarget>) -> Result<()> {
-        let destination = target.map(WebhookTarget::destination_id);
-        {
-            let routes = self.routes.read().expect("routes lock");
-            match routes.get(session_id) {
-                Some(route) if route.destination == destination && route.removed_at.is_none() => {
+        let Some(target) = target else {
+            self.routes.write().expect("routes lock").remove(session_id);
+            return Ok(());
+        };
+        let id = target.destination_id();
+        loop {
+            {
+                // The route is written under both locks, after checking its destination is open:
+                // a sweep (which holds `routes` while it closes) cannot close it in between.
+                let mut routes = self.routes.write().expect("routes lock");
+                let destinations = self.destinations.lock().expect("destinations lock");
+                if destinations.contains_key(&id) {
+                    let changed = routes
+                        .get(session_id)
+                        .is_none_or(|route| route.destination != id);
+                    routes.insert(
+                        session_id.to_owned(),
+                        Route {
+                            destination: id,
+                            target: target.clone(),
+                            removed_at: None,
+                        },
+                    );
+                    self.any.store(true, Ordering::Relaxed);
+                    if changed {
+                        tracing::info!(session_id, webhook = %crate::config::redact_url(target.url.as_str()), "session delivers to its own webhook");
+                    }
                     return Ok(());
                 }
-                None if destination.is_none() => return Ok(()),
-                _ => {}
             }
+            self.open(&id, target).await?;
         }
-        if let (Some(target), Some(id)) = (target, &destination) {
-            self.open(id, target).await?;
-            self.any.store(true, Ordering::Relaxed);
-        }
-        let mut routes = self.routes.write().expect("routes lock");
-        match destination {
-            Some(destination) => {
-                tracing::info!(session_id, webhook = %crate::config::redact_url(target.expect("some").url.as_str()), "session delivers to its own webhook");
-                routes.insert(
-                    session_id.to_owned(),
-                    Route {
-                        destination: Some(destination),
-                        removed_at: None,
-                    },
-                );
-            }
-            None => {
-                routes.remove(session_id);
-            }
-        }
-        Ok(())
     }
 
-    /// The session stopped here: its late events still go to its webhook for [`ROUTE_GRACE`].
+    /// The session stopped here for good: its late events still go to its webhook for
+    /// [`ROUTE_GRACE`]. (A paused session keeps its route: it still exists, and re-sync still
+    /// sends its status.)
     pub fn removed(&self, session_id: &str) {
         if let Some(route) = self
             .routes
@@ -221,22 +247,33 @@ impl Webhooks {
         }
     }
 
-    fn lookup(&self, session_id: &str) -> Option<(String, Delivery)> {
-        let destination = self
+    /// Whether this gateway sends `session_id`'s batches to a webhook.
+    pub fn routes_to_webhook(&self, session_id: &str) -> bool {
+        self.routes
+            .read()
+            .expect("routes lock")
+            .contains_key(session_id)
+    }
+
+    fn lookup(&self, session_id: &str) -> Lookup {
+        let Some(route) = self
             .routes
             .read()
             .expect("routes lock")
-            .get(session_id)?
-            .destination
-            .clone()?;
-        let delivery = self
+            .get(session_id)
+            .cloned()
+        else {
+            return Lookup::Backend;
+        };
+        match self
             .destinations
             .lock()
             .expect("destinations lock")
-            .get(&destination)?
-            .delivery
-            .clone();
-        Some((destination, delivery))
+            .get(&route.destination)
+        {
+            Some(d) => Lookup::Webhook(route.destination, d.delivery.clone(), d.queue.clone()),
+            None => Lookup::Closed(route.destination, route.target),
+        }
     }
 
     /// Batches waiting for webhooks (every destination, both endpoints).
@@ -259,7 +296,8 @@ impl Webhooks {
             .sum()
     }
 
-    /// Opens the destination unless it is open, records it in Redis and starts its drainers.
+    /// Opens the destination unless it is open: records it in Redis, starts its task and
+    /// drainers.
     async fn open(&self, id: &str, target: &WebhookTarget) -> Result<()> {
         if self
             .destinations
@@ -299,14 +337,33 @@ impl Webhooks {
             self.target_metrics.clone(),
             self.on_delivered.clone(),
         );
-        delivery.recover_backlog().await;
-        let stop = self.shutdown.child_token();
         let mut destinations = self.destinations.lock().expect("destinations lock");
         if destinations.contains_key(id) {
             return Ok(()); // opened meanwhile by another caller
         }
+        let stop = self.shutdown.child_token();
+        let (queue, mut batches) = mpsc::channel::<Batch>(QUEUE_BATCHES);
+        {
+            let delivery = delivery.clone();
+            tokio::spawn(async move {
+                // What a previous run left in Redis goes first.
+                delivery.recover_backlog().await;
+                // Ends once the destination is closed and its queue is empty.
+                while let Some(batch) = batches.recv().await {
+                    delivery.deliver(batch).await;
+                }
+            });
+        }
         drop(delivery.spawn_drainers(stop.clone()));
-        destinations.insert(id.to_owned(), Destination { delivery, stop });
+        destinations.insert(
+            id.to_owned(),
+            Destination {
+                delivery,
+                queue,
+                stop,
+                idle_sweeps: 0,
+            },
+        );
         self.destinations_gauge.set(destinations.len() as i64);
         Ok(())
     }
@@ -348,38 +405,48 @@ impl Webhooks {
     }
 
     /// Forgets routes of sessions removed longer than [`ROUTE_GRACE`] ago and closes destinations
-    /// no session uses and nothing waits for.
+    /// that no session used and that held nothing on two sweeps in a row.
     pub async fn sweep(&self) {
         let now = Instant::now();
-        let in_use: std::collections::HashSet<String> = {
+        let closed: Vec<String> = {
             let mut routes = self.routes.write().expect("routes lock");
             routes.retain(|_, route| {
                 route
                     .removed_at
                     .is_none_or(|at| now.duration_since(at) < ROUTE_GRACE)
             });
-            routes
-                .values()
-                .filter_map(|route| route.destination.clone())
-                .collect()
-        };
-        let closed: Vec<String> = {
+            let in_use: std::collections::HashSet<&str> =
+                routes.values().map(|r| r.destination.as_str()).collect();
             let mut destinations = self.destinations.lock().expect("destinations lock");
-            let idle: Vec<String> = destinations
+            for (id, d) in destinations.iter_mut() {
+                let idle = !in_use.contains(id.as_str())
+                    && d.delivery.backlog() == 0
+                    && d.queue.capacity() == d.queue.max_capacity();
+                d.idle_sweeps = if idle { d.idle_sweeps + 1 } else { 0 };
+            }
+            let closing: Vec<String> = destinations
                 .iter()
-                .filter(|(id, d)| !in_use.contains(*id) && d.delivery.backlog() == 0)
+                .filter(|(_, d)| d.idle_sweeps >= 2)
                 .map(|(id, _)| id.clone())
                 .collect();
-            for id in &idle {
+            for id in &closing {
                 if let Some(destination) = destinations.remove(id) {
                     destination.stop.cancel();
                 }
             }
             self.destinations_gauge.set(destinations.len() as i64);
-            idle
+            closing
         };
         if let Some(redis) = &self.redis {
             for id in closed {
+                let reopened = self
+                    .destinations
+                    .lock()
+                    .expect("destinations lock")
+                    .contains_key(&id);
+                if reopened {
+                    continue;
+                }
                 let removed: std::result::Result<u64, fred::error::Error> = redis
                     .hdel(SpillKeys::new(&self.identity).webhooks(), id)
                     .await;
@@ -405,12 +472,40 @@ impl Webhooks {
         })
     }
 
-    /// At shutdown, after the batcher's last flush: waits until every destination's drainer has
-    /// sent what it holds (the caller bounds the wait), then stops them and the sweeper. What is
-    /// still in a Redis spill resumes on the next start.
+    /// Batches that a stop now would lose: queued to a destination's task, or spilled where
+    /// they do not survive the process (memory; all of the spill without Redis).
+    fn at_risk(&self) -> i64 {
+        let with_redis = self.redis.is_some();
+        self.destinations
+            .lock()
+            .expect("destinations lock")
+            .values()
+            .map(|d| {
+                let queued = (d.queue.max_capacity() - d.queue.capacity()) as i64;
+                let spilled = if with_redis {
+                    d.delivery.memory_backlog() as i64
+                } else {
+                    d.delivery.backlog()
+                };
+                queued + spilled
+            })
+            .sum()
+    }
+
+    /// At shutdown, after the batcher's last flush: waits (up to [`SHUTDOWN_WAIT`]) for what
+    /// would be lost otherwise, then stops the drainers and the sweeper. A Redis spill resumes
+    /// on the next start, so a webhook that is down does not hold the shutdown up.
     pub async fn drain(&self) {
-        while self.backlog() > 0 {
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        while self.at_risk() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.at_risk();
+        if left > 0 {
+            tracing::warn!(
+                batches = left,
+                "webhook batches not delivered before shutdown (held in memory: lost)"
+            );
         }
         // Every destination's token is a child of this one; the sweeper stops too.
         self.shutdown.cancel();
@@ -443,24 +538,46 @@ impl BatchSink for RoutingSink {
         } = batch;
         let mut to_backend: Vec<GatewayEvent> = Vec::with_capacity(items.len());
         // Few destinations per batch: a vector keeps their first-seen order without hashing.
-        let mut to_webhooks: Vec<(String, Delivery, Vec<GatewayEvent>)> = Vec::new();
+        let mut to_webhooks: Vec<(String, Delivery, mpsc::Sender<Batch>, Vec<GatewayEvent>)> =
+            Vec::new();
         for item in items {
-            match self.webhooks.lookup(item.session_id()) {
-                None => to_backend.push(item),
-                Some((id, delivery)) => match to_webhooks.iter_mut().find(|(d, ..)| *d == id) {
-                    Some((.., part)) => part.push(item),
-                    None => to_webhooks.push((id, delivery, vec![item])),
-                },
+            let mut found = self.webhooks.lookup(item.session_id());
+            if let Lookup::Closed(id, target) = &found {
+                if let Err(err) = self.webhooks.open(id, target).await {
+                    tracing::error!(%err, "could not reopen a webhook destination");
+                }
+                found = self.webhooks.lookup(item.session_id());
+            }
+            match found {
+                Lookup::Backend => to_backend.push(item),
+                Lookup::Webhook(id, delivery, queue) => {
+                    match to_webhooks.iter_mut().find(|(d, ..)| *d == id) {
+                        Some((.., part)) => part.push(item),
+                        None => to_webhooks.push((id, delivery, queue, vec![item])),
+                    }
+                }
+                Lookup::Closed(..) => {
+                    // Never the gateway's backend: counted and logged as a dead letter.
+                    tracing::error!(
+                        session_id = item.session_id(),
+                        "webhook destination unavailable: item dropped"
+                    );
+                }
             }
         }
-        for (_, delivery, items) in to_webhooks {
-            delivery
-                .deliver(Batch {
-                    lane,
-                    items,
-                    reason,
-                })
-                .await;
+        for (_, delivery, queue, items) in to_webhooks {
+            let part = Batch {
+                lane,
+                items,
+                reason,
+            };
+            if let Err(refused) = queue.try_send(part) {
+                let part = match refused {
+                    mpsc::error::TrySendError::Full(part)
+                    | mpsc::error::TrySendError::Closed(part) => part,
+                };
+                delivery.refuse_unqueued(&part);
+            }
         }
         if !to_backend.is_empty() {
             self.backend
@@ -471,5 +588,181 @@ impl BatchSink for RoutingSink {
                 })
                 .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{FlushReason, Lane};
+    use crate::events::{Priority, SessionStatus, StatusEvent};
+
+    type Seen = Arc<Mutex<Vec<String>>>;
+
+    /// A loopback HTTP server that records the session ids of every status batch it gets.
+    async fn receiver() -> (reqwest::Url, Seen) {
+        let seen: Seen = Arc::default();
+        let record = seen.clone();
+        let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+            let record = record.clone();
+            async move {
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                for item in body["items"].as_array().unwrap() {
+                    record
+                        .lock()
+                        .unwrap()
+                        .push(item["sessionId"].as_str().unwrap().to_owned());
+                }
+                "ok"
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url.parse().unwrap(), seen)
+    }
+
+    fn endpoints(url: reqwest::Url) -> BackendSettings {
+        BackendSettings {
+            base_url: url,
+            qr_batch_path: "/qr/batch".into(),
+            status_batch_path: "/status/batch".into(),
+            legacy: false,
+            qr_path: "/qr".into(),
+            status_path: "/status".into(),
+            secret: None,
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn setup(backend_url: reqwest::Url) -> (RoutingSink, Arc<Webhooks>) {
+        let mut registry = Registry::default();
+        let backend = Delivery::new(
+            Some(BackendClient::new(endpoints(backend_url.clone())).unwrap()),
+            None,
+            DeliverySettings::default(),
+            &mut registry,
+        );
+        let webhooks = Webhooks::new(
+            endpoints(backend_url),
+            DeliverySettings::default(),
+            "test",
+            None,
+            &backend,
+            &mut registry,
+        );
+        (RoutingSink::new(backend, webhooks.clone()), webhooks)
+    }
+
+    fn statuses(ids: &[&str]) -> Batch {
+        Batch {
+            lane: Lane::StatusHigh,
+            items: ids
+                .iter()
+                .map(|id| {
+                    GatewayEvent::Status(StatusEvent::new(
+                        *id,
+                        SessionStatus::Active,
+                        Priority::High,
+                        None,
+                    ))
+                })
+                .collect(),
+            reason: FlushReason::Immediate,
+        }
+    }
+
+    async fn wait_for(seen: &Seen, count: usize) -> Vec<String> {
+        for _ in 0..200 {
+            let now = seen.lock().unwrap().clone();
+            if now.len() >= count {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        seen.lock().unwrap().clone()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_is_split_by_destination_and_late_events_follow_the_webhook() {
+        let (backend_url, at_backend) = receiver().await;
+        let (hook_url, at_hook) = receiver().await;
+        let (sink, webhooks) = setup(backend_url);
+        let target = WebhookTarget {
+            url: hook_url,
+            secret: Some("k".into()),
+        };
+        webhooks.route("hooked", Some(&target)).await.unwrap();
+        sink.deliver(statuses(&["plain-1", "hooked", "plain-2"]))
+            .await;
+        assert_eq!(wait_for(&at_backend, 2).await, ["plain-1", "plain-2"]);
+        assert_eq!(wait_for(&at_hook, 1).await, ["hooked"]);
+
+        // Stopped here: its last events still go to its webhook.
+        webhooks.removed("hooked");
+        sink.deliver(statuses(&["hooked"])).await;
+        assert_eq!(wait_for(&at_hook, 2).await, ["hooked", "hooked"]);
+        // Its webhook taken off the spec: back to the gateway's backend.
+        webhooks.route("hooked", None).await.unwrap();
+        sink.deliver(statuses(&["hooked"])).await;
+        assert_eq!(
+            wait_for(&at_backend, 3).await,
+            ["plain-1", "plain-2", "hooked"]
+        );
+        assert_eq!(at_hook.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn routes_outlive_a_removal_by_the_grace_and_idle_destinations_close_on_the_second_sweep()
+    {
+        let (sink, webhooks) = setup("http://127.0.0.1:9/".parse().unwrap());
+        drop(sink);
+        let target = WebhookTarget {
+            url: "http://127.0.0.1:9/hook".parse().unwrap(),
+            secret: None,
+        };
+        webhooks.route("a", Some(&target)).await.unwrap();
+        webhooks.route("b", Some(&target)).await.unwrap();
+        assert_eq!(
+            webhooks.destinations_gauge.get(),
+            1,
+            "one destination shared"
+        );
+        webhooks.removed("a");
+        webhooks.removed("b");
+        tokio::time::advance(ROUTE_GRACE / 2).await;
+        webhooks.sweep().await;
+        assert!(webhooks.routes_to_webhook("a"), "within the grace");
+        // Restarted within the grace: the route stops counting down.
+        assert!(webhooks.keep_route("b"));
+        tokio::time::advance(ROUTE_GRACE).await;
+        webhooks.sweep().await;
+        assert!(!webhooks.routes_to_webhook("a"), "past the grace");
+        assert!(webhooks.routes_to_webhook("b"));
+        webhooks.route("b", None).await.unwrap();
+        webhooks.sweep().await;
+        assert_eq!(webhooks.destinations_gauge.get(), 1, "idle once: kept");
+        webhooks.sweep().await;
+        assert_eq!(webhooks.destinations_gauge.get(), 0, "idle twice: closed");
+        // A route to it opens it again.
+        webhooks.route("a", Some(&target)).await.unwrap();
+        assert_eq!(webhooks.destinations_gauge.get(), 1);
+    }
+
+    #[test]
+    fn a_rotated_key_is_a_new_destination_and_ids_do_not_show_the_key() {
+        let url: reqwest::Url = "https://shop.example/api".parse().unwrap();
+        let a = WebhookTarget {
+            url: url.clone(),
+            secret: Some("one".into()),
+        };
+        let b = WebhookTarget {
+            url,
+            secret: Some("two".into()),
+        };
+        assert_ne!(a.destination_id(), b.destination_id());
+        assert_eq!(a.destination_id().len(), 16);
+        assert!(!format!("{a:?}").contains("one"), "{a:?}");
     }
 }

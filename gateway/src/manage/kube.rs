@@ -165,6 +165,12 @@ fn is_dns_subdomain(name: &str) -> bool {
 }
 
 impl SessionManager for KubeSessions {
+    fn has_webhook<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, bool> {
+        // Any namespace: ids are global, and a status change is for whichever session has it.
+        let found = self.informer.entry(session_id);
+        Box::pin(async move { found.is_some_and(|entry| entry.spec.webhook.is_some()) })
+    }
+
     fn create(&self, spec: SessionSpec) -> BoxFuture<'_, ManageResult<Created>> {
         Box::pin(async move {
             self.check_writable()?;

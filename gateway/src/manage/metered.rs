@@ -58,6 +58,10 @@ fn error_kind(err: &ManageError) -> &'static str {
 }
 
 impl<M: SessionManager> SessionManager for Metered<M> {
+    fn has_webhook<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, bool> {
+        self.inner.has_webhook(session_id)
+    }
+
     fn create(&self, spec: SessionSpec) -> BoxFuture<'_, ManageResult<Created>> {
         Box::pin(async move {
             let result = self.inner.create(spec).await;

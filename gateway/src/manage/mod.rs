@@ -111,13 +111,10 @@ impl SessionSpec {
         if let Some(webhook) = &self.webhook {
             crate::delivery::WebhookTarget::parse_url(&webhook.url)
                 .map_err(|reason| ManageError::invalid("webhook.url", reason))?;
-            if let Some(reference) = &webhook.secret_ref
-                && (reference.name.is_empty() || reference.key.is_empty())
-            {
-                return Err(ManageError::invalid(
-                    "webhook.secretRef",
-                    "name and key are required",
-                ));
+            if let Some(reference) = &webhook.secret_ref {
+                reference
+                    .validate()
+                    .map_err(|reason| ManageError::invalid("webhook.secretRef", reason))?;
             }
         }
         Ok(())
@@ -198,6 +195,11 @@ pub trait SessionManager: Send + Sync {
     /// Deletes the session; a live one logs out first when its `logoutOnDelete` says so.
     fn delete<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<()>>;
     fn list(&self) -> BoxFuture<'_, ManageResult<Vec<Listed>>>;
+    /// Whether the session names its own webhook (`spec.webhook`); when unsure (the store did
+    /// not answer), true: the caller then refuses rather than send to the wrong backend.
+    fn has_webhook<'a>(&'a self, _session_id: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async { false })
+    }
 }
 
 impl<T: SessionManager + ?Sized> SessionManager for Arc<T> {
@@ -216,6 +218,9 @@ impl<T: SessionManager + ?Sized> SessionManager for Arc<T> {
     }
     fn list(&self) -> BoxFuture<'_, ManageResult<Vec<Listed>>> {
         (**self).list()
+    }
+    fn has_webhook<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, bool> {
+        (**self).has_webhook(session_id)
     }
 }
 
@@ -508,6 +513,9 @@ pub struct LocalSessions<D: SessionDriver> {
     seen_version: Mutex<Option<u64>>,
     /// Per-session webhooks; without it (unit tests) a session naming one does not start.
     routing: Option<crate::secrets::WebhookRouting>,
+    /// A step waits for a webhook: the next follow tick reconciles again though the book's
+    /// version has not moved.
+    deferred: std::sync::atomic::AtomicBool,
 }
 
 impl<D: SessionDriver> LocalSessions<D> {
@@ -531,6 +539,7 @@ impl<D: SessionDriver> LocalSessions<D> {
             applied: tokio::sync::Mutex::new(HashMap::new()),
             seen_version: Mutex::new(None),
             routing: None,
+            deferred: Default::default(),
         }
     }
 
@@ -603,7 +612,11 @@ impl<D: SessionDriver> LocalSessions<D> {
     pub async fn reconcile(&self, force: bool) -> ManageResult<usize> {
         let mut applied = self.applied.lock().await;
         let version = self.book.version().await?;
-        if !force && *self.seen_version.lock().expect("version lock") == Some(version) {
+        let deferred = self
+            .deferred
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        if !force && !deferred && *self.seen_version.lock().expect("version lock") == Some(version)
+        {
             return Ok(0);
         }
         let snapshot = self.book.all().await?;
@@ -661,8 +674,14 @@ impl<D: SessionDriver> LocalSessions<D> {
         match step {
             Step::Run(spec) => {
                 if !self.route(spec).await {
-                    // Not recorded as applied: the next full reconciliation tries again.
-                    tracing::warn!(session_id = %spec.session_id, "session not started: its webhook cannot be resolved");
+                    // Stopped if it ran (a webhook added that cannot be resolved: its events
+                    // must not reach the gateway's backend) and not recorded as applied, so
+                    // the follow loop tries again.
+                    self.supervisor.stop(&spec.session_id).await;
+                    applied.remove(&spec.session_id);
+                    self.deferred
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(session_id = %spec.session_id, "session waits for its webhook");
                     return;
                 }
                 self.logins.set(&spec.session_id, &(&spec.login).into());
@@ -671,9 +690,6 @@ impl<D: SessionDriver> LocalSessions<D> {
             Step::Pause(spec) => {
                 self.logins.set(&spec.session_id, &(&spec.login).into());
                 self.supervisor.pause(&spec.session_id).await;
-                if let Some(routing) = &self.routing {
-                    routing.webhooks.removed(&spec.session_id);
-                }
             }
             Step::End { session_id, logout } => {
                 if *logout {
@@ -801,6 +817,19 @@ async fn wipe_when_released(book: Arc<dyn SessionBook>, session_id: String) {
 }
 
 impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
+    fn has_webhook<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            if let Some((spec, _)) = self.configured.get(session_id) {
+                return spec.webhook.is_some();
+            }
+            match self.book.get(session_id).await {
+                Ok(Some(BookEntry::Spec(spec))) => spec.webhook.is_some(),
+                Ok(None) => false,
+                Ok(Some(BookEntry::Unreadable)) | Err(_) => true,
+            }
+        })
+    }
+
     fn create(&self, spec: SessionSpec) -> BoxFuture<'_, ManageResult<Created>> {
         Box::pin(async move {
             spec.validate()?;
