@@ -89,6 +89,27 @@ impl Scenario {
     }
 }
 
+/// What the per-session webhook does during the window (`--webhook-share`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WebhookMode {
+    /// Answers 200, like the backend.
+    Ok,
+    /// Closes every connection at once.
+    Down,
+    /// Never answers: each attempt waits for the gateway's request timeout (10 s).
+    Hang,
+}
+
+impl WebhookMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            WebhookMode::Ok => "ok",
+            WebhookMode::Down => "down",
+            WebhookMode::Hang => "hang",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum QrFormatArg {
     Png,
@@ -167,6 +188,15 @@ pub struct DeliveryArgs {
     /// Longest the graceful shutdown may take.
     #[arg(long, default_value_t = 120)]
     shutdown_grace_s: u64,
+    /// Share of the sessions (spread evenly) that name their own webhook (`spec.webhook`): a
+    /// second receiver. The top-level figures are then those of the other sessions (the
+    /// backend's); `webhook` has the webhook sessions' own. `lost` covers both.
+    #[arg(long, default_value_t = 0.0)]
+    webhook_share: f64,
+    /// What the webhook does during the window; it answers 200 again from the tail on, and the
+    /// bench waits for its spill to drain before shutting down.
+    #[arg(long, value_enum, default_value_t = WebhookMode::Hang)]
+    webhook_mode: WebhookMode,
 }
 
 /// The steady mix: `SimConfig::default()` as the simulator documents it, unchanged, with the
@@ -224,13 +254,19 @@ enum Kind {
     Normal,
 }
 
+#[derive(Clone, Copy)]
 struct Forwarded {
     created_ms: f64,
     kind: Kind,
 }
 
+/// The session id in a wire key (`s|<session>|...` or `q|<session>|...`).
+fn session_of(key: &str) -> &str {
+    key.split('|').nth(1).unwrap_or_default()
+}
+
 /// Every event forwarded to the pipeline, by wire key.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct EventLog {
     events: HashMap<String, Forwarded>,
     forwarded: u64,
@@ -252,6 +288,21 @@ fn wire_key(item: &Value) -> Option<String> {
 }
 
 impl EventLog {
+    /// The events of the sessions in `ids`, and the others'.
+    fn split(&self, ids: &std::collections::HashSet<String>) -> (EventLog, EventLog) {
+        let (mut inside, mut outside) = (EventLog::default(), EventLog::default());
+        for (key, event) in &self.events {
+            let part = if ids.contains(session_of(key)) {
+                &mut inside
+            } else {
+                &mut outside
+            };
+            part.events.insert(key.clone(), *event);
+            part.forwarded += 1;
+        }
+        (inside, outside)
+    }
+
     fn record(&mut self, event: &GatewayEvent) {
         let created_ms = unix_ms_f64() - event.created().elapsed().as_secs_f64() * 1000.0;
         let kind = match event {
@@ -412,19 +463,32 @@ pub fn run(args: DeliveryArgs) -> anyhow::Result<()> {
         .block_on(Receiver::start())
         .context("starting the HTTP receiver")?;
     receiver.set_processing_delay(Duration::from_millis(args.backend_delay_ms));
+    let webhook = backend_runtime
+        .block_on(Receiver::start())
+        .context("starting the webhook receiver")?;
+    webhook.set_processing_delay(Duration::from_millis(args.backend_delay_ms));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(measure(&args, &receiver))?;
+    let report = runtime.block_on(measure(&args, &receiver, &webhook))?;
     drop(runtime);
     drop(receiver);
+    drop(webhook);
     drop(backend_runtime);
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 
-async fn measure(args: &DeliveryArgs, receiver: &Receiver) -> anyhow::Result<Value> {
+async fn measure(
+    args: &DeliveryArgs,
+    receiver: &Receiver,
+    webhook: &Receiver,
+) -> anyhow::Result<Value> {
     anyhow::ensure!(args.sessions > 0, "--sessions must be at least 1");
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.webhook_share),
+        "--webhook-share must be between 0 and 1"
+    );
     anyhow::ensure!(args.seconds > 0, "--seconds must be at least 1");
     anyhow::ensure!(
         args.warmup_s >= args.ramp_s,
@@ -528,6 +592,20 @@ async fn measure(args: &DeliveryArgs, receiver: &Receiver) -> anyhow::Result<Val
         mix.mean_connected = Duration::from_secs(secs);
     }
     let driver = SimDriver::new(mix.clone())?;
+    // Every k-th session (evenly spread) names the webhook, as `spec.webhook` would.
+    let webhook_ids: std::collections::HashSet<String> = (0..args.sessions)
+        .filter(|&i| {
+            (i as f64 * args.webhook_share).floor() != ((i + 1) as f64 * args.webhook_share).floor()
+        })
+        .map(|i| format!("sim-{i:06}"))
+        .collect();
+    let webhook_target = gateway::delivery::WebhookTarget {
+        url: webhook.url().parse()?,
+        secret: None,
+    };
+    for id in &webhook_ids {
+        pipeline.webhooks.route(id, Some(&webhook_target)).await?;
+    }
     let started = Instant::now();
     let ramp = Duration::from_secs(args.ramp_s);
     let mut sessions = Vec::with_capacity(args.sessions);
@@ -545,11 +623,24 @@ async fn measure(args: &DeliveryArgs, receiver: &Receiver) -> anyhow::Result<Val
         tracing::info!("burst: every connected session drops");
         driver.trigger_burst(Duration::from_millis(args.burst_window_ms));
     }
+    let webhook_mode = match args.webhook_mode {
+        WebhookMode::Ok => test_support::receiver::Mode::Ok,
+        WebhookMode::Down => test_support::receiver::Mode::Down,
+        WebhookMode::Hang => test_support::receiver::Mode::Hang,
+    };
+    webhook.set_mode(webhook_mode);
     let window_started = Instant::now();
     tokio::time::sleep_until(window_started + Duration::from_secs(args.seconds)).await;
     let window_to = window_from + (args.seconds * 1000) as f64;
     tracing::info!("window over; tail");
+    webhook.set_mode(test_support::receiver::Mode::Ok);
     tokio::time::sleep(Duration::from_secs(args.tail_s)).await;
+    // What the webhook missed waits in its spill: let it drain before counting.
+    let drain_started = Instant::now();
+    while pipeline.webhooks.backlog() > 0 && drain_started.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let webhook_drain_ms = drain_started.elapsed().as_millis() as u64;
 
     let end_states = pipeline.states.count_by_status();
     let stats = pipeline.batch_stats().clone();
@@ -564,16 +655,26 @@ async fn measure(args: &DeliveryArgs, receiver: &Receiver) -> anyhow::Result<Val
     let metrics_text = gateway::metrics::render(&registry);
     drop(redis_server);
 
-    let arrivals: Vec<Arrival> = receiver
-        .received()
+    let arrivals_at = |receiver: &Receiver| -> Vec<Arrival> {
+        receiver
+            .received()
+            .into_iter()
+            .map(|request| Arrival {
+                at_ms: request.at_unix_ms as f64,
+                qr: !request.path.contains("status"),
+                keys: request.items.iter().map(wire_key).collect(),
+            })
+            .collect()
+    };
+    let arrivals = arrivals_at(receiver);
+    let webhook_arrivals = arrivals_at(webhook);
+    // Lost and duplicates over both receivers; latencies per receiver and its sessions.
+    let all_arrivals: Vec<Arrival> = arrivals_at(receiver)
         .into_iter()
-        .map(|request| Arrival {
-            at_ms: request.at_unix_ms as f64,
-            qr: !request.path.contains("status"),
-            keys: request.items.iter().map(wire_key).collect(),
-        })
+        .chain(arrivals_at(webhook))
         .collect();
-    let analysis = analyse(&log, &arrivals);
+    let analysis = analyse(&log, &all_arrivals);
+    let (webhook_log, backend_log) = log.split(&webhook_ids);
 
     let delivered = analysis.first_arrival.len() as u64;
     let superseded = stats.total_superseded();
@@ -585,7 +686,7 @@ async fn measure(args: &DeliveryArgs, receiver: &Receiver) -> anyhow::Result<Val
         - expired_batcher as i64
         - expired_spill as i64;
 
-    let main = window(&log, &analysis, &arrivals, window_from, window_to);
+    let main = window(&backend_log, &analysis, &arrivals, window_from, window_to);
     let mut report = json!({
         "policy": args.policy.as_str(),
         "scenario": args.scenario.as_str(),
@@ -655,7 +756,19 @@ async fn measure(args: &DeliveryArgs, receiver: &Receiver) -> anyhow::Result<Val
     if args.scenario == Scenario::Burst {
         report["burst_window_ms"] = json!(args.burst_window_ms);
         let phase_to = window_from + (args.burst_phase_s.min(args.seconds) * 1000) as f64;
-        report["burst_phase"] = window(&log, &analysis, &arrivals, window_from, phase_to);
+        report["burst_phase"] = window(&backend_log, &analysis, &arrivals, window_from, phase_to);
+    }
+    if !webhook_ids.is_empty() {
+        report["webhook"] = json!({
+            "share": args.webhook_share,
+            "sessions": webhook_ids.len(),
+            "mode_in_window": args.webhook_mode.as_str(),
+            "window": window(&webhook_log, &analysis, &webhook_arrivals, window_from, window_to),
+            "requests_total": webhook_arrivals.len(),
+            "attempts_total": webhook.attempts(),
+            "drain_after_tail_ms": webhook_drain_ms,
+            "note": "top-level latencies and requests are the other sessions' (the backend's); lost and duplicates cover both",
+        });
     }
     Ok(report)
 }

@@ -195,8 +195,7 @@ pub trait SessionManager: Send + Sync {
     /// Deletes the session; a live one logs out first when its `logoutOnDelete` says so.
     fn delete<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ManageResult<()>>;
     fn list(&self) -> BoxFuture<'_, ManageResult<Vec<Listed>>>;
-    /// Whether the session names its own webhook (`spec.webhook`); when unsure (the store did
-    /// not answer), true: the caller then refuses rather than send to the wrong backend.
+    /// Whether the session names its own webhook (`spec.webhook`), as far as this gateway knows.
     fn has_webhook<'a>(&'a self, _session_id: &'a str) -> BoxFuture<'a, bool> {
         Box::pin(async { false })
     }
@@ -822,10 +821,19 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
             if let Some((spec, _)) = self.configured.get(session_id) {
                 return spec.webhook.is_some();
             }
+            // What this gateway applied mirrors the book (every gateway wants every session;
+            // the locks decide who runs it), and needs no Redis: a PUT during a Redis outage
+            // must not fail. Busy (a reconciliation runs) or not there yet: the book.
+            if let Ok(applied) = self.applied.try_lock()
+                && let Some(spec) = applied.get(session_id)
+            {
+                return spec.webhook.is_some();
+            }
             match self.book.get(session_id).await {
                 Ok(Some(BookEntry::Spec(spec))) => spec.webhook.is_some(),
-                Ok(None) => false,
-                Ok(Some(BookEntry::Unreadable)) | Err(_) => true,
+                Ok(Some(BookEntry::Unreadable)) => true,
+                // Unknown, or Redis unreachable for a session this gateway never saw.
+                Ok(None) | Err(_) => false,
             }
         })
     }
