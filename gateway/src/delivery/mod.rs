@@ -728,17 +728,9 @@ impl Delivery {
             }
             for entry in entries {
                 let mut batch = entry.batch;
+                // Counted once the entry is done with: a failed attempt leaves the stored batch
+                // as it was, and the next attempt drops (and would count) the same items again.
                 let expired = batch.drop_expired(unix_ms_now());
-                if expired > 0 {
-                    self.inner
-                        .metrics
-                        .lanes
-                        .expired_items
-                        .inc_by(expired as u64);
-                    self.inner
-                        .expired_items
-                        .fetch_add(expired as u64, Ordering::Relaxed);
-                }
                 let outcome = self.send_splitting(batch).await;
                 if let Some(parts) = outcome {
                     // Still failing: keep it (unchanged order) and back off.
@@ -760,6 +752,16 @@ impl Delivery {
                     // backend ignore the duplicate.
                     tracing::warn!(%err, "could not acknowledge a delivered spill entry");
                     break;
+                }
+                if expired > 0 {
+                    self.inner
+                        .metrics
+                        .lanes
+                        .expired_items
+                        .inc_by(expired as u64);
+                    self.inner
+                        .expired_items
+                        .fetch_add(expired as u64, Ordering::Relaxed);
                 }
                 self.add_backlog(endpoint, -1);
             }

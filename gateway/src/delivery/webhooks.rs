@@ -183,7 +183,15 @@ impl Webhooks {
     /// Sends `session_id`'s batches to `target` (None: the gateway's backend) from now on.
     pub async fn route(&self, session_id: &str, target: Option<&WebhookTarget>) -> Result<()> {
         let Some(target) = target else {
-            self.routes.write().expect("routes lock").remove(session_id);
+            // Called for every session on every reconcile pass: no write lock unless needed.
+            let routed = self
+                .routes
+                .read()
+                .expect("routes lock")
+                .contains_key(session_id);
+            if routed {
+                self.routes.write().expect("routes lock").remove(session_id);
+            }
             return Ok(());
         };
         let id = target.destination_id();
