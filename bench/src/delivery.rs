@@ -34,6 +34,10 @@
 //!   events forwarded - distinct items delivered - superseded (batcher, all lanes) - expired
 //!   (batcher and spill); `duplicates` = receiver items that repeat a key already received.
 //!
+//! With `--webhook-share`, that share of the sessions names its own webhook (a second receiver
+//! that hangs or is down during the window): the top-level figures are then the other sessions',
+//! `webhook` the webhook sessions' own, and `lost` covers both receivers.
+//!
 //! The workload (`mix` in the output) is the simulator's default `SimConfig`, unchanged; see
 //! [`steady_mix`] for why it is a fair picture of a fleet.
 
