@@ -175,6 +175,7 @@ impl WebhookRouting {
                 Err(_) if self.webhooks.keep_route(id) => return true,
                 Err(err) => {
                     tracing::debug!(session_id = %id, %err, "session waits for its webhook");
+                    self.webhooks.hold(id);
                     return false;
                 }
             },
@@ -183,7 +184,12 @@ impl WebhookRouting {
             Ok(()) => true,
             Err(err) => {
                 tracing::warn!(session_id = %id, %err, "could not open the session's webhook");
-                self.webhooks.keep_route(id)
+                if self.webhooks.keep_route(id) {
+                    true
+                } else {
+                    self.webhooks.hold(id);
+                    false
+                }
             }
         }
     }

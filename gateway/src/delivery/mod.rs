@@ -163,6 +163,12 @@ impl TargetMetrics {
         m
     }
 
+    fn touch_backlog(&self, endpoint: Endpoint) {
+        drop(self.spill_backlog.get_or_create(&EndpointLabel {
+            endpoint: endpoint.as_str(),
+        }));
+    }
+
     pub(crate) fn register_webhooks(registry: &mut Registry) -> Self {
         let m = Self::new();
         registry.register(

@@ -16,11 +16,12 @@
 //! next to the session credentials Redis already holds, so this stores nothing more sensitive.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use fred::prelude::*;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
@@ -95,14 +96,14 @@ impl WebhookTarget {
 #[derive(Debug, Clone)]
 struct Route {
     destination: String,
-    /// Kept so a destination closed under a route can be reopened (fail closed: never the
-    /// gateway's backend).
-    target: WebhookTarget,
     removed_at: Option<Instant>,
 }
 
 struct Destination {
     delivery: Delivery,
+    /// Batches handed to the task and not yet spilled (the queue's count drops as soon as the
+    /// task takes one; rendering and the Redis write come after).
+    in_flight: Arc<AtomicI64>,
     /// To the destination's own task, which renders and spills: the batcher never awaits a
     /// webhook's work, not even a Redis write.
     queue: mpsc::Sender<Batch>,
@@ -115,9 +116,10 @@ struct Destination {
 /// Where a session's batches go.
 enum Lookup {
     Backend,
-    Webhook(String, Delivery, mpsc::Sender<Batch>),
-    /// Routed to a destination that is not open (closed by a sweep meanwhile): reopen it.
-    Closed(String, WebhookTarget),
+    Webhook(String, Delivery, mpsc::Sender<Batch>, Arc<AtomicI64>),
+    /// Its webhook cannot be resolved (or its destination is not open): the items are dropped
+    /// and counted, never sent to the gateway's backend.
+    Held,
 }
 
 /// Batches waiting for a destination's task; past it they are dropped and counted as dead
@@ -141,6 +143,10 @@ pub struct Webhooks {
     shutdown: CancellationToken,
     /// Lock order: `routes`, then `destinations`.
     routes: RwLock<HashMap<String, Route>>,
+    /// Sessions whose webhook cannot be resolved yet, with when they were removed (pruned after
+    /// the grace). Checked before `routes`.
+    held: RwLock<HashMap<String, Option<Instant>>>,
+    held_items: Counter,
     destinations: Mutex<HashMap<String, Destination>>,
     /// False until a session names a webhook: until then batches skip the split.
     any: AtomicBool,
@@ -164,17 +170,30 @@ impl Webhooks {
             "Per-session webhook destinations this gateway delivers to",
             destinations_gauge.clone(),
         );
+        let held_items = Counter::default();
+        registry.register(
+            "whatsapp_gateway_webhook_held_items",
+            "Items of sessions whose webhook cannot be resolved (its Secret is missing), dropped rather than sent to the gateway's backend",
+            held_items.clone(),
+        );
+        let target_metrics = TargetMetrics::register_webhooks(registry);
+        for endpoint in super::Endpoint::ALL {
+            // The series exist (at 0) before any webhook is used, for dashboards and alerts.
+            target_metrics.touch_backlog(endpoint);
+        }
         Arc::new(Webhooks {
             template,
             settings,
             identity: identity.to_owned(),
             redis,
             lanes: backend.lane_metrics(),
-            target_metrics: TargetMetrics::register_webhooks(registry),
+            target_metrics,
             destinations_gauge,
             on_delivered: backend.delivered_hook(),
             shutdown: CancellationToken::new(),
             routes: RwLock::default(),
+            held: RwLock::default(),
+            held_items,
             destinations: Mutex::default(),
             any: AtomicBool::new(false),
         })
@@ -182,6 +201,7 @@ impl Webhooks {
 
     /// Sends `session_id`'s batches to `target` (None: the gateway's backend) from now on.
     pub async fn route(&self, session_id: &str, target: Option<&WebhookTarget>) -> Result<()> {
+        self.release(session_id);
         let Some(target) = target else {
             // Called for every session on every reconcile pass: no write lock unless needed.
             let routed = self
@@ -200,8 +220,9 @@ impl Webhooks {
                 // The route is written under both locks, after checking its destination is open:
                 // a sweep (which holds `routes` while it closes) cannot close it in between.
                 let mut routes = self.routes.write().expect("routes lock");
-                let destinations = self.destinations.lock().expect("destinations lock");
-                if destinations.contains_key(&id) {
+                let mut destinations = self.destinations.lock().expect("destinations lock");
+                if let Some(destination) = destinations.get_mut(&id) {
+                    destination.idle_sweeps = 0;
                     let changed = routes
                         .get(session_id)
                         .is_none_or(|route| route.destination != id);
@@ -209,7 +230,6 @@ impl Webhooks {
                         session_id.to_owned(),
                         Route {
                             destination: id,
-                            target: target.clone(),
                             removed_at: None,
                         },
                     );
@@ -228,6 +248,9 @@ impl Webhooks {
     /// [`ROUTE_GRACE`]. (A paused session keeps its route: it still exists, and re-sync still
     /// sends its status.)
     pub fn removed(&self, session_id: &str) {
+        if let Some(at) = self.held.write().expect("held lock").get_mut(session_id) {
+            at.get_or_insert_with(Instant::now);
+        }
         if let Some(route) = self
             .routes
             .write()
@@ -255,15 +278,43 @@ impl Webhooks {
         }
     }
 
-    /// Whether this gateway sends `session_id`'s batches to a webhook.
+    /// Whether this gateway runs `session_id` with a webhook route (not one kept after a
+    /// removal: a change accepted for it would be re-sent by re-sync after the route is gone).
     pub fn routes_to_webhook(&self, session_id: &str) -> bool {
         self.routes
             .read()
             .expect("routes lock")
-            .contains_key(session_id)
+            .get(session_id)
+            .is_some_and(|route| route.removed_at.is_none())
+    }
+
+    /// `session_id`'s webhook cannot be resolved and it has no route: until it does, its items
+    /// (the stop event, re-sync) are dropped and counted, never sent to the gateway's backend.
+    pub fn hold(&self, session_id: &str) {
+        let mut held = self.held.write().expect("held lock");
+        held.insert(session_id.to_owned(), None);
+    }
+
+    fn release(&self, session_id: &str) {
+        let known = self
+            .held
+            .read()
+            .expect("held lock")
+            .contains_key(session_id);
+        if known {
+            self.held.write().expect("held lock").remove(session_id);
+        }
     }
 
     fn lookup(&self, session_id: &str) -> Lookup {
+        if self
+            .held
+            .read()
+            .expect("held lock")
+            .contains_key(session_id)
+        {
+            return Lookup::Held;
+        }
         let Some(route) = self
             .routes
             .read()
@@ -277,10 +328,23 @@ impl Webhooks {
             .destinations
             .lock()
             .expect("destinations lock")
-            .get(&route.destination)
+            .get_mut(&route.destination)
         {
-            Some(d) => Lookup::Webhook(route.destination, d.delivery.clone(), d.queue.clone()),
-            None => Lookup::Closed(route.destination, route.target),
+            Some(d) => {
+                d.idle_sweeps = 0;
+                Lookup::Webhook(
+                    route.destination,
+                    d.delivery.clone(),
+                    d.queue.clone(),
+                    d.in_flight.clone(),
+                )
+            }
+            // Cannot happen while routes are only written under both locks; if it did, the
+            // items must still not reach the gateway's backend.
+            None => {
+                tracing::error!(session_id, destination = %route.destination, "webhook route without an open destination");
+                Lookup::Held
+            }
         }
     }
 
@@ -351,14 +415,17 @@ impl Webhooks {
         }
         let stop = self.shutdown.child_token();
         let (queue, mut batches) = mpsc::channel::<Batch>(QUEUE_BATCHES);
+        let in_flight = Arc::new(AtomicI64::new(0));
         {
             let delivery = delivery.clone();
+            let in_flight = in_flight.clone();
             tokio::spawn(async move {
                 // What a previous run left in Redis goes first.
                 delivery.recover_backlog().await;
                 // Ends once the destination is closed and its queue is empty.
                 while let Some(batch) = batches.recv().await {
                     delivery.deliver(batch).await;
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
                 }
             });
         }
@@ -367,6 +434,7 @@ impl Webhooks {
             id.to_owned(),
             Destination {
                 delivery,
+                in_flight,
                 queue,
                 stop,
                 idle_sweeps: 0,
@@ -417,6 +485,12 @@ impl Webhooks {
     pub async fn sweep(&self) {
         let now = Instant::now();
         let closed: Vec<String> = {
+            self.held
+                .write()
+                .expect("held lock")
+                .retain(|_, removed_at| {
+                    removed_at.is_none_or(|at| now.duration_since(at) < ROUTE_GRACE)
+                });
             let mut routes = self.routes.write().expect("routes lock");
             routes.retain(|_, route| {
                 route
@@ -429,7 +503,7 @@ impl Webhooks {
             for (id, d) in destinations.iter_mut() {
                 let idle = !in_use.contains(id.as_str())
                     && d.delivery.backlog() == 0
-                    && d.queue.capacity() == d.queue.max_capacity();
+                    && d.in_flight.load(Ordering::Relaxed) == 0;
                 d.idle_sweeps = if idle { d.idle_sweeps + 1 } else { 0 };
             }
             let closing: Vec<String> = destinations
@@ -489,7 +563,7 @@ impl Webhooks {
             .expect("destinations lock")
             .values()
             .map(|d| {
-                let queued = (d.queue.max_capacity() - d.queue.capacity()) as i64;
+                let queued = d.in_flight.load(Ordering::Relaxed);
                 let spilled = if with_redis {
                     d.delivery.memory_backlog() as i64
                 } else {
@@ -546,40 +620,44 @@ impl BatchSink for RoutingSink {
         } = batch;
         let mut to_backend: Vec<GatewayEvent> = Vec::with_capacity(items.len());
         // Few destinations per batch: a vector keeps their first-seen order without hashing.
-        let mut to_webhooks: Vec<(String, Delivery, mpsc::Sender<Batch>, Vec<GatewayEvent>)> =
-            Vec::new();
+        type Part = (
+            String,
+            Delivery,
+            mpsc::Sender<Batch>,
+            Arc<AtomicI64>,
+            Vec<GatewayEvent>,
+        );
+        let mut to_webhooks: Vec<Part> = Vec::new();
+        let mut held = 0u64;
         for item in items {
-            let mut found = self.webhooks.lookup(item.session_id());
-            if let Lookup::Closed(id, target) = &found {
-                if let Err(err) = self.webhooks.open(id, target).await {
-                    tracing::error!(%err, "could not reopen a webhook destination");
-                }
-                found = self.webhooks.lookup(item.session_id());
-            }
-            match found {
+            match self.webhooks.lookup(item.session_id()) {
                 Lookup::Backend => to_backend.push(item),
-                Lookup::Webhook(id, delivery, queue) => {
+                Lookup::Webhook(id, delivery, queue, in_flight) => {
                     match to_webhooks.iter_mut().find(|(d, ..)| *d == id) {
                         Some((.., part)) => part.push(item),
-                        None => to_webhooks.push((id, delivery, queue, vec![item])),
+                        None => to_webhooks.push((id, delivery, queue, in_flight, vec![item])),
                     }
                 }
-                Lookup::Closed(..) => {
-                    // Never the gateway's backend: counted and logged as a dead letter.
-                    tracing::error!(
-                        session_id = item.session_id(),
-                        "webhook destination unavailable: item dropped"
-                    );
-                }
+                Lookup::Held => held += 1,
             }
         }
-        for (_, delivery, queue, items) in to_webhooks {
+        if held > 0 {
+            self.webhooks.held_items.inc_by(held);
+            tracing::warn!(
+                items = held,
+                lane = lane.as_str(),
+                "items of sessions whose webhook cannot be resolved dropped (not sent to the gateway's backend)"
+            );
+        }
+        for (_, delivery, queue, in_flight, items) in to_webhooks {
             let part = Batch {
                 lane,
                 items,
                 reason,
             };
+            in_flight.fetch_add(1, Ordering::Relaxed);
             if let Err(refused) = queue.try_send(part) {
+                in_flight.fetch_sub(1, Ordering::Relaxed);
                 let part = match refused {
                     mpsc::error::TrySendError::Full(part)
                     | mpsc::error::TrySendError::Closed(part) => part,
@@ -719,6 +797,21 @@ mod tests {
             ["plain-1", "plain-2", "hooked"]
         );
         assert_eq!(at_hook.lock().unwrap().len(), 2);
+
+        // A session whose webhook cannot be resolved is held: its items are counted and
+        // dropped, not sent to the backend; once routed (here: its webhook taken off) they flow.
+        webhooks.hold("waiting");
+        assert!(!webhooks.routes_to_webhook("waiting"));
+        sink.deliver(statuses(&["waiting", "plain-3"])).await;
+        assert_eq!(
+            wait_for(&at_backend, 4).await,
+            ["plain-1", "plain-2", "hooked", "plain-3"]
+        );
+        assert_eq!(webhooks.held_items.get(), 1);
+        webhooks.route("waiting", None).await.unwrap();
+        sink.deliver(statuses(&["waiting"])).await;
+        assert_eq!(wait_for(&at_backend, 5).await.last().unwrap(), "waiting");
+        assert_eq!(at_hook.lock().unwrap().len(), 2);
     }
 
     #[tokio::test(start_paused = true)]
@@ -741,12 +834,17 @@ mod tests {
         webhooks.removed("b");
         tokio::time::advance(ROUTE_GRACE / 2).await;
         webhooks.sweep().await;
-        assert!(webhooks.routes_to_webhook("a"), "within the grace");
+        let routed = |id: &str| webhooks.routes.read().unwrap().contains_key(id);
+        assert!(routed("a"), "within the grace");
+        assert!(
+            !webhooks.routes_to_webhook("a"),
+            "kept for late events, not as running here"
+        );
         // Restarted within the grace: the route stops counting down.
         assert!(webhooks.keep_route("b"));
         tokio::time::advance(ROUTE_GRACE).await;
         webhooks.sweep().await;
-        assert!(!webhooks.routes_to_webhook("a"), "past the grace");
+        assert!(!routed("a"), "past the grace");
         assert!(webhooks.routes_to_webhook("b"));
         webhooks.route("b", None).await.unwrap();
         webhooks.sweep().await;

@@ -515,6 +515,9 @@ pub struct LocalSessions<D: SessionDriver> {
     /// A step waits for a webhook: the next follow tick reconciles again though the book's
     /// version has not moved.
     deferred: std::sync::atomic::AtomicBool,
+    /// Sessions applied here whose spec names a webhook: answers [`SessionManager::has_webhook`]
+    /// without Redis (a status change must not be refused, nor misrouted, in a Redis outage).
+    with_webhook: Mutex<std::collections::HashSet<String>>,
 }
 
 impl<D: SessionDriver> LocalSessions<D> {
@@ -539,6 +542,7 @@ impl<D: SessionDriver> LocalSessions<D> {
             seen_version: Mutex::new(None),
             routing: None,
             deferred: Default::default(),
+            with_webhook: Mutex::default(),
         }
     }
 
@@ -611,9 +615,7 @@ impl<D: SessionDriver> LocalSessions<D> {
     pub async fn reconcile(&self, force: bool) -> ManageResult<usize> {
         let mut applied = self.applied.lock().await;
         let version = self.book.version().await?;
-        let deferred = self
-            .deferred
-            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        let deferred = self.deferred.load(std::sync::atomic::Ordering::Relaxed);
         if !force && !deferred && *self.seen_version.lock().expect("version lock") == Some(version)
         {
             return Ok(0);
@@ -644,6 +646,9 @@ impl<D: SessionDriver> LocalSessions<D> {
         }
         let steps = plan(&applied, &wanted);
         let count = steps.len();
+        // Set again below by any step that still waits for its webhook.
+        self.deferred
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         // `applied` follows step by step, so a reconciliation cut short (a request whose client
         // went away) leaves it true and the next one finishes the work.
         for step in steps {
@@ -670,6 +675,21 @@ impl<D: SessionDriver> LocalSessions<D> {
 
     /// Carries a step out and records it in `applied`.
     async fn apply(&self, applied: &mut HashMap<String, SessionSpec>, step: &Step) {
+        {
+            let mut with_webhook = self.with_webhook.lock().expect("webhook set lock");
+            match step {
+                Step::Run(spec) | Step::Pause(spec) if spec.webhook.is_some() => {
+                    with_webhook.insert(spec.session_id.clone());
+                }
+                Step::Run(spec) | Step::Pause(spec) => {
+                    with_webhook.remove(&spec.session_id);
+                }
+                // Its late events still follow its route (kept for the grace) to the webhook.
+                Step::End { session_id, .. } => {
+                    with_webhook.remove(session_id);
+                }
+            }
+        }
         match step {
             Step::Run(spec) => {
                 if !self.route(spec).await {
@@ -687,6 +707,9 @@ impl<D: SessionDriver> LocalSessions<D> {
                 self.supervisor.want(&spec.session_id);
             }
             Step::Pause(spec) => {
+                // Its pause event and re-sync go to its webhook (held when it cannot be
+                // resolved), and a webhook added while paused is followed too.
+                self.route(spec).await;
                 self.logins.set(&spec.session_id, &(&spec.login).into());
                 self.supervisor.pause(&spec.session_id).await;
             }
@@ -822,12 +845,15 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
                 return spec.webhook.is_some();
             }
             // What this gateway applied mirrors the book (every gateway wants every session;
-            // the locks decide who runs it), and needs no Redis: a PUT during a Redis outage
-            // must not fail. Busy (a reconciliation runs) or not there yet: the book.
-            if let Ok(applied) = self.applied.try_lock()
-                && let Some(spec) = applied.get(session_id)
+            // the locks decide who runs it) and needs no Redis, so a PUT during a Redis outage
+            // neither fails nor goes astray. Not applied here yet: the book.
+            if self
+                .with_webhook
+                .lock()
+                .expect("webhook set lock")
+                .contains(session_id)
             {
-                return spec.webhook.is_some();
+                return true;
             }
             match self.book.get(session_id).await {
                 Ok(Some(BookEntry::Spec(spec))) => spec.webhook.is_some(),
