@@ -506,6 +506,16 @@ async fn dashboard_alerts_and_autoscaling_name_only_metrics_the_binaries_export(
     .await
     .unwrap();
     receiver.set_mode(Mode::Ok);
+    // A session with its own webhook (the same receiver), for the webhook families.
+    let hooked: WhatsappSession = serde_json::from_value(serde_json::json!({
+        "apiVersion": "whatsapp.gateway.dev/v1alpha1", "kind": "WhatsappSession",
+        "metadata": {"name": "m-hook"},
+        "spec": {"webhook": {"url": receiver.url()}},
+    }))
+    .unwrap();
+    api.create(&kube::api::PostParams::default(), &hooked)
+        .await
+        .unwrap();
     let (code, _) = gateway.get("/v1/sessions/m-0").await.unwrap();
     assert_eq!(code, 200);
     let redis_client =
