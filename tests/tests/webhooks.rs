@@ -344,7 +344,7 @@ async fn cluster_sessions_wait_for_their_secret_then_sign_with_it() {
     let backend_url = backend.url();
     let mut args = FAST_LEASE_ARGS.to_vec();
     args.extend(["--backend-url", &backend_url]);
-    let _gateway = start_gateway_with(&plane, &redis, 0, &bin, &args)
+    let gateway = start_gateway_with(&plane, &redis, 0, &bin, &args)
         .await
         .unwrap();
     wait_operator_sees_shards(&operator, 1).await;
@@ -384,6 +384,15 @@ async fn cluster_sessions_wait_for_their_secret_then_sign_with_it() {
     assert!(webhook.received().is_empty());
     assert!(!sessions_of(&backend).contains("hooked"));
 
+    let waiting = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("whatsapp_gateway_webhook_sessions_waiting "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    let (_, metrics) = gateway.get("/metrics").await.unwrap();
+    assert_eq!(waiting(&metrics), Some(1.0), "the alert's gauge");
+
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
     let secret: Secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hooked-hmac"},
@@ -404,6 +413,8 @@ async fn cluster_sessions_wait_for_their_secret_then_sign_with_it() {
     )
     .await;
     assert_signed_with(&webhook, "hooked-key");
+    let (_, metrics) = gateway.get("/metrics").await.unwrap();
+    assert_eq!(waiting(&metrics), Some(0.0));
     assert_eq!(sessions_of(&webhook), ["hooked".to_owned()].into());
     assert!(!sessions_of(&backend).contains("hooked"));
     wait_until(

@@ -147,6 +147,8 @@ pub struct Webhooks {
     /// the grace). Checked before `routes`.
     held: RwLock<HashMap<String, Option<Instant>>>,
     held_items: Counter,
+    /// Held sessions not removed: those waiting for their webhook (its Secret) to start.
+    waiting: Gauge,
     destinations: Mutex<HashMap<String, Destination>>,
     /// False until a session names a webhook: until then batches skip the split.
     any: AtomicBool,
@@ -176,6 +178,12 @@ impl Webhooks {
             "Items of sessions whose webhook cannot be resolved (its Secret is missing), dropped rather than sent to the gateway's backend",
             held_items.clone(),
         );
+        let waiting = Gauge::default();
+        registry.register(
+            "whatsapp_gateway_webhook_sessions_waiting",
+            "Sessions that do not start because their webhook cannot be resolved (its Secret or key is missing)",
+            waiting.clone(),
+        );
         let target_metrics = TargetMetrics::register_webhooks(registry);
         for endpoint in super::Endpoint::ALL {
             // The series exist (at 0) before any webhook is used, for dashboards and alerts.
@@ -194,6 +202,7 @@ impl Webhooks {
             routes: RwLock::default(),
             held: RwLock::default(),
             held_items,
+            waiting,
             destinations: Mutex::default(),
             any: AtomicBool::new(false),
         })
@@ -248,8 +257,12 @@ impl Webhooks {
     /// [`ROUTE_GRACE`]. (A paused session keeps its route: it still exists, and re-sync still
     /// sends its status.)
     pub fn removed(&self, session_id: &str) {
-        if let Some(at) = self.held.write().expect("held lock").get_mut(session_id) {
-            at.get_or_insert_with(Instant::now);
+        {
+            let mut held = self.held.write().expect("held lock");
+            if let Some(at) = held.get_mut(session_id) {
+                at.get_or_insert_with(Instant::now);
+                self.count_waiting(&held);
+            }
         }
         if let Some(route) = self
             .routes
@@ -293,6 +306,12 @@ impl Webhooks {
     pub fn hold(&self, session_id: &str) {
         let mut held = self.held.write().expect("held lock");
         held.insert(session_id.to_owned(), None);
+        self.count_waiting(&held);
+    }
+
+    fn count_waiting(&self, held: &HashMap<String, Option<Instant>>) {
+        self.waiting
+            .set(held.values().filter(|removed| removed.is_none()).count() as i64);
     }
 
     fn release(&self, session_id: &str) {
@@ -302,7 +321,9 @@ impl Webhooks {
             .expect("held lock")
             .contains_key(session_id);
         if known {
-            self.held.write().expect("held lock").remove(session_id);
+            let mut held = self.held.write().expect("held lock");
+            held.remove(session_id);
+            self.count_waiting(&held);
         }
     }
 
@@ -808,7 +829,9 @@ mod tests {
             ["plain-1", "plain-2", "hooked", "plain-3"]
         );
         assert_eq!(webhooks.held_items.get(), 1);
+        assert_eq!(webhooks.waiting.get(), 1);
         webhooks.route("waiting", None).await.unwrap();
+        assert_eq!(webhooks.waiting.get(), 0);
         sink.deliver(statuses(&["waiting"])).await;
         assert_eq!(wait_for(&at_backend, 5).await.last().unwrap(), "waiting");
         assert_eq!(at_hook.lock().unwrap().len(), 2);
