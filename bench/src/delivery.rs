@@ -364,7 +364,7 @@ struct Analysis {
     receiver_items: u64,
 }
 
-fn analyse(log: &EventLog, arrivals: &[Arrival]) -> Analysis {
+fn analyse<'a>(log: &EventLog, arrivals: impl IntoIterator<Item = &'a Arrival>) -> Analysis {
     let mut first_arrival: HashMap<String, f64> = HashMap::with_capacity(log.events.len());
     let mut duplicates = 0;
     let mut unmatched = 0;
@@ -673,11 +673,7 @@ async fn measure(
     let arrivals = arrivals_at(receiver);
     let webhook_arrivals = arrivals_at(webhook);
     // Lost and duplicates over both receivers; latencies per receiver and its sessions.
-    let all_arrivals: Vec<Arrival> = arrivals_at(receiver)
-        .into_iter()
-        .chain(arrivals_at(webhook))
-        .collect();
-    let analysis = analyse(&log, &all_arrivals);
+    let analysis = analyse(&log, arrivals.iter().chain(&webhook_arrivals));
     let (webhook_log, backend_log) = log.split(&webhook_ids);
 
     let delivered = analysis.first_arrival.len() as u64;

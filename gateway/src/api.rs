@@ -421,28 +421,11 @@ mod tests {
     use crate::manage::{Listed, ManageResult};
     use futures::future::BoxFuture;
 
-    /// Accepts every call: what is tested is who may reach it.
+    /// Accepts every call: what is tested is who may reach it. Knows one session, `hooked`,
+    /// that names its own webhook.
     struct Accepting;
 
     impl SessionManager for Accepting {
-        fn create(&self, _: SessionSpec) -> BoxFuture<'_, ManageResult<Created>> {
-            Box::pin(async { Ok(Created::New) })
-        }
-        fn set_paused<'a>(&'a self, _: &'a str, _: bool) -> BoxFuture<'a, ManageResult<()>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn delete<'a>(&'a self, _: &'a str) -> BoxFuture<'a, ManageResult<()>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn list(&self) -> BoxFuture<'_, ManageResult<Vec<Listed>>> {
-            Box::pin(async { Ok(Vec::new()) })
-        }
-    }
-
-    /// Knows one session, `hooked`, that names its own webhook.
-    struct WithWebhook;
-
-    impl SessionManager for WithWebhook {
         fn create(&self, _: SessionSpec) -> BoxFuture<'_, ManageResult<Created>> {
             Box::pin(async { Ok(Created::New) })
         }
@@ -462,21 +445,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_status_change_for_a_webhook_session_run_elsewhere_is_refused() {
-        let mut registry = prometheus_client::registry::Registry::default();
-        let cache = SessionCache::new(
-            Default::default(),
-            None,
-            Arc::new(ChainLookup(Vec::new())),
-            CacheMetrics::register(&mut registry),
-        );
         let (events, mut rx) = crate::session::EventSink::channel(8);
-        let app = router(ApiState {
-            cache,
-            events: Some(events),
-            token: None,
-            sessions: Some(Arc::new(WithWebhook)),
-            webhooks: None,
-        });
+        let app = app_with(None, Some(events));
         let put = |id: &str| {
             let mut request = Request::builder()
                 .method("PUT")
@@ -496,6 +466,10 @@ mod tests {
     }
 
     fn app(token: Option<&str>) -> Router {
+        app_with(token, None)
+    }
+
+    fn app_with(token: Option<&str>, events: Option<crate::session::EventSink>) -> Router {
         let mut registry = prometheus_client::registry::Registry::default();
         let cache = SessionCache::new(
             Default::default(),
@@ -505,7 +479,7 @@ mod tests {
         );
         router(ApiState {
             cache,
-            events: None,
+            events,
             token: token.map(Arc::from),
             sessions: Some(Arc::new(Accepting)),
             webhooks: None,

@@ -86,6 +86,29 @@ pub async fn snapshot(
         .collect()
 }
 
+/// Waits until the resource `name` reports `phase`.
+pub async fn wait_phase(api: &Api<WhatsappSession>, name: &str, phase: Phase, secs: u64) {
+    wait_until(
+        &format!("{name} {phase:?}"),
+        Duration::from_secs(secs),
+        || async {
+            let now = api
+                .get(name)
+                .await
+                .map_err(|e| e.to_string())?
+                .status
+                .and_then(|s| s.phase);
+            if now == Some(phase) {
+                Ok(())
+            } else {
+                Err(format!("phase {now:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
 pub async fn wait_connected_on(
     api: &Api<WhatsappSession>,
     total: usize,

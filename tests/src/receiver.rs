@@ -160,6 +160,20 @@ impl Receiver {
             .collect()
     }
 
+    /// Status items received for session `id`, in arrival order: (status, reason).
+    pub fn statuses_of(&self, id: &str) -> Vec<(String, String)> {
+        self.items("/status/batch")
+            .into_iter()
+            .filter(|item| item["sessionId"] == id)
+            .map(|item| {
+                (
+                    item["status"].as_str().unwrap_or_default().to_owned(),
+                    item["reason"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
     /// The last status each session reported, in arrival order.
     pub fn last_status_by_session(&self) -> HashMap<String, String> {
         let mut out = HashMap::new();

@@ -15,6 +15,7 @@ use kube::api::Api;
 use serde_json::{Value, json};
 use test_support::cluster::{
     FAST_LEASE_ARGS, NS, setup, start_gateway_with, start_operator, wait_operator_sees_shards,
+    wait_phase,
 };
 use test_support::gateway::GatewayProcess;
 use test_support::receiver::Receiver;
@@ -54,24 +55,10 @@ fn listed(list: &Value, id: &str) -> Option<Value> {
         .cloned()
 }
 
-/// Status items the backend received for `id`, in arrival order: (status, reason).
-fn statuses(receiver: &Receiver, id: &str) -> Vec<(String, String)> {
-    receiver
-        .items("/status/batch")
-        .into_iter()
-        .filter(|item| item["sessionId"] == id)
-        .map(|item| {
-            (
-                item["status"].as_str().unwrap_or_default().to_owned(),
-                item["reason"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
-}
-
 /// How many times the backend heard `id` connect.
 fn connects(receiver: &Receiver, id: &str) -> usize {
-    statuses(receiver, id)
+    receiver
+        .statuses_of(id)
         .iter()
         .filter(|(s, _)| s == "active")
         .count()
@@ -85,7 +72,7 @@ async fn wait_active_count(receiver: &Receiver, id: &str, at_least: usize, what:
         } else {
             Err(format!(
                 "{active} `active` for {id}: {:?}",
-                statuses(receiver, id)
+                receiver.statuses_of(id)
             ))
         }
     })
@@ -313,7 +300,7 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
         (202, json!({"sessionId": "api-1", "deleted": true}))
     );
     wait_until("logged_out delivered", Duration::from_secs(15), || async {
-        match statuses(&receiver, "api-1").last() {
+        match receiver.statuses_of("api-1").last() {
             Some((s, reason)) if s == "logged_out" && reason == "logout_requested" => Ok(()),
             other => Err(format!("last status {other:?}")),
         }
@@ -433,21 +420,7 @@ async fn cluster_gateways_bridge_the_session_api_to_resources() {
     assert_eq!(again.0, 200, "a retried create: {:?}", again.1);
 
     // The operator places it and a shard connects it, as for `kubectl apply`.
-    wait_until("Shop_42 Connected", Duration::from_secs(60), || async {
-        let phase = api
-            .get(&name)
-            .await
-            .map_err(|e| e.to_string())?
-            .status
-            .and_then(|s| s.phase);
-        if phase == Some(Phase::Connected) {
-            Ok(())
-        } else {
-            Err(format!("phase {phase:?}"))
-        }
-    })
-    .await
-    .unwrap();
+    wait_phase(&api, &name, Phase::Connected, 60).await;
     let (_, list) = call(&without_token, Method::GET, "/v1/sessions", None).await;
     let item = listed(&list, "Shop_42").expect("listed by any gateway");
     assert_eq!(

@@ -17,6 +17,7 @@ use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use test_support::cluster::{
     FAST_LEASE_ARGS, NS, setup, start_gateway_with, start_operator, wait_operator_sees_shards,
+    wait_phase,
 };
 use test_support::gateway::GatewayProcess;
 use test_support::receiver::{Mode, Receiver};
@@ -43,24 +44,9 @@ async fn call(
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
-/// Status items `receiver` got for `id`: (status, reason).
-fn statuses(receiver: &Receiver, id: &str) -> Vec<(String, String)> {
-    receiver
-        .items("/status/batch")
-        .into_iter()
-        .filter(|item| item["sessionId"] == id)
-        .map(|item| {
-            (
-                item["status"].as_str().unwrap_or_default().to_owned(),
-                item["reason"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
-}
-
 async fn wait_status(receiver: &Receiver, id: &str, status: &str, within: Duration, what: &str) {
     wait_until(what, within, || async {
-        let seen = statuses(receiver, id);
+        let seen = receiver.statuses_of(id);
         if seen.iter().any(|(s, _)| s == status) {
             Ok(())
         } else {
@@ -300,7 +286,7 @@ async fn standalone_sessions_deliver_to_their_own_webhooks_isolated_and_across_a
     gateway = standalone(&redis, &backend, &file, &secrets).await;
     unsigned.set_mode(Mode::Ok);
     wait_until("shop-2's logout at its webhook", within, || async {
-        let seen = statuses(&unsigned, "shop-2");
+        let seen = unsigned.statuses_of("shop-2");
         if seen.contains(&("logged_out".to_owned(), "logout_requested".to_owned())) {
             Ok(())
         } else {
@@ -417,23 +403,5 @@ async fn cluster_sessions_wait_for_their_secret_then_sign_with_it() {
     assert_eq!(waiting(&metrics), Some(0.0));
     assert_eq!(sessions_of(&webhook), ["hooked".to_owned()].into());
     assert!(!sessions_of(&backend).contains("hooked"));
-    wait_until(
-        "hooked Connected on its resource",
-        Duration::from_secs(30),
-        || async {
-            let phase = sessions
-                .get("hooked")
-                .await
-                .map_err(|e| e.to_string())?
-                .status
-                .and_then(|s| s.phase);
-            if phase == Some(Phase::Connected) {
-                Ok(())
-            } else {
-                Err(format!("{phase:?}"))
-            }
-        },
-    )
-    .await
-    .unwrap();
+    wait_phase(&sessions, "hooked", Phase::Connected, 30).await;
 }

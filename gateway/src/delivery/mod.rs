@@ -138,28 +138,15 @@ impl TargetMetrics {
         }
     }
 
-    fn register_backend(registry: &mut Registry) -> Self {
+    /// Registers the four families under `names` (requests, request duration, spill backlog,
+    /// dead letters), each with its help text.
+    fn register(registry: &mut Registry, names: [(&str, &str); 4]) -> Self {
         let m = Self::new();
-        registry.register(
-            "whatsapp_gateway_backend_requests",
-            "Requests to the backend by endpoint and HTTP status code (`error` when no answer)",
-            m.requests.clone(),
-        );
-        registry.register(
-            "whatsapp_gateway_backend_request_duration_seconds",
-            "Duration of backend requests",
-            m.request_duration.clone(),
-        );
-        registry.register(
-            "whatsapp_gateway_spill_backlog",
-            "Batches waiting in the retry (spill) stream, by endpoint",
-            m.spill_backlog.clone(),
-        );
-        registry.register(
-            "whatsapp_gateway_dead_letters",
-            "Batches moved to the dead-letter stream after a permanent 4xx",
-            m.dead_letters.clone(),
-        );
+        let [requests, duration, backlog, dead] = names;
+        registry.register(requests.0, requests.1, m.requests.clone());
+        registry.register(duration.0, duration.1, m.request_duration.clone());
+        registry.register(backlog.0, backlog.1, m.spill_backlog.clone());
+        registry.register(dead.0, dead.1, m.dead_letters.clone());
         m
     }
 
@@ -169,29 +156,52 @@ impl TargetMetrics {
         }));
     }
 
+    fn register_backend(registry: &mut Registry) -> Self {
+        Self::register(
+            registry,
+            [
+                (
+                    "whatsapp_gateway_backend_requests",
+                    "Requests to the backend by endpoint and HTTP status code (`error` when no answer)",
+                ),
+                (
+                    "whatsapp_gateway_backend_request_duration_seconds",
+                    "Duration of backend requests",
+                ),
+                (
+                    "whatsapp_gateway_spill_backlog",
+                    "Batches waiting in the retry (spill) stream, by endpoint",
+                ),
+                (
+                    "whatsapp_gateway_dead_letters",
+                    "Batches moved to the dead-letter stream after a permanent 4xx",
+                ),
+            ],
+        )
+    }
+
     pub(crate) fn register_webhooks(registry: &mut Registry) -> Self {
-        let m = Self::new();
-        registry.register(
-            "whatsapp_gateway_webhook_requests",
-            "Requests to per-session webhooks (spec.webhook), summed over destinations, by endpoint and HTTP status code",
-            m.requests.clone(),
-        );
-        registry.register(
-            "whatsapp_gateway_webhook_request_duration_seconds",
-            "Duration of requests to per-session webhooks",
-            m.request_duration.clone(),
-        );
-        registry.register(
-            "whatsapp_gateway_webhook_spill_backlog",
-            "Batches waiting for per-session webhooks, summed over destinations, by endpoint",
-            m.spill_backlog.clone(),
-        );
-        registry.register(
-            "whatsapp_gateway_webhook_dead_letters",
-            "Batches for per-session webhooks moved to the dead-letter stream",
-            m.dead_letters.clone(),
-        );
-        m
+        Self::register(
+            registry,
+            [
+                (
+                    "whatsapp_gateway_webhook_requests",
+                    "Requests to per-session webhooks (spec.webhook), summed over destinations, by endpoint and HTTP status code",
+                ),
+                (
+                    "whatsapp_gateway_webhook_request_duration_seconds",
+                    "Duration of requests to per-session webhooks",
+                ),
+                (
+                    "whatsapp_gateway_webhook_spill_backlog",
+                    "Batches waiting for per-session webhooks, summed over destinations, by endpoint",
+                ),
+                (
+                    "whatsapp_gateway_webhook_dead_letters",
+                    "Batches for per-session webhooks moved to the dead-letter stream",
+                ),
+            ],
+        )
     }
 }
 
