@@ -297,14 +297,14 @@ impl Hold {
         match self {
             Hold::Clear => "clear",
             Hold::Paused => "paused",
-            Hold::Deleted => "deleted",
+            Hold::Deleted => crate::session::ownership::DELETED_HOLD_VALUE,
         }
     }
 
     pub fn parse(value: &str) -> Option<Hold> {
         match value {
             "paused" => Some(Hold::Paused),
-            "deleted" => Some(Hold::Deleted),
+            crate::session::ownership::DELETED_HOLD_VALUE => Some(Hold::Deleted),
             _ => None,
         }
     }

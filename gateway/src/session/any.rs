@@ -88,4 +88,17 @@ impl SessionDriver for AnyDriver {
             AnyDriver::Whatsapp(d) => d.start_owned(session_id, events, fence).await,
         }
     }
+
+    async fn unlink(
+        &self,
+        session_id: &str,
+        fence: Option<&Fence>,
+        wait: std::time::Duration,
+    ) -> Result<super::Unlink, DriverError> {
+        match self {
+            AnyDriver::Sim(d) => d.unlink(session_id, fence, wait).await,
+            #[cfg(feature = "whatsapp")]
+            AnyDriver::Whatsapp(d) => d.unlink(session_id, fence, wait).await,
+        }
+    }
 }

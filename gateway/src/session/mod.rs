@@ -47,6 +47,73 @@ pub trait SessionDriver: Send + Sync + 'static {
         let _ = fence;
         self.start(session_id, events)
     }
+
+    /// Unlinks the device of a paired session that is not running here (deleted while paused,
+    /// or while this gateway was down): connects with its stored keys only to log out, so the
+    /// phone stops listing it, within `wait`. Nothing it reports reaches the backend. The caller
+    /// holds the session's ownership lock (`fence`) and wipes the stored credentials after.
+    ///
+    /// The default starts the session with a private sink, waits for `active`, and stops it with
+    /// a logout.
+    fn unlink(
+        &self,
+        session_id: &str,
+        fence: Option<&credentials::Fence>,
+        wait: std::time::Duration,
+    ) -> impl Future<Output = Result<Unlink, DriverError>> + Send {
+        async move {
+            let (sink, mut rx) = EventSink::channel(64);
+            let session = self.start_owned(session_id, sink, fence).await?;
+            let linked = tokio::time::timeout(wait, async {
+                while let Some(event) = rx.recv().await {
+                    match event {
+                        GatewayEvent::Status(s) if s.status == SessionStatus::Active => {
+                            return Some(true);
+                        }
+                        // A code to scan or a logout: the stored keys no longer log in.
+                        GatewayEvent::Status(s) if s.status == SessionStatus::LoggedOut => {
+                            return Some(false);
+                        }
+                        GatewayEvent::Qr(_) => return Some(false),
+                        GatewayEvent::Status(_) => {}
+                    }
+                }
+                None
+            })
+            .await;
+            // Keep reading, so a driver that reports while it stops is never stuck on a full sink.
+            let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+            let outcome = match linked {
+                Ok(Some(true)) => {
+                    session.stop_and_logout().await;
+                    Ok(Unlink::Unlinked)
+                }
+                Ok(Some(false)) => {
+                    session.stop().await;
+                    Ok(Unlink::NotLinked)
+                }
+                Ok(None) | Err(_) => {
+                    session.stop().await;
+                    Err(DriverError::UnlinkFailed {
+                        session_id: session_id.to_owned(),
+                        reason: format!("not logged in within {wait:?}"),
+                    })
+                }
+            };
+            drain.abort();
+            outcome
+        }
+    }
+}
+
+/// What [`SessionDriver::unlink`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unlink {
+    /// Logged in with the stored keys and logged out: the phone no longer lists the device.
+    Unlinked,
+    /// The stored keys no longer log in (the user unlinked the device from the phone): nothing
+    /// left to unlink.
+    NotLinked,
 }
 
 /// How each session links to its phone (from the `WhatsappSession` spec in cluster mode), shared
@@ -86,6 +153,8 @@ pub enum DriverError {
     EventSinkClosed,
     #[error("session {session_id} could not start: {reason}")]
     StartFailed { session_id: String, reason: String },
+    #[error("session {session_id} could not be unlinked: {reason}")]
+    UnlinkFailed { session_id: String, reason: String },
     #[error("invalid driver config `{field}`: {reason}")]
     InvalidConfig { field: &'static str, reason: String },
 }

@@ -53,6 +53,10 @@ pub fn hold_key(session_id: &str) -> String {
     format!("wa:{{{session_id}}}:hold")
 }
 
+/// The hold of a session deleted through the API. Only the logout of that deleted session may
+/// take the lock through it ([`Ownership::acquire_for_logout`]).
+pub const DELETED_HOLD_VALUE: &str = "deleted";
+
 #[derive(Debug, thiserror::Error)]
 pub enum OwnershipError {
     #[error("redis: {0}")]
@@ -110,6 +114,18 @@ pub trait LockStore: Send + Sync + 'static {
         owner: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Acquired, OwnershipError>>;
+    /// Like [`LockStore::acquire`], but a hold whose value is `passable` does not stop it. Stores
+    /// without holds acquire as usual.
+    fn acquire_through_hold<'a>(
+        &'a self,
+        session_id: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+        passable: &'a str,
+    ) -> BoxFuture<'a, Result<Acquired, OwnershipError>> {
+        let _ = passable;
+        self.acquire(session_id, owner, ttl)
+    }
     /// Extends the lock if it still holds `value`; false when it does not (lost or expired).
     fn renew<'a>(
         &'a self,
@@ -147,9 +163,10 @@ fn wall_ms_at(at: Instant) -> i64 {
 // ---------------------------------------------------------------------------------------------
 // Redis
 
+// ARGV[3]: a hold value that does not stop this acquisition ('' for none: holds are never empty).
 const ACQUIRE_LUA: &str = r"
 local hold = redis.call('GET', KEYS[3])
-if hold then return {'held', 'hold:' .. hold} end
+if hold and hold ~= ARGV[3] then return {'held', 'hold:' .. hold} end
 local holder = redis.call('GET', KEYS[1])
 if holder then return {'held', holder} end
 local token = redis.call('INCR', KEYS[2])
@@ -239,6 +256,16 @@ impl LockStore for RedisLockStore {
         owner: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Acquired, OwnershipError>> {
+        self.acquire_through_hold(session_id, owner, ttl, "")
+    }
+
+    fn acquire_through_hold<'a>(
+        &'a self,
+        session_id: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+        passable: &'a str,
+    ) -> BoxFuture<'a, Result<Acquired, OwnershipError>> {
         Box::pin(async move {
             let answer: Vec<String> = self
                 .acquire
@@ -249,7 +276,7 @@ impl LockStore for RedisLockStore {
                         fence_key(session_id),
                         hold_key(session_id),
                     ],
-                    vec![owner.to_string(), ttl_ms(ttl)],
+                    vec![owner.to_string(), ttl_ms(ttl), passable.to_string()],
                 )
                 .await?;
             match answer.as_slice() {
@@ -793,12 +820,29 @@ impl Ownership {
         &self,
         session_id: &Arc<str>,
     ) -> Result<Result<Lease, String>, OwnershipError> {
+        self.acquire_passing(session_id, "").await
+    }
+
+    /// Like [`Ownership::acquire`], for logging a deleted session out: its `deleted` hold, which
+    /// keeps every gateway from running it, does not keep this one connection from unlinking it.
+    pub async fn acquire_for_logout(
+        &self,
+        session_id: &Arc<str>,
+    ) -> Result<Result<Lease, String>, OwnershipError> {
+        self.acquire_passing(session_id, DELETED_HOLD_VALUE).await
+    }
+
+    async fn acquire_passing(
+        &self,
+        session_id: &Arc<str>,
+        passable: &str,
+    ) -> Result<Result<Lease, String>, OwnershipError> {
         self.ensure_renewer();
         let sent = Instant::now();
         let answer = self
             .0
             .store
-            .acquire(session_id, &self.0.identity, self.0.config.ttl)
+            .acquire_through_hold(session_id, &self.0.identity, self.0.config.ttl, passable)
             .await
             .inspect_err(|_| {
                 self.0.metrics.errors.inc();

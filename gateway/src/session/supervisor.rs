@@ -70,6 +70,33 @@ impl Backoff {
 /// deleted session with `logoutOnDelete`).
 pub const LOGOUT_REQUESTED: &str = "logout_requested";
 
+/// What [`Supervisor::logout`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Logout {
+    /// It ran here and stopped with a logout.
+    WasRunning,
+    /// It did not run here; a connection made for the purpose unlinked its device.
+    Unlinked,
+    /// Never paired, or the phone had unlinked it already: nothing to unlink.
+    NothingToUnlink,
+    /// Another gateway holds its lock: it runs there, and logs out there.
+    HeldElsewhere,
+    /// Unlinking failed (credentials unreadable, no login in time, ...).
+    Failed(String),
+}
+
+impl Logout {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Logout::WasRunning => "was_running",
+            Logout::Unlinked => "unlinked",
+            Logout::NothingToUnlink => "nothing_to_unlink",
+            Logout::HeldElsewhere => "held_elsewhere",
+            Logout::Failed(_) => "failed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SupervisorConfig {
     /// Connection attempts (lock, credentials, driver start) running at once.
@@ -82,6 +109,10 @@ pub struct SupervisorConfig {
     pub gate_capacity: usize,
     /// How long [`Supervisor::ensure_running`] waits for the first attempt's outcome.
     pub first_outcome_wait: Duration,
+    /// How long [`Supervisor::logout`] of a session that does not run here waits for its stored
+    /// keys to log in, so it can unlink the device. Kept well under the 15 s a deleted
+    /// standalone session stays held, after which its keys are no longer wiped for it.
+    pub unlink_wait: Duration,
 }
 
 impl Default for SupervisorConfig {
@@ -92,6 +123,7 @@ impl Default for SupervisorConfig {
             stable_after: Duration::from_secs(60),
             gate_capacity: 1024,
             first_outcome_wait: Duration::from_secs(5),
+            unlink_wait: Duration::from_secs(8),
         }
     }
 }
@@ -130,7 +162,14 @@ pub struct SupervisorMetrics {
     pub restarts: Counter,
     pub credential_writes: Family<WriteLabels, Counter>,
     pub dropped_events: Counter,
+    /// Logouts of deleted sessions by [`Logout`] outcome.
+    pub unlinks: Family<UnlinkLabels, Counter>,
     pub ownership: OwnershipMetrics,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct UnlinkLabels {
+    pub result: &'static str,
 }
 
 impl SupervisorMetrics {
@@ -163,6 +202,11 @@ impl SupervisorMetrics {
             "whatsapp_gateway_unowned_events_dropped",
             "Session events dropped because the session's lock was no longer held",
             metrics.dropped_events.clone(),
+        );
+        registry.register(
+            "whatsapp_gateway_session_logouts",
+            "Logouts of deleted sessions by result (was_running; unlinked = connected only to unlink a session that did not run; nothing_to_unlink; held_elsewhere; failed)",
+            metrics.unlinks.clone(),
         );
         metrics
     }
@@ -412,10 +456,99 @@ impl<D: SessionDriver> Supervisor<D> {
         self.end(session_id, STOP).await
     }
 
-    /// Like [`Supervisor::stop`], but a live session logs out first (the driver unlinks the
-    /// device where it can): for a deleted resource with `logoutOnDelete`.
-    pub async fn logout(&self, session_id: &str) -> bool {
-        self.end(session_id, LOGOUT).await
+    /// Like [`Supervisor::stop`], but the session logs out (the driver unlinks the device where
+    /// it can): for a deleted resource with `logoutOnDelete`. A paired session that does not run
+    /// here (paused, waiting for a restart, or known only from its stored credentials) is
+    /// connected just long enough to unlink it, under its lock (taken through a delete's hold),
+    /// so deleting a paused session does not leave the device listed on the phone.
+    pub async fn logout(&self, session_id: &str) -> Logout {
+        if self.end(session_id, LOGOUT).await {
+            return Logout::WasRunning;
+        }
+        let outcome = self.unlink_idle(session_id).await;
+        match &outcome {
+            Logout::Unlinked => {
+                tracing::info!(%session_id, "idle session unlinked from the phone")
+            }
+            Logout::Failed(reason) => {
+                tracing::warn!(%session_id, %reason, "idle session could not be unlinked; its keys are wiped all the same")
+            }
+            _ => tracing::debug!(%session_id, ?outcome, "idle session logout"),
+        }
+        self.shared
+            .metrics
+            .unlinks
+            .get_or_create(&UnlinkLabels {
+                result: outcome.as_str(),
+            })
+            .inc();
+        outcome
+    }
+
+    async fn unlink_idle(&self, session_id: &str) -> Logout {
+        let shared = &self.shared;
+        let id: Arc<str> = Arc::from(session_id);
+        // A cheap look first, so deleting a session that never paired takes no lock.
+        match shared.credentials.load(&id).await {
+            Ok(Some(creds)) if creds.paired => {}
+            Ok(_) => return Logout::NothingToUnlink,
+            Err(err) => return Logout::Failed(err.to_string()),
+        }
+        let lease = {
+            let _attempt = Attempt::new(
+                shared
+                    .attempts
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed"),
+                &shared.metrics.attempts_in_flight,
+            );
+            match shared.ownership.acquire_for_logout(&id).await {
+                Ok(Ok(lease)) => lease,
+                Ok(Err(_holder)) => return Logout::HeldElsewhere,
+                Err(err) => return Logout::Failed(err.to_string()),
+            }
+        };
+        let fence = Fence::of(&lease);
+        // Again under the lock: another gateway may have unlinked it meanwhile.
+        let outcome = match shared.credentials.load(&id).await {
+            Ok(Some(creds)) if creds.paired => {
+                match shared
+                    .driver
+                    .unlink(&id, Some(&fence), shared.config.unlink_wait)
+                    .await
+                {
+                    Ok(unlinked) => {
+                        if let Err(err) = shared.credentials.wipe(&id, &fence).await {
+                            tracing::warn!(session_id = %id, %err, "wiping credentials after unlinking failed");
+                        }
+                        if unlinked == super::Unlink::Unlinked {
+                            // The backend last heard `paused` or `inactive`; now it is final.
+                            if let Ok(sink) = shared.gate_sink() {
+                                let logged_out = StatusEvent::new(
+                                    &*id,
+                                    SessionStatus::LoggedOut,
+                                    Priority::High,
+                                    Some(LOGOUT_REQUESTED.to_owned()),
+                                );
+                                if sink.emit(logged_out).await.is_ok() {
+                                    // Through the gate while the lease still vouches for it.
+                                    shared.gate_barrier().await;
+                                }
+                            }
+                            Logout::Unlinked
+                        } else {
+                            Logout::NothingToUnlink
+                        }
+                    }
+                    Err(err) => Logout::Failed(err.to_string()),
+                }
+            }
+            Ok(_) => Logout::NothingToUnlink,
+            Err(err) => Logout::Failed(err.to_string()),
+        };
+        shared.ownership.release(lease).await;
+        outcome
     }
 
     async fn end(&self, session_id: &str, how: u8) -> bool {
@@ -986,7 +1119,7 @@ mod tests {
         async fn start(
             &self,
             session_id: &str,
-            _events: EventSink,
+            events: EventSink,
         ) -> Result<RunningSession, DriverError> {
             let now = self.connecting.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_connecting.fetch_max(now, Ordering::SeqCst);
@@ -1002,6 +1135,8 @@ mod tests {
             Ok(RunningSession::spawn(
                 session_id,
                 move |mut stop| async move {
+                    // Reports nothing, but could until it ends.
+                    let _events = events;
                     let stopped = match live_for {
                         Some(d) => {
                             tokio::select! {
@@ -1053,7 +1188,7 @@ mod tests {
         for id in ["deleted", "moved"] {
             assert!(supervisor.ensure_running(id).await.unwrap());
         }
-        assert!(supervisor.logout("deleted").await);
+        assert_eq!(supervisor.logout("deleted").await, Logout::WasRunning);
         assert!(supervisor.stop("moved").await);
         assert_eq!(
             *driver.logged_out.lock().unwrap(),
@@ -1279,6 +1414,116 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(credentials.load("s").await.unwrap().unwrap().token, 2);
         supervisor.stop_all().await;
+    }
+
+    /// Deleting a paused (or otherwise idle) paired session unlinks its device: a connection
+    /// made only for that, whose events stay private, logs out; the credentials go; the backend
+    /// hears `logged_out`; the lock is given back. Also on a gateway that never ran it.
+    #[tokio::test(start_paused = true)]
+    async fn logout_of_an_idle_paired_session_connects_only_to_unlink_it() {
+        let credentials = Arc::new(MemoryCredentials::new());
+        let sim = |credentials: Arc<MemoryCredentials>| {
+            Arc::new(
+                RestoringSim::new(
+                    SimConfig {
+                        unpaired_share: 1.0,
+                        scan_probability: 1.0,
+                        ..SimConfig::default()
+                    },
+                    credentials,
+                )
+                .unwrap(),
+            )
+        };
+        let store = Arc::new(LocalLockStore::new());
+        let (events, mut rx) = EventSink::channel(1024);
+        let mut opts = options(store.clone(), "a", SupervisorConfig::default());
+        opts.credentials = credentials.clone();
+        let supervisor = Supervisor::with_options(sim(credentials.clone()), events, opts);
+        for id in ["paused", "elsewhere"] {
+            assert!(supervisor.ensure_running(id).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        for id in ["paused", "elsewhere"] {
+            assert!(credentials.load(id).await.unwrap().unwrap().paired);
+            assert!(supervisor.pause(id).await);
+        }
+        while rx.try_recv().is_ok() {}
+
+        assert_eq!(supervisor.logout("paused").await, Logout::Unlinked);
+        assert_eq!(credentials.load("paused").await.unwrap(), None, "wiped");
+        assert!(store.holder("paused").is_none(), "lock released");
+        assert_eq!(
+            store.fence("paused"),
+            2,
+            "one more owner: the unlinking connection"
+        );
+        let mut seen = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            seen.push(event);
+        }
+        let [GatewayEvent::Status(last)] = seen.as_slice() else {
+            panic!("only the final status reaches the backend: {seen:?}");
+        };
+        assert_eq!(last.status, SessionStatus::LoggedOut);
+        assert_eq!(last.reason.as_deref(), Some(LOGOUT_REQUESTED));
+        assert_eq!(supervisor.logout("paused").await, Logout::NothingToUnlink);
+
+        // Another gateway runs it: that one logs out.
+        store.steal("elsewhere", "b", Duration::from_secs(30));
+        assert_eq!(supervisor.logout("elsewhere").await, Logout::HeldElsewhere);
+        assert!(credentials.load("elsewhere").await.unwrap().unwrap().paired);
+
+        // A gateway that never ran the session (restarted, or it ran elsewhere before) unlinks
+        // it from the stored credentials alone.
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        let (events, _rx) = EventSink::channel(1024);
+        let mut opts = options(store.clone(), "c", SupervisorConfig::default());
+        opts.credentials = credentials.clone();
+        let fresh = Supervisor::with_options(sim(credentials.clone()), events, opts);
+        assert_eq!(fresh.logout("elsewhere").await, Logout::Unlinked);
+        assert_eq!(credentials.load("elsewhere").await.unwrap(), None);
+        assert_eq!(fresh.logout("never-seen").await, Logout::NothingToUnlink);
+        assert_eq!(store.fence("never-seen"), 0, "no lock taken for nothing");
+        assert_eq!(
+            fresh
+                .metrics()
+                .unlinks
+                .get_or_create(&UnlinkLabels { result: "unlinked" })
+                .get(),
+            1
+        );
+    }
+
+    /// Stored keys that do not log in within the wait: the unlink fails, the lock is given back
+    /// and the credentials stay for the caller's wipe.
+    #[tokio::test(start_paused = true)]
+    async fn an_unlink_that_never_logs_in_gives_up_after_the_wait() {
+        let driver = Arc::new(TestDriver::default());
+        let credentials = Arc::new(MemoryCredentials::new());
+        let fence = Fence {
+            owner: "old:1".into(),
+            token: 1,
+        };
+        credentials.save_paired("s", &fence).await.unwrap();
+        let store = Arc::new(LocalLockStore::new());
+        let (events, _rx) = EventSink::channel(16);
+        let mut opts = options(store.clone(), "a", SupervisorConfig::default());
+        opts.credentials = credentials.clone();
+        let supervisor = Supervisor::with_options(driver.clone(), events, opts);
+        let begun = Instant::now();
+        let outcome = supervisor.logout("s").await;
+        assert!(
+            matches!(outcome, Logout::Failed(ref r) if r.contains("not logged in")),
+            "{outcome:?}"
+        );
+        assert_eq!(begun.elapsed(), SupervisorConfig::default().unlink_wait);
+        assert!(store.holder("s").is_none());
+        assert!(
+            driver.logged_out.lock().unwrap().is_empty(),
+            "no logout without a login"
+        );
+        assert!(credentials.load("s").await.unwrap().unwrap().paired);
     }
 
     #[tokio::test(start_paused = true)]

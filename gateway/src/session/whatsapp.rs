@@ -212,6 +212,71 @@ impl SessionDriver for WhatsappDriver {
     ) -> Result<RunningSession, DriverError> {
         self.start_with(session_id, events, fence).await
     }
+
+    /// Logs out as soon as the stored keys have logged in (`<success>`), without waiting for
+    /// `Connected`, which comes only after the app-state sync: the deregistration IQ needs an
+    /// authenticated socket and nothing more.
+    async fn unlink(
+        &self,
+        session_id: &str,
+        fence: Option<&Fence>,
+        wait: Duration,
+    ) -> Result<super::Unlink, DriverError> {
+        let failed = |reason: String| DriverError::UnlinkFailed {
+            session_id: session_id.to_owned(),
+            reason,
+        };
+        let Storage { backend, redis } = self.backend_for(session_id, fence)?;
+        // No pairing-code request: this connection only logs in with the stored keys.
+        let (tx, mut signals) = mpsc::unbounded_channel();
+        let bot = build_bot(&self.config, backend, None, tx)
+            .await
+            .map_err(failed)?;
+        let mut handle = bot.spawn();
+        let client = handle.client();
+        let deadline = tokio::time::Instant::now() + wait;
+        let linked = loop {
+            if client.is_logged_in() {
+                break Some(true);
+            }
+            tokio::select! {
+                signal = signals.recv() => match signal {
+                    // A code to scan, or a 401: the phone unlinked the device already.
+                    Some(Signal::Qr { .. } | Signal::LoggedOut(_)) => break Some(false),
+                    Some(Signal::Connected) => break Some(true),
+                    Some(_) => {}
+                    None => break None,
+                },
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                () = tokio::time::sleep_until(deadline) => break None,
+                () = &mut handle => break None,
+            }
+        };
+        let outcome = match linked {
+            Some(true) => {
+                match tokio::time::timeout(self.config.shutdown_timeout, client.logout()).await {
+                    Ok(()) => Ok(super::Unlink::Unlinked),
+                    Err(_) => Err(failed("logout timed out".into())),
+                }
+            }
+            Some(false) => Ok(super::Unlink::NotLinked),
+            None => Err(failed(format!("not logged in within {wait:?}"))),
+        };
+        if outcome.is_ok()
+            && let Some(store) = &redis
+            && let Err(err) = store.wipe().await
+        {
+            tracing::warn!(%session_id, %err, "unlinked: wiping the session keys failed");
+        }
+        if tokio::time::timeout(self.config.shutdown_timeout, client.disconnect())
+            .await
+            .is_err()
+        {
+            tracing::warn!(%session_id, "whatsapp client did not disconnect in time; aborting it");
+        }
+        handle.abort();
+        outcome
+    }
 }
 
 async fn build_bot(
