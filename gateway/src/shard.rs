@@ -160,6 +160,7 @@ pub async fn run<D: SessionDriver>(
     );
     let mut coalescer = StatusCoalescer::new(CoalescePolicy::default());
     let mut placements: HashMap<String, Placement> = HashMap::new();
+    let mut deleting = HashMap::new();
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     loop {
@@ -180,6 +181,7 @@ pub async fn run<D: SessionDriver>(
             &settings,
             &supervisor,
             &mut placements,
+            &mut deleting,
             &mut coalescer,
             &states,
             &routing,
@@ -222,14 +224,16 @@ async fn reconcile<D: SessionDriver>(
     redis: Option<&fred::clients::Client>,
     store: &Store<WhatsappSession>,
     settings: &ShardSettings,
-    supervisor: &Supervisor<D>,
+    supervisor: &Arc<Supervisor<D>>,
     placements: &mut HashMap<String, Placement>,
+    deleting: &mut HashMap<String, tokio::task::JoinHandle<()>>,
     coalescer: &mut StatusCoalescer,
     states: &SessionStates,
     routing: &WebhookRouting,
 ) {
     let mut wanted = HashSet::new();
     let mut drains = Vec::new();
+    deleting.retain(|_, task| !task.is_finished());
     for session in store.state() {
         let id = session.session_id();
         let namespace = session.namespace().unwrap_or_default();
@@ -241,40 +245,26 @@ async fn reconcile<D: SessionDriver>(
             continue;
         }
         if session.metadata.deletion_timestamp.is_some() {
-            // Deleted: stop; with logoutOnDelete log out (a live whatsapp session unlinks its
-            // device) and wipe the credentials, then tell the operator it may remove the
-            // finalizer.
-            if session.spec.logout_on_delete {
-                supervisor.logout(&id).await;
-            } else {
-                supervisor.stop(&id).await;
+            // Deleted: stop; with logoutOnDelete log out (a live session unlinks its device, a
+            // paired one that does not run is connected just to unlink it) and wipe the
+            // credentials, then tell the operator it may remove the finalizer. On a task of its
+            // own, since an unlink takes seconds and the other sessions must not wait for it.
+            if deleting.get(&id).is_some_and(|task| !task.is_finished()) {
+                continue;
             }
-            if session.spec.logout_on_delete
-                && session.annotations().get(CLEANED_ANNOTATION).is_none()
-            {
-                let wiped = match redis {
-                    Some(redis) => crate::redis::wipe_session(redis, &id)
-                        .await
-                        .map_err(|e| e.to_string()),
-                    None => Ok(0),
-                };
-                match wiped {
-                    Ok(keys) => {
-                        tracing::info!(session_id = %id, keys, "deleted session logged out and wiped");
-                        let api: Api<WhatsappSession> = Api::namespaced(client.clone(), &namespace);
-                        let patch = serde_json::json!({"metadata": {"annotations": {CLEANED_ANNOTATION: settings.pod}}});
-                        if let Err(err) = api
-                            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                            .await
-                        {
-                            tracing::warn!(%err, session_id = %id, "could not mark the session cleaned");
-                        }
-                    }
-                    Err(err) => {
-                        tracing::warn!(%err, session_id = %id, "wiping credentials failed; retrying")
-                    }
-                }
-            }
+            let cleaned = session.annotations().get(CLEANED_ANNOTATION).is_some();
+            let task = tokio::spawn(finish_deleted(
+                supervisor.clone(),
+                redis.cloned(),
+                Api::namespaced(client.clone(), &namespace),
+                DeletedSession {
+                    id: id.clone(),
+                    name,
+                    logout: session.spec.logout_on_delete && !cleaned,
+                },
+                settings.pod.clone(),
+            ));
+            deleting.insert(id, task);
             continue;
         }
         if session.spec.paused {
@@ -328,7 +318,8 @@ async fn reconcile<D: SessionDriver>(
         })
         .await;
     for id in supervisor.running().await {
-        if !wanted.contains(&id) {
+        // A deleted one is its deletion task's to end (with a logout, where asked).
+        if !wanted.contains(&id) && !deleting.contains_key(&id) {
             supervisor.stop(&id).await;
         }
     }
@@ -342,6 +333,52 @@ async fn reconcile<D: SessionDriver>(
         }
         keep
     });
+}
+
+/// A resource being deleted, as [`finish_deleted`] needs it.
+struct DeletedSession {
+    id: String,
+    name: String,
+    /// `logoutOnDelete` and not yet marked cleaned.
+    logout: bool,
+}
+
+/// Stops a deleted session; with `logout`, logs it out (see [`Supervisor::logout`]), wipes its
+/// keys and marks the resource cleaned so the operator removes the finalizer.
+async fn finish_deleted<D: SessionDriver>(
+    supervisor: Arc<Supervisor<D>>,
+    redis: Option<fred::clients::Client>,
+    api: Api<WhatsappSession>,
+    session: DeletedSession,
+    pod: String,
+) {
+    let DeletedSession { id, name, logout } = session;
+    if !logout {
+        supervisor.stop(&id).await;
+        return;
+    }
+    supervisor.logout(&id).await;
+    let wiped = match &redis {
+        Some(redis) => crate::redis::wipe_session(redis, &id)
+            .await
+            .map_err(|e| e.to_string()),
+        None => Ok(0),
+    };
+    match wiped {
+        Ok(keys) => {
+            tracing::info!(session_id = %id, keys, "deleted session logged out and wiped");
+            let patch = serde_json::json!({"metadata": {"annotations": {CLEANED_ANNOTATION: pod}}});
+            if let Err(err) = api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                tracing::warn!(%err, session_id = %id, "could not mark the session cleaned");
+            }
+        }
+        Err(err) => {
+            tracing::warn!(%err, session_id = %id, "wiping credentials failed; retrying")
+        }
+    }
 }
 
 async fn write_statuses(

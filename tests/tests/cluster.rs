@@ -217,6 +217,80 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
             .await
             .unwrap();
     assert_eq!(left, None, "credentials wiped");
+
+    // Delete a paired session while it is paused: it no longer runs anywhere, yet its gateway
+    // connects once more, only to unlink the device, before the keys go.
+    let id = "s-011";
+    let shard: usize = snapshot(&api).await[id]
+        .0
+        .as_deref()
+        .expect("placed")
+        .parse()
+        .unwrap();
+    let paired: bool = fred::prelude::HashesInterface::hexists(
+        &client_redis,
+        format!("wa:{{{id}}}:creds"),
+        "paired",
+    )
+    .await
+    .unwrap();
+    assert!(paired, "a connected sim session is recorded as paired");
+    api.patch(
+        id,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"spec": {"paused": true}})),
+    )
+    .await
+    .unwrap();
+    wait_until(
+        "the paused session's lock released",
+        Duration::from_secs(30),
+        || {
+            let redis = client_redis.clone();
+            async move {
+                let owner: Option<String> =
+                    fred::prelude::KeysInterface::get(&redis, format!("wa:{{{id}}}:owner"))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                owner.map_or(Ok(()), |o| Err(format!("held by {o}")))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    api.delete(id, &Default::default()).await.unwrap();
+    wait_until(
+        "deleted paused session gone",
+        Duration::from_secs(30),
+        || {
+            let api = api.clone();
+            async move {
+                match api.get_opt(id).await {
+                    Ok(None) => Ok(()),
+                    Ok(Some(s)) => Err(format!("still there, annotations {:?}", s.annotations())),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let keys: i64 =
+        fred::prelude::KeysInterface::exists(&client_redis, format!("wa:{{{id}}}:creds"))
+            .await
+            .unwrap();
+    assert_eq!(keys, 0, "credentials wiped");
+    let gateway = gateways[shard].as_ref().expect("shard running");
+    let (_, metrics) = gateway.get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("whatsapp_gateway_session_logouts_total{result=\"unlinked\"} 1"),
+        "shard {shard} unlinked the paused session:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("session_logouts"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 /// Waits until `shard` holds about its share (9/10 of total/shards) of Connected sessions and

@@ -509,6 +509,92 @@ async fn a_paired_session_moves_to_another_gateway_without_a_new_scan() {
     second.stop().await;
 }
 
+/// Deleting a paired session while it is paused still unlinks the device from the phone: the
+/// gateway connects with the stored keys only to log out (as soon as the server accepts the
+/// login), wipes them, and the backend hears `logged_out`; nothing of that connection's own
+/// events reaches the backend. A second logout finds nothing to unlink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_paused_session_unlinks_its_device() {
+    use gateway::session::supervisor::{LOGOUT_REQUESTED, Logout};
+    use std::sync::atomic::Ordering::Relaxed;
+    const ID: &str = "wa-fake-paused-delete";
+
+    let fake = FakeWhatsapp::start().await.unwrap();
+    let redis = test_support::RedisServer::start().await.unwrap();
+    let backend = Receiver::start().await.unwrap();
+    let gateway = RedisGateway::start("gw-a", &backend, &redis.url(), &fake).await;
+    gateway.supervisor.want(ID);
+    wait_until("a QR", Duration::from_secs(30), || {
+        let qr = gateway.pipeline.states.get(ID).and_then(|s| s.latest_qr);
+        async move { qr.ok_or_else(|| "no QR yet".to_owned()) }
+    })
+    .await
+    .unwrap();
+    let code = gateway
+        .pipeline
+        .states
+        .get(ID)
+        .unwrap()
+        .latest_qr
+        .unwrap()
+        .code;
+    fake.scan(&code).await.unwrap();
+    wait_state_active(&gateway.pipeline.states, ID).await;
+    let logins_before = fake.stats().logins.load(Relaxed);
+    assert!(gateway.supervisor.pause(ID).await, "was running");
+    assert_eq!(fake.stats().logouts.load(Relaxed), 0);
+    let statuses_before = backend.statuses_of(ID).len();
+
+    let begun = Instant::now();
+    assert_eq!(gateway.supervisor.logout(ID).await, Logout::Unlinked);
+    eprintln!("unlinked in {:?}", begun.elapsed());
+    let stats = fake.stats();
+    assert_eq!(
+        stats.logouts.load(Relaxed),
+        1,
+        "the phone no longer lists the device"
+    );
+    assert!(fake.paired_devices().is_empty());
+    assert_eq!(
+        stats.logins.load(Relaxed),
+        logins_before + 1,
+        "logged in once to log out"
+    );
+    let client = gateway::redis::connect(&redis.url()).await.unwrap();
+    let device: Option<Vec<u8>> =
+        fred::prelude::KeysInterface::get(&client, format!("wa:{{{ID}}}:wa:device"))
+            .await
+            .unwrap();
+    assert!(device.is_none(), "the device keys are wiped");
+    wait_until("logged_out at the backend", Duration::from_secs(10), || {
+        let after: Vec<_> = backend.statuses_of(ID)[statuses_before..].to_vec();
+        async move {
+            match after.last() {
+                Some((status, reason)) if status == "logged_out" && reason == LOGOUT_REQUESTED => {
+                    Ok(())
+                }
+                _ => Err(format!("statuses since the pause: {after:?}")),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let since_pause = backend.statuses_of(ID)[statuses_before..].to_vec();
+    assert!(
+        since_pause
+            .iter()
+            .all(|(status, _)| status != "connecting" && status != "active"),
+        "the unlinking connection's own events stay private: {since_pause:?}"
+    );
+    assert_eq!(gateway.supervisor.logout(ID).await, Logout::NothingToUnlink);
+    assert_eq!(
+        fake.stats().logins.load(Relaxed),
+        logins_before + 1,
+        "no second connection"
+    );
+    gateway.stop().await;
+}
+
 /// A gateway whose whatsapp driver links `id` by pairing code for `phone`, with its pipeline.
 async fn pairing_code_gateway(
     fake: &FakeWhatsapp,
