@@ -65,7 +65,8 @@ pub struct WhatsappSessionSpec {
     /// Stop the session without losing its credentials.
     #[serde(default)]
     pub paused: bool,
-    /// Log the device out and wipe its credentials when the resource is deleted.
+    /// Log the device out and wipe its credentials when the resource is deleted (a paused session
+    /// is connected just long enough to unlink it).
     #[serde(default = "default_true")]
     pub logout_on_delete: bool,
     /// Per-session backend: this session's batches go to `url` (the batch paths appended),

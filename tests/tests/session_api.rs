@@ -368,6 +368,68 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
     .unwrap();
     assert_eq!(hold(&client, "api-1").await, None);
     wait_active_count(&receiver, "api-1", before + 1, "api-1 running again").await;
+
+    // Paused, then deleted: it runs nowhere, yet the delete still unlinks its device (a
+    // connection made for that alone, whose own `active` the backend never hears) and the
+    // backend hears `logged_out`.
+    let paused = call(
+        &c,
+        Method::PATCH,
+        "/v1/sessions/api-1",
+        Some(json!({"paused": true})),
+    )
+    .await;
+    assert_eq!(paused.0, 200);
+    wait_until("api-1 unlocked again", Duration::from_secs(15), || async {
+        match owner(&client, "api-1").await {
+            None => Ok(()),
+            Some(holder) => Err(format!("held by {holder}")),
+        }
+    })
+    .await
+    .unwrap();
+    let connects_before = connects(&receiver, "api-1");
+    let deleted = call(&c, Method::DELETE, "/v1/sessions/api-1", None).await;
+    assert_eq!(deleted.0, 202);
+    wait_until(
+        "logged_out after the pause",
+        Duration::from_secs(15),
+        || async {
+            let statuses = receiver.statuses_of("api-1");
+            match statuses.last() {
+                Some((s, reason)) if s == "logged_out" && reason == "logout_requested" => Ok(()),
+                _ => Err(format!("statuses {statuses:?}")),
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(connects(&receiver, "api-1"), connects_before);
+    wait_until(
+        "api-1's keys wiped again",
+        Duration::from_secs(15),
+        || async {
+            let mut keys = session_keys(&client, "api-1").await;
+            keys.sort();
+            if keys == ["wa:{api-1}:fence", "wa:{api-1}:hold"] {
+                Ok(())
+            } else {
+                Err(format!("{keys:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let (_, metrics) = c.get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("whatsapp_gateway_session_logouts_total{result=\"unlinked\"} 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("session_logouts"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

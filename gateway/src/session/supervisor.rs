@@ -86,6 +86,15 @@ pub enum Logout {
 }
 
 impl Logout {
+    /// One of each outcome (the label values of the logout counter).
+    const ALL: [Logout; 5] = [
+        Logout::WasRunning,
+        Logout::Unlinked,
+        Logout::NothingToUnlink,
+        Logout::HeldElsewhere,
+        Logout::Failed(String::new()),
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Logout::WasRunning => "was_running",
@@ -203,6 +212,12 @@ impl SupervisorMetrics {
             "Session events dropped because the session's lock was no longer held",
             metrics.dropped_events.clone(),
         );
+        // Every outcome from the start, so a rate or an alert on `failed` has a series at 0.
+        for outcome in Logout::ALL {
+            let _ = metrics.unlinks.get_or_create(&UnlinkLabels {
+                result: outcome.as_str(),
+            });
+        }
         registry.register(
             "whatsapp_gateway_session_logouts",
             "Logouts of deleted sessions by result (was_running; unlinked = connected only to unlink a session that did not run; nothing_to_unlink; held_elsewhere; failed)",
