@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use crds::{CLEANED_ANNOTATION, WhatsappSession};
@@ -21,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::SessionStates;
 use crate::secrets::WebhookRouting;
-use crate::session::SessionDriver;
 use crate::session::supervisor::Supervisor;
+use crate::session::{LoginDirectory, SessionDriver};
 use crate::status::{Assignment, CoalescePolicy, StatusCoalescer, StatusSnapshot, StatusWriter};
 use crate::{Error, Result};
 
@@ -160,7 +161,8 @@ pub async fn run<D: SessionDriver>(
     );
     let mut coalescer = StatusCoalescer::new(CoalescePolicy::default());
     let mut placements: HashMap<String, Placement> = HashMap::new();
-    let mut deleting = HashMap::new();
+    let mut deleting: HashMap<String, Deletion> = HashMap::new();
+    let routing = Arc::new(routing);
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     loop {
@@ -203,6 +205,23 @@ pub async fn run<D: SessionDriver>(
             }
         }
     }
+    // Deletions under way finish first (an unlink is bounded to seconds); their last events
+    // still go out with the pipeline's flush.
+    let unfinished = deleting
+        .into_values()
+        .map(|deletion| deletion.task)
+        .filter(|task| !task.is_finished());
+    if tokio::time::timeout(
+        Duration::from_secs(15),
+        futures::future::join_all(unfinished),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            "deleted sessions still logging out at shutdown; the operator finishes them"
+        );
+    }
     supervisor.stop_all().await;
     heartbeat.abort();
     watch.abort();
@@ -226,14 +245,14 @@ async fn reconcile<D: SessionDriver>(
     settings: &ShardSettings,
     supervisor: &Arc<Supervisor<D>>,
     placements: &mut HashMap<String, Placement>,
-    deleting: &mut HashMap<String, tokio::task::JoinHandle<()>>,
+    deleting: &mut HashMap<String, Deletion>,
     coalescer: &mut StatusCoalescer,
-    states: &SessionStates,
-    routing: &WebhookRouting,
+    states: &Arc<SessionStates>,
+    routing: &Arc<WebhookRouting>,
 ) {
     let mut wanted = HashSet::new();
     let mut drains = Vec::new();
-    deleting.retain(|_, task| !task.is_finished());
+    let mut deleted = HashSet::new();
     for session in store.state() {
         let id = session.session_id();
         let namespace = session.namespace().unwrap_or_default();
@@ -249,22 +268,37 @@ async fn reconcile<D: SessionDriver>(
             // paired one that does not run is connected just to unlink it) and wipe the
             // credentials, then tell the operator it may remove the finalizer. On a task of its
             // own, since an unlink takes seconds and the other sessions must not wait for it.
-            if deleting.get(&id).is_some_and(|task| !task.is_finished()) {
+            deleted.insert(id.clone());
+            // Under way, or done (the resource lingers until the operator removes the
+            // finalizer): nothing to start. Settled on another try otherwise.
+            if deleting
+                .get(&id)
+                .is_some_and(|d| !d.task.is_finished() || d.done.load(AtomicOrdering::Acquire))
+            {
                 continue;
             }
             let cleaned = session.annotations().get(CLEANED_ANNOTATION).is_some();
+            let done = Arc::new(AtomicBool::new(false));
             let task = tokio::spawn(finish_deleted(
-                supervisor.clone(),
-                redis.cloned(),
-                Api::namespaced(client.clone(), &namespace),
+                DeletionContext {
+                    supervisor: supervisor.clone(),
+                    redis: redis.cloned(),
+                    api: Api::namespaced(client.clone(), &namespace),
+                    routing: routing.clone(),
+                    states: states.clone(),
+                    logins: settings.logins.clone(),
+                    pod: settings.pod.clone(),
+                },
                 DeletedSession {
                     id: id.clone(),
                     name,
+                    namespace,
+                    webhook: session.spec.webhook.clone(),
                     logout: session.spec.logout_on_delete && !cleaned,
                 },
-                settings.pod.clone(),
+                done.clone(),
             ));
-            deleting.insert(id, task);
+            deleting.insert(id, Deletion { task, done });
             continue;
         }
         if session.spec.paused {
@@ -327,58 +361,117 @@ async fn reconcile<D: SessionDriver>(
         let keep = wanted.contains(id);
         if !keep {
             coalescer.forget(id);
-            states.remove(id);
-            routing.webhooks.removed(id);
-            settings.logins.remove(id);
+            // A deleted one is forgotten by its deletion task, after its last status.
+            if !deleting.contains_key(id) {
+                forget(id, states, routing, &settings.logins);
+            }
         }
         keep
     });
+    // The resource is gone (finalizer removed): a deletion that never settled (the operator
+    // wiped it after its timeout) is forgotten here.
+    deleting.retain(|id, deletion| {
+        let keep = deleted.contains(id) || !deletion.task.is_finished();
+        if !keep && !deletion.done.load(AtomicOrdering::Acquire) {
+            forget(id, states, routing, &settings.logins);
+        }
+        keep
+    });
+}
+
+/// Forgets a session that no longer runs here: its state (re-sync, gauges), its webhook route
+/// (after the grace that lets its last events follow it) and its login.
+fn forget(id: &str, states: &SessionStates, routing: &WebhookRouting, logins: &LoginDirectory) {
+    states.remove(id);
+    routing.webhooks.removed(id);
+    logins.remove(id);
+}
+
+/// A deleted resource's clean-up task; `done` once it settled.
+struct Deletion {
+    task: tokio::task::JoinHandle<()>,
+    done: Arc<AtomicBool>,
+}
+
+/// What a deletion task works with.
+struct DeletionContext<D: SessionDriver> {
+    supervisor: Arc<Supervisor<D>>,
+    redis: Option<fred::clients::Client>,
+    api: Api<WhatsappSession>,
+    routing: Arc<WebhookRouting>,
+    states: Arc<SessionStates>,
+    logins: LoginDirectory,
+    pod: String,
 }
 
 /// A resource being deleted, as [`finish_deleted`] needs it.
 struct DeletedSession {
     id: String,
     name: String,
+    namespace: String,
+    webhook: Option<crds::Webhook>,
     /// `logoutOnDelete` and not yet marked cleaned.
     logout: bool,
 }
 
-/// Stops a deleted session; with `logout`, logs it out (see [`Supervisor::logout`]), wipes its
-/// keys and marks the resource cleaned so the operator removes the finalizer.
+/// Stops a deleted session; with `logout`, logs it out (see [`Supervisor::logout`]: a paired
+/// session that does not run is connected just to unlink it), wipes its keys and marks the
+/// resource cleaned so the operator removes the finalizer. Sets `done` once settled; a logout
+/// that could not run (another gateway holds the lock, Redis unreachable) is tried again by the
+/// next reconcile.
 async fn finish_deleted<D: SessionDriver>(
-    supervisor: Arc<Supervisor<D>>,
-    redis: Option<fred::clients::Client>,
-    api: Api<WhatsappSession>,
+    ctx: DeletionContext<D>,
     session: DeletedSession,
-    pod: String,
+    done: Arc<AtomicBool>,
 ) {
-    let DeletedSession { id, name, logout } = session;
-    if !logout {
-        supervisor.stop(&id).await;
-        return;
-    }
-    supervisor.logout(&id).await;
-    let wiped = match &redis {
-        Some(redis) => crate::redis::wipe_session(redis, &id)
-            .await
-            .map_err(|e| e.to_string()),
-        None => Ok(0),
-    };
-    match wiped {
-        Ok(keys) => {
-            tracing::info!(session_id = %id, keys, "deleted session logged out and wiped");
-            let patch = serde_json::json!({"metadata": {"annotations": {CLEANED_ANNOTATION: pod}}});
-            if let Err(err) = api
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+    let DeletedSession {
+        id,
+        name,
+        namespace,
+        webhook,
+        logout,
+    } = session;
+    if logout {
+        // Its last status follows its webhook, as its other events did (a paused session's
+        // route may have lapsed).
+        ctx.routing.route(&id, &namespace, webhook.as_ref()).await;
+        let outcome = ctx.supervisor.logout(&id).await;
+        if !outcome.is_settled() {
+            tracing::debug!(session_id = %id, ?outcome, "deleted session's logout to be tried again");
+            return;
+        }
+        let wiped = match &ctx.redis {
+            Some(redis) => crate::redis::wipe_session(redis, &id)
                 .await
-            {
-                tracing::warn!(%err, session_id = %id, "could not mark the session cleaned");
+                .map_err(|e| e.to_string()),
+            None => Ok(0),
+        };
+        match wiped {
+            Ok(keys) => {
+                tracing::info!(session_id = %id, keys, logout = outcome.as_str(), "deleted session logged out and wiped");
+                let patch =
+                    serde_json::json!({"metadata": {"annotations": {CLEANED_ANNOTATION: ctx.pod}}});
+                if let Err(err) = ctx
+                    .api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    tracing::warn!(%err, session_id = %id, "could not mark the session cleaned; retrying");
+                    return;
+                }
+            }
+            Err(err) => {
+                tracing::warn!(%err, session_id = %id, "wiping credentials failed; retrying");
+                return;
             }
         }
-        Err(err) => {
-            tracing::warn!(%err, session_id = %id, "wiping credentials failed; retrying")
-        }
+    } else {
+        ctx.supervisor.stop(&id).await;
     }
+    // After its last status: an event created before the removal is delivered but does not
+    // bring the session back into the states.
+    forget(&id, &ctx.states, &ctx.routing, &ctx.logins);
+    done.store(true, AtomicOrdering::Release);
 }
 
 async fn write_statuses(

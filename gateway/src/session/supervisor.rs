@@ -81,19 +81,29 @@ pub enum Logout {
     NothingToUnlink,
     /// Another gateway holds its lock: it runs there, and logs out there.
     HeldElsewhere,
-    /// Unlinking failed (credentials unreadable, no login in time, ...).
+    /// The stored keys did not log in in time (or the deregistration failed): the phone still
+    /// lists the device. The keys are wiped all the same.
     Failed(String),
+    /// Nothing done (Redis unreachable, or the lock lost midway): try again.
+    Error(String),
 }
 
 impl Logout {
     /// One of each outcome (the label values of the logout counter).
-    const ALL: [Logout; 5] = [
+    const ALL: [Logout; 6] = [
         Logout::WasRunning,
         Logout::Unlinked,
         Logout::NothingToUnlink,
         Logout::HeldElsewhere,
         Logout::Failed(String::new()),
+        Logout::Error(String::new()),
     ];
+
+    /// Whether the logout is settled (the caller may wipe what is left and forget the session),
+    /// rather than to be tried again.
+    pub fn is_settled(&self) -> bool {
+        !matches!(self, Logout::HeldElsewhere | Logout::Error(_))
+    }
 
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -102,6 +112,7 @@ impl Logout {
             Logout::NothingToUnlink => "nothing_to_unlink",
             Logout::HeldElsewhere => "held_elsewhere",
             Logout::Failed(_) => "failed",
+            Logout::Error(_) => "error",
         }
     }
 }
@@ -220,10 +231,18 @@ impl SupervisorMetrics {
         }
         registry.register(
             "whatsapp_gateway_session_logouts",
-            "Logouts of deleted sessions by result (was_running; unlinked = connected only to unlink a session that did not run; nothing_to_unlink; held_elsewhere; failed)",
+            "Logouts of deleted sessions by result (was_running; unlinked = connected only to unlink a session that did not run; nothing_to_unlink; held_elsewhere; failed = could not unlink, keys wiped anyway; error = not tried, Redis unreachable or lock lost)",
             metrics.unlinks.clone(),
         );
         metrics
+    }
+
+    fn count_logout(&self, outcome: &Logout) {
+        self.unlinks
+            .get_or_create(&UnlinkLabels {
+                result: outcome.as_str(),
+            })
+            .inc();
     }
 
     fn write(&self, result: WriteResult) {
@@ -478,94 +497,15 @@ impl<D: SessionDriver> Supervisor<D> {
     /// so deleting a paused session does not leave the device listed on the phone.
     pub async fn logout(&self, session_id: &str) -> Logout {
         if self.end(session_id, LOGOUT).await {
+            self.shared.metrics.count_logout(&Logout::WasRunning);
             return Logout::WasRunning;
         }
-        let outcome = self.unlink_idle(session_id).await;
-        match &outcome {
-            Logout::Unlinked => {
-                tracing::info!(%session_id, "idle session unlinked from the phone")
-            }
-            Logout::Failed(reason) => {
-                tracing::warn!(%session_id, %reason, "idle session could not be unlinked; its keys are wiped all the same")
-            }
-            _ => tracing::debug!(%session_id, ?outcome, "idle session logout"),
-        }
-        self.shared
-            .metrics
-            .unlinks
-            .get_or_create(&UnlinkLabels {
-                result: outcome.as_str(),
-            })
-            .inc();
-        outcome
+        // On a task of its own: a caller that goes away (an HTTP client hanging up on a
+        // DELETE) must not leave the lock held or the connection open halfway.
+        let task = tokio::spawn(unlink_idle(self.shared.clone(), Arc::from(session_id)));
+        task.await
+            .unwrap_or_else(|err| Logout::Error(format!("unlink task: {err}")))
     }
-
-    async fn unlink_idle(&self, session_id: &str) -> Logout {
-        let shared = &self.shared;
-        let id: Arc<str> = Arc::from(session_id);
-        // A cheap look first, so deleting a session that never paired takes no lock.
-        match shared.credentials.load(&id).await {
-            Ok(Some(creds)) if creds.paired => {}
-            Ok(_) => return Logout::NothingToUnlink,
-            Err(err) => return Logout::Failed(err.to_string()),
-        }
-        let lease = {
-            let _attempt = Attempt::new(
-                shared
-                    .attempts
-                    .acquire()
-                    .await
-                    .expect("the semaphore is never closed"),
-                &shared.metrics.attempts_in_flight,
-            );
-            match shared.ownership.acquire_for_logout(&id).await {
-                Ok(Ok(lease)) => lease,
-                Ok(Err(_holder)) => return Logout::HeldElsewhere,
-                Err(err) => return Logout::Failed(err.to_string()),
-            }
-        };
-        let fence = Fence::of(&lease);
-        // Again under the lock: another gateway may have unlinked it meanwhile.
-        let outcome = match shared.credentials.load(&id).await {
-            Ok(Some(creds)) if creds.paired => {
-                match shared
-                    .driver
-                    .unlink(&id, Some(&fence), shared.config.unlink_wait)
-                    .await
-                {
-                    Ok(unlinked) => {
-                        if let Err(err) = shared.credentials.wipe(&id, &fence).await {
-                            tracing::warn!(session_id = %id, %err, "wiping credentials after unlinking failed");
-                        }
-                        if unlinked == super::Unlink::Unlinked {
-                            // The backend last heard `paused` or `inactive`; now it is final.
-                            if let Ok(sink) = shared.gate_sink() {
-                                let logged_out = StatusEvent::new(
-                                    &*id,
-                                    SessionStatus::LoggedOut,
-                                    Priority::High,
-                                    Some(LOGOUT_REQUESTED.to_owned()),
-                                );
-                                if sink.emit(logged_out).await.is_ok() {
-                                    // Through the gate while the lease still vouches for it.
-                                    shared.gate_barrier().await;
-                                }
-                            }
-                            Logout::Unlinked
-                        } else {
-                            Logout::NothingToUnlink
-                        }
-                    }
-                    Err(err) => Logout::Failed(err.to_string()),
-                }
-            }
-            Ok(_) => Logout::NothingToUnlink,
-            Err(err) => Logout::Failed(err.to_string()),
-        };
-        shared.ownership.release(lease).await;
-        outcome
-    }
-
     async fn end(&self, session_id: &str, how: u8) -> bool {
         let slot = self.slots.lock().expect("slots").remove(session_id);
         let Some(slot) = slot else {
@@ -794,6 +734,106 @@ impl<D: SessionDriver> Shared<D> {
         self.config
             .restart_backoff
             .delay(failures, rand::rng().random::<f64>())
+    }
+}
+
+/// Longest an unlink may take beyond its login wait (the deregistration and the disconnect),
+/// so a standalone delete ends well within its 15 s hold.
+const UNLINK_GRACE: Duration = Duration::from_secs(3);
+
+/// [`Supervisor::logout`] of a session that does not run here; logs and counts the outcome.
+async fn unlink_idle<D: SessionDriver>(shared: Arc<Shared<D>>, id: Arc<str>) -> Logout {
+    let outcome = unlink_idle_inner(&shared, &id).await;
+    match &outcome {
+        Logout::Unlinked => {
+            tracing::info!(session_id = %id, "idle session unlinked from the phone")
+        }
+        Logout::Failed(reason) => {
+            tracing::warn!(session_id = %id, %reason, "idle session could not be unlinked; its keys are wiped all the same")
+        }
+        Logout::Error(reason) => {
+            tracing::warn!(session_id = %id, %reason, "idle session logout could not run; retrying")
+        }
+        _ => tracing::debug!(session_id = %id, ?outcome, "idle session logout"),
+    }
+    shared.metrics.count_logout(&outcome);
+    outcome
+}
+
+async fn unlink_idle_inner<D: SessionDriver>(shared: &Shared<D>, id: &Arc<str>) -> Logout {
+    // A cheap look first, so deleting a session that never paired takes no lock.
+    match shared.credentials.load(id).await {
+        Ok(Some(creds)) if creds.paired => {}
+        Ok(_) => return Logout::NothingToUnlink,
+        Err(err) => return Logout::Error(err.to_string()),
+    }
+    // The unlink is a connection like any other: it counts against the attempts at once.
+    let _attempt = Attempt::new(
+        shared
+            .attempts
+            .acquire()
+            .await
+            .expect("the semaphore is never closed"),
+        &shared.metrics.attempts_in_flight,
+    );
+    let lease = match shared.ownership.acquire_for_logout(id).await {
+        Ok(Ok(lease)) => lease,
+        Ok(Err(_holder)) => return Logout::HeldElsewhere,
+        Err(err) => return Logout::Error(err.to_string()),
+    };
+    let outcome = unlink_under(shared, id, &lease).await;
+    shared.ownership.release(lease).await;
+    outcome
+}
+
+/// The unlink proper, while `lease` is ours.
+async fn unlink_under<D: SessionDriver>(
+    shared: &Shared<D>,
+    id: &Arc<str>,
+    lease: &Lease,
+) -> Logout {
+    let fence = Fence::of(lease);
+    // Again under the lock: another gateway may have unlinked it meanwhile.
+    match shared.credentials.load(id).await {
+        Ok(Some(creds)) if creds.paired => {}
+        Ok(_) => return Logout::NothingToUnlink,
+        Err(err) => return Logout::Error(err.to_string()),
+    }
+    let budget = shared.config.unlink_wait + UNLINK_GRACE;
+    let unlinked = tokio::select! {
+        result = tokio::time::timeout(
+            budget,
+            shared.driver.unlink(id, Some(&fence), shared.config.unlink_wait),
+        ) => match result {
+            Ok(result) => result.map_err(|err| err.to_string()),
+            Err(_) => Err(format!("took longer than {budget:?}")),
+        },
+        // Another owner may exist from now on: the unlink's connection ends at once (dropped).
+        () = lease.lost() => return Logout::Error("lost the session lock while unlinking".into()),
+    };
+    // A deleted session's keys go, whatever became of the unlink.
+    if let Err(err) = shared.credentials.wipe(id, &fence).await {
+        tracing::warn!(session_id = %id, %err, "wiping credentials after unlinking failed");
+    }
+    match unlinked {
+        Ok(super::Unlink::Unlinked) => {
+            // The backend last heard `inactive` (paused); now it is final.
+            if let Ok(sink) = shared.gate_sink() {
+                let logged_out = StatusEvent::new(
+                    &**id,
+                    SessionStatus::LoggedOut,
+                    Priority::High,
+                    Some(LOGOUT_REQUESTED.to_owned()),
+                );
+                if sink.emit(logged_out).await.is_ok() {
+                    // Through the gate while the lease still vouches for it.
+                    shared.gate_barrier().await;
+                }
+            }
+            Logout::Unlinked
+        }
+        Ok(super::Unlink::NotLinked) => Logout::NothingToUnlink,
+        Err(reason) => Logout::Failed(reason),
     }
 }
 
@@ -1511,7 +1551,7 @@ mod tests {
     }
 
     /// Stored keys that do not log in within the wait: the unlink fails, the lock is given back
-    /// and the credentials stay for the caller's wipe.
+    /// and the credentials are wiped all the same (the session is deleted).
     #[tokio::test(start_paused = true)]
     async fn an_unlink_that_never_logs_in_gives_up_after_the_wait() {
         let driver = Arc::new(TestDriver::default());
@@ -1538,7 +1578,85 @@ mod tests {
             driver.logged_out.lock().unwrap().is_empty(),
             "no logout without a login"
         );
+        assert_eq!(credentials.load("s").await.unwrap(), None);
+    }
+
+    /// Paired credentials, a supervisor whose driver never logs in, and the lock store.
+    async fn stuck_unlink() -> (
+        Arc<Supervisor<TestDriver>>,
+        Arc<LocalLockStore>,
+        Arc<MemoryCredentials>,
+    ) {
+        let credentials = Arc::new(MemoryCredentials::new());
+        let fence = Fence {
+            owner: "old:1".into(),
+            token: 1,
+        };
+        credentials.save_paired("s", &fence).await.unwrap();
+        let store = Arc::new(LocalLockStore::new());
+        let (events, _rx) = EventSink::channel(16);
+        let mut opts = options(store.clone(), "a", SupervisorConfig::default());
+        opts.credentials = credentials.clone();
+        let supervisor = Arc::new(Supervisor::with_options(
+            Arc::new(TestDriver::default()),
+            events,
+            opts,
+        ));
+        (supervisor, store, credentials)
+    }
+
+    /// The caller of a logout goes away (an HTTP client hanging up on a DELETE): the unlink
+    /// still ends within its bounds and gives the lock back, instead of renewing it forever.
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_logout_still_releases_the_lock() {
+        let (supervisor, store, credentials) = stuck_unlink().await;
+        let abandoned = tokio::time::timeout(Duration::from_secs(1), supervisor.logout("s")).await;
+        assert!(abandoned.is_err(), "still unlinking after 1 s");
+        assert!(
+            store.holder("s").is_some(),
+            "the unlink holds the lock meanwhile"
+        );
+        tokio::time::sleep(SupervisorConfig::default().unlink_wait + UNLINK_GRACE).await;
+        assert!(store.holder("s").is_none(), "released");
+        assert_eq!(credentials.load("s").await.unwrap(), None, "wiped");
+        assert_eq!(
+            supervisor
+                .metrics()
+                .unlinks
+                .get_or_create(&UnlinkLabels { result: "failed" })
+                .get(),
+            1
+        );
+    }
+
+    /// Losing the lock mid-unlink (another owner may exist) ends the unlink's connection at once
+    /// and leaves the credentials to whoever holds the lock now.
+    #[tokio::test(start_paused = true)]
+    async fn an_unlink_stops_when_its_lock_is_lost() {
+        let (supervisor, store, credentials) = stuck_unlink().await;
+        let begun = Instant::now();
+        let logout = tokio::spawn({
+            let supervisor = supervisor.clone();
+            async move { supervisor.logout("s").await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        store.steal("s", "b", Duration::from_secs(30));
+        let outcome = logout.await.unwrap();
+        assert!(
+            matches!(outcome, Logout::Error(ref r) if r.contains("lost")),
+            "{outcome:?}"
+        );
+        assert!(!outcome.is_settled());
+        assert!(
+            begun.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            begun.elapsed()
+        );
         assert!(credentials.load("s").await.unwrap().unwrap().paired);
+        assert!(
+            store.holder("s").unwrap().starts_with("b:"),
+            "the new owner's lock untouched"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -213,27 +213,35 @@ impl SessionDriver for WhatsappDriver {
         self.start_with(session_id, events, fence).await
     }
 
-    /// Logs out as soon as the stored keys have logged in (`<success>`), without waiting for
-    /// `Connected`, which comes only after the app-state sync: the deregistration IQ needs an
-    /// authenticated socket and nothing more.
+    /// Deregisters the device as soon as the stored keys have logged in (`<success>`), without
+    /// waiting for `Connected`, which comes only after the app-state sync: the deregistration IQ
+    /// needs an authenticated socket and nothing more. Sent directly rather than through
+    /// `Client::logout`, which does not say whether the server accepted it. Whatever the
+    /// outcome, the keys are wiped: the session is going away.
     async fn unlink(
         &self,
         session_id: &str,
         fence: Option<&Fence>,
         wait: Duration,
     ) -> Result<super::Unlink, DriverError> {
+        use whatsapp_rust::wacore::iq::devices::RemoveCompanionDeviceSpec;
         let failed = |reason: String| DriverError::UnlinkFailed {
             session_id: session_id.to_owned(),
             reason,
         };
+        if self.store.is_none() {
+            // Keys in memory live only as long as one run: a session that does not run has none.
+            return Ok(super::Unlink::NotLinked);
+        }
         let Storage { backend, redis } = self.backend_for(session_id, fence)?;
         // No pairing-code request: this connection only logs in with the stored keys.
         let (tx, mut signals) = mpsc::unbounded_channel();
         let bot = build_bot(&self.config, backend, None, tx)
             .await
             .map_err(failed)?;
-        let mut handle = bot.spawn();
-        let client = handle.client();
+        // Dropped (the caller gave up, or lost the lock) means the connection ends at once.
+        let mut handle = AbortOnDrop(bot.spawn());
+        let client = handle.0.client();
         let deadline = tokio::time::Instant::now() + wait;
         let linked = loop {
             if client.is_logged_in() {
@@ -249,33 +257,49 @@ impl SessionDriver for WhatsappDriver {
                 },
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
                 () = tokio::time::sleep_until(deadline) => break None,
-                () = &mut handle => break None,
+                () = &mut handle.0 => break None,
             }
         };
         let outcome = match linked {
-            Some(true) => {
-                match tokio::time::timeout(self.config.shutdown_timeout, client.logout()).await {
-                    Ok(()) => Ok(super::Unlink::Unlinked),
-                    Err(_) => Err(failed("logout timed out".into())),
-                }
-            }
+            Some(true) => match client.pn() {
+                Some(jid) => match tokio::time::timeout(
+                    self.config.shutdown_timeout,
+                    client.execute(RemoveCompanionDeviceSpec::new(&jid)),
+                )
+                .await
+                {
+                    Ok(Ok(())) => Ok(super::Unlink::Unlinked),
+                    Ok(Err(err)) => Err(failed(format!("deregistration refused: {err}"))),
+                    Err(_) => Err(failed("deregistration timed out".into())),
+                },
+                None => Err(failed("logged in without a phone number JID".into())),
+            },
             Some(false) => Ok(super::Unlink::NotLinked),
             None => Err(failed(format!("not logged in within {wait:?}"))),
         };
-        if outcome.is_ok()
-            && let Some(store) = &redis
-            && let Err(err) = store.wipe().await
-        {
-            tracing::warn!(%session_id, %err, "unlinked: wiping the session keys failed");
-        }
         if tokio::time::timeout(self.config.shutdown_timeout, client.disconnect())
             .await
             .is_err()
         {
             tracing::warn!(%session_id, "whatsapp client did not disconnect in time; aborting it");
         }
-        handle.abort();
+        drop(handle);
+        // After the client is gone, so none of its late writes brings a key back.
+        if let Some(store) = &redis
+            && let Err(err) = store.wipe().await
+        {
+            tracing::warn!(%session_id, %err, "unlinking: wiping the session keys failed");
+        }
         outcome
+    }
+}
+
+/// Aborts the client when dropped (`BotHandle` alone would leave it running).
+struct AbortOnDrop(BotHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
