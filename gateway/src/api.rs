@@ -71,14 +71,19 @@ fn same_token(given: &[u8], expected: &[u8]) -> bool {
             == 0
 }
 
-/// Creating, pausing or deleting a session.
-fn is_management_write(request: &Request) -> bool {
+/// Creating, pausing or deleting a session, or reporting its status (which reaches the
+/// customer's backend as if WhatsApp had said it).
+fn is_write(request: &Request) -> bool {
     let path = request.uri().path();
     let method = request.method();
+    let session_path = path.starts_with("/v1/sessions/") && path.matches('/').count() == 3;
     (path == "/v1/sessions" && method == axum::http::Method::POST)
-        || (path.starts_with("/v1/sessions/")
-            && path.matches('/').count() == 3
+        || (session_path
             && (method == axum::http::Method::PATCH || method == axum::http::Method::DELETE))
+        || (path.starts_with("/v1/sessions/")
+            && path.ends_with("/status")
+            && path.matches('/').count() == 4
+            && method == axum::http::Method::PUT)
 }
 
 fn from_loopback(request: &Request) -> bool {
@@ -90,13 +95,14 @@ fn from_loopback(request: &Request) -> bool {
 }
 
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    if state.token.is_none() && is_management_write(&request) && !from_loopback(&request) {
-        // Without a token the API is open; logging accounts out is not, beyond this machine.
+    if state.token.is_none() && is_write(&request) && !from_loopback(&request) {
+        // Without a token reads are open; writes (logging accounts out, telling the backend a
+        // session changed) are not, beyond this machine.
         return (
             StatusCode::FORBIDDEN,
             axum::Json(json!({
                 "error": "forbidden",
-                "detail": "without --api-token / WA_API_TOKEN, sessions can only be created, paused or deleted from this machine (loopback)",
+                "detail": "without --api-token / WA_API_TOKEN, sessions can only be created, paused, deleted or have their status reported from this machine (loopback)",
             })),
         )
             .into_response();
@@ -469,6 +475,65 @@ mod tests {
         app_with(token, None)
     }
 
+    /// `docs/openapi.yaml` parses, and on every path it documents, the router serves exactly
+    /// the documented methods (each reaches a handler; any other gets axum's bare 405); its
+    /// status enum is the gateway's.
+    #[tokio::test]
+    async fn the_openapi_document_matches_the_router() {
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("../../docs/openapi.yaml")).expect("valid YAML");
+        let (events, _rx) = crate::session::EventSink::channel(16);
+        let app = app_with(None, Some(events));
+        let paths = doc["paths"].as_mapping().expect("paths");
+        assert!(paths.len() >= 4, "{paths:?}");
+        for (path, item) in paths {
+            let path = path.as_str().unwrap();
+            let documented: Vec<String> = item
+                .as_mapping()
+                .unwrap()
+                .keys()
+                .map(|m| m.as_str().unwrap().to_uppercase())
+                .collect();
+            for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+                let body = match method {
+                    "POST" => r#"{"sessionId":"s"}"#,
+                    "PATCH" => r#"{"paused":true}"#,
+                    "PUT" => r#"{"status":"inactive"}"#,
+                    _ => "",
+                };
+                let mut request = Request::builder()
+                    .method(method)
+                    .uri(path.replace("{id}", "s"))
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(body))
+                    .unwrap();
+                let local: SocketAddr = "127.0.0.1:1".parse().unwrap();
+                request.extensions_mut().insert(ConnectInfo(local));
+                let response = app.clone().oneshot(request).await.unwrap();
+                let code = response.status().as_u16();
+                let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                // The router's own answers have no body; every handler answers with JSON.
+                let routed = !(bytes.is_empty() && (code == 404 || code == 405));
+                assert_eq!(
+                    routed,
+                    documented.iter().any(|m| m == method),
+                    "{method} {path}: {code} {}",
+                    String::from_utf8_lossy(&bytes)
+                );
+            }
+        }
+        let statuses: Vec<&str> = doc["components"]["schemas"]["Status"]["enum"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let ours: Vec<&str> = SessionStatus::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(statuses, ours);
+    }
+
     fn app_with(token: Option<&str>, events: Option<crate::session::EventSink>) -> Router {
         let mut registry = prometheus_client::registry::Registry::default();
         let cache = SessionCache::new(
@@ -503,6 +568,7 @@ mod tests {
         let body = match method {
             "POST" => r#"{"sessionId":"s"}"#,
             "PATCH" => r#"{"paused":true}"#,
+            "PUT" => r#"{"status":"inactive"}"#,
             _ => "",
         };
         let mut request = request.body(Body::from(body)).unwrap();
@@ -512,13 +578,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn without_a_token_only_this_machine_manages_sessions() {
+    async fn without_a_token_only_this_machine_writes() {
         let remote = "10.1.2.3:5555";
         let local = "127.0.0.1:5555";
         for (method, path, ok) in [
             ("POST", "/v1/sessions", 201),
             ("PATCH", "/v1/sessions/s", 200),
             ("DELETE", "/v1/sessions/s", 202),
+            // Reaches the route (read-only here: no event pipeline) only when allowed.
+            ("PUT", "/v1/sessions/s/status", 405),
         ] {
             assert_eq!(
                 status(app(None), method, path, remote, None).await,

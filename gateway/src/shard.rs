@@ -271,10 +271,11 @@ async fn reconcile<D: SessionDriver>(
             deleted.insert(id.clone());
             // Under way, or done (the resource lingers until the operator removes the
             // finalizer): nothing to start. Settled on another try otherwise.
-            if deleting
-                .get(&id)
-                .is_some_and(|d| !d.task.is_finished() || d.done.load(AtomicOrdering::Acquire))
-            {
+            if deleting.get(&id).is_some_and(|d| {
+                !d.task.is_finished()
+                    || d.done.load(AtomicOrdering::Acquire)
+                    || d.started.elapsed() < DELETION_RETRY
+            }) {
                 continue;
             }
             let cleaned = session.annotations().get(CLEANED_ANNOTATION).is_some();
@@ -298,7 +299,14 @@ async fn reconcile<D: SessionDriver>(
                 },
                 done.clone(),
             ));
-            deleting.insert(id, Deletion { task, done });
+            deleting.insert(
+                id,
+                Deletion {
+                    task,
+                    done,
+                    started: tokio::time::Instant::now(),
+                },
+            );
             continue;
         }
         if session.spec.paused {
@@ -391,7 +399,12 @@ fn forget(id: &str, states: &SessionStates, routing: &WebhookRouting, logins: &L
 struct Deletion {
     task: tokio::task::JoinHandle<()>,
     done: Arc<AtomicBool>,
+    started: tokio::time::Instant,
 }
+
+/// How often a deletion whose logout could not run (another gateway holds the lock, Redis
+/// unreachable) is tried again.
+const DELETION_RETRY: Duration = Duration::from_secs(2);
 
 /// What a deletion task works with.
 struct DeletionContext<D: SessionDriver> {

@@ -375,7 +375,15 @@ async fn the_qr_endpoint_serves_json_or_png_and_404_once_expired() {
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    // Served as the gateway serves it: with the peer address (writes without a token are
+    // taken from loopback only).
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+    });
     let client = http();
 
     let json: serde_json::Value = client

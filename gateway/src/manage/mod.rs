@@ -715,7 +715,15 @@ impl<D: SessionDriver> LocalSessions<D> {
             }
             Step::End { session_id, logout } => {
                 if *logout {
-                    self.supervisor.logout(session_id).await;
+                    // One more try after a blip (Redis, or the lock lost midway); a session
+                    // another gateway holds is logged out there.
+                    for attempt in 0..2 {
+                        let outcome = self.supervisor.logout(session_id).await;
+                        if outcome.is_settled() || attempt == 1 {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
                 } else {
                     self.supervisor.stop(session_id).await;
                 }

@@ -50,7 +50,9 @@ pub trait SessionDriver: Send + Sync + 'static {
 
     /// Unlinks the device of a paired session that is not running here (deleted while paused,
     /// or while this gateway was down): connects with its stored keys only to log out, so the
-    /// phone stops listing it, within `wait`. Nothing it reports reaches the backend. The caller
+    /// phone stops listing it. Waits at most `wait` for the login and returns within a few
+    /// seconds more (the deregistration and the disconnect). Nothing it reports reaches the
+    /// backend. The caller
     /// holds the session's ownership lock (`fence`) and wipes the stored credentials after.
     ///
     /// The default starts the session with a private sink, waits for `active`, and stops it with

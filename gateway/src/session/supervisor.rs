@@ -737,9 +737,9 @@ impl<D: SessionDriver> Shared<D> {
     }
 }
 
-/// Longest an unlink may take beyond its login wait (the deregistration and the disconnect),
-/// so a standalone delete ends well within its 15 s hold.
-const UNLINK_GRACE: Duration = Duration::from_secs(3);
+/// Longest an unlink may take beyond its login wait (the deregistration and the disconnect:
+/// the whatsapp driver needs at most 4 s), so a standalone delete ends within its 15 s hold.
+const UNLINK_GRACE: Duration = Duration::from_secs(5);
 
 /// [`Supervisor::logout`] of a session that does not run here; logs and counts the outcome.
 async fn unlink_idle<D: SessionDriver>(shared: Arc<Shared<D>>, id: Arc<str>) -> Logout {
@@ -777,13 +777,39 @@ async fn unlink_idle_inner<D: SessionDriver>(shared: &Shared<D>, id: &Arc<str>) 
         &shared.metrics.attempts_in_flight,
     );
     let lease = match shared.ownership.acquire_for_logout(id).await {
-        Ok(Ok(lease)) => lease,
+        Ok(Ok(lease)) => ReleaseOnDrop {
+            ownership: shared.ownership.clone(),
+            lease: Some(lease),
+        },
         Ok(Err(_holder)) => return Logout::HeldElsewhere,
         Err(err) => return Logout::Error(err.to_string()),
     };
-    let outcome = unlink_under(shared, id, &lease).await;
-    shared.ownership.release(lease).await;
+    let outcome = unlink_under(shared, id, lease.lease.as_ref().expect("held")).await;
+    lease.release().await;
     outcome
+}
+
+/// A lease that is released even if the unlink panics, instead of being renewed forever.
+struct ReleaseOnDrop {
+    ownership: Ownership,
+    lease: Option<Lease>,
+}
+
+impl ReleaseOnDrop {
+    async fn release(mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.ownership.release(lease).await;
+        }
+    }
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let ownership = self.ownership.clone();
+            tokio::spawn(async move { ownership.release(lease).await });
+        }
+    }
 }
 
 /// The unlink proper, while `lease` is ours.

@@ -217,7 +217,7 @@ impl SessionDriver for WhatsappDriver {
     /// waiting for `Connected`, which comes only after the app-state sync: the deregistration IQ
     /// needs an authenticated socket and nothing more. Sent directly rather than through
     /// `Client::logout`, which does not say whether the server accepted it. Whatever the
-    /// outcome, the keys are wiped: the session is going away.
+    /// outcome, the keys are wiped: the session is going away. Returns within `wait` + 4 s.
     async fn unlink(
         &self,
         session_id: &str,
@@ -240,14 +240,21 @@ impl SessionDriver for WhatsappDriver {
             .await
             .map_err(failed)?;
         // Dropped (the caller gave up, or lost the lock) means the connection ends at once.
-        let mut handle = AbortOnDrop(bot.spawn());
-        let client = handle.0.client();
+        let mut handle = EndOnDrop {
+            handle: bot.spawn(),
+            ended: false,
+        };
+        let client = handle.handle.client();
         let deadline = tokio::time::Instant::now() + wait;
+        // The client's task ended (it must not be polled again).
+        let mut client_ended = false;
         let linked = loop {
             if client.is_logged_in() {
                 break Some(true);
             }
             tokio::select! {
+                // Signals first: a 401 at connect sends `LoggedOut` and then ends the client.
+                biased;
                 signal = signals.recv() => match signal {
                     // A code to scan, or a 401: the phone unlinked the device already.
                     Some(Signal::Qr { .. } | Signal::LoggedOut(_)) => break Some(false),
@@ -257,13 +264,16 @@ impl SessionDriver for WhatsappDriver {
                 },
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
                 () = tokio::time::sleep_until(deadline) => break None,
-                () = &mut handle.0 => break None,
+                () = &mut handle.handle => {
+                    client_ended = true;
+                    break None;
+                }
             }
         };
         let outcome = match linked {
             Some(true) => match client.pn() {
                 Some(jid) => match tokio::time::timeout(
-                    self.config.shutdown_timeout,
+                    UNLINK_IQ_TIMEOUT,
                     client.execute(RemoveCompanionDeviceSpec::new(&jid)),
                 )
                 .await
@@ -277,11 +287,17 @@ impl SessionDriver for WhatsappDriver {
             Some(false) => Ok(super::Unlink::NotLinked),
             None => Err(failed(format!("not logged in within {wait:?}"))),
         };
-        if tokio::time::timeout(self.config.shutdown_timeout, client.disconnect())
+        // The outcome is settled; what follows only tidies up, within a second.
+        if tokio::time::timeout(UNLINK_DISCONNECT_TIMEOUT, client.disconnect())
             .await
             .is_err()
         {
             tracing::warn!(%session_id, "whatsapp client did not disconnect in time; aborting it");
+        } else {
+            handle.ended = true;
+        }
+        if !client_ended {
+            let _ = tokio::time::timeout(UNLINK_DISCONNECT_TIMEOUT, &mut handle.handle).await;
         }
         drop(handle);
         // After the client is gone, so none of its late writes brings a key back.
@@ -294,12 +310,28 @@ impl SessionDriver for WhatsappDriver {
     }
 }
 
-/// Aborts the client when dropped (`BotHandle` alone would leave it running).
-struct AbortOnDrop(BotHandle);
+/// How long an unlink waits for the server to accept the deregistration, once logged in.
+const UNLINK_IQ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an unlink waits for the client to disconnect before aborting it.
+const UNLINK_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-impl Drop for AbortOnDrop {
+/// Ends the client when dropped: `BotHandle::abort` alone stops only its run loop, while the
+/// keepalive and the post-login tasks hold the client and its socket open.
+struct EndOnDrop {
+    handle: BotHandle,
+    /// Disconnected already.
+    ended: bool,
+}
+
+impl Drop for EndOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        if !self.ended {
+            let client = self.handle.client();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(UNLINK_DISCONNECT_TIMEOUT, client.disconnect()).await;
+            });
+        }
+        self.handle.abort();
     }
 }
 
