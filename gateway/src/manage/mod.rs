@@ -605,7 +605,8 @@ impl<D: SessionDriver> LocalSessions<D> {
                 } else {
                     Step::Run(spec.clone())
                 };
-                self.apply(&mut applied, &step).await;
+                // Run or pause only: nothing ends.
+                self.apply(&mut applied, &step, &mut Vec::new()).await;
             }
         }
     }
@@ -651,6 +652,7 @@ impl<D: SessionDriver> LocalSessions<D> {
             .store(false, std::sync::atomic::Ordering::Relaxed);
         // `applied` follows step by step, so a reconciliation cut short (a request whose client
         // went away) leaves it true and the next one finishes the work.
+        let mut endings = Vec::new();
         for step in steps {
             let step = match step {
                 Step::End { session_id, logout } if logout => {
@@ -667,14 +669,23 @@ impl<D: SessionDriver> LocalSessions<D> {
                 }
                 other => other,
             };
-            self.apply(&mut applied, &step).await;
+            self.apply(&mut applied, &step, &mut endings).await;
         }
         *self.seen_version.lock().expect("version lock") = Some(version);
+        drop(applied);
+        futures::future::join_all(endings).await;
         Ok(count)
     }
 
-    /// Carries a step out and records it in `applied`.
-    async fn apply(&self, applied: &mut HashMap<String, SessionSpec>, step: &Step) {
+    /// Carries a step out and records it in `applied`. An end runs on a task of its own, added to
+    /// `endings`: callers await them after letting go of `applied`, so a logout (which may
+    /// connect a paused session to unlink it: seconds) does not hold up every other call.
+    async fn apply(
+        &self,
+        applied: &mut HashMap<String, SessionSpec>,
+        step: &Step,
+        endings: &mut Vec<tokio::task::JoinHandle<()>>,
+    ) {
         {
             let mut with_webhook = self.with_webhook.lock().expect("webhook set lock");
             match step {
@@ -714,26 +725,7 @@ impl<D: SessionDriver> LocalSessions<D> {
                 self.supervisor.pause(&spec.session_id).await;
             }
             Step::End { session_id, logout } => {
-                if *logout {
-                    // One more try after a blip (Redis, or the lock lost midway); a session
-                    // another gateway holds is logged out there.
-                    for attempt in 0..2 {
-                        let outcome = self.supervisor.logout(session_id).await;
-                        if outcome.is_settled() || attempt == 1 {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                } else {
-                    self.supervisor.stop(session_id).await;
-                }
-                self.logins.remove(session_id);
-                // Its last status went out with the stop; re-sync and the gauges forget it.
-                self.states.remove(session_id);
-                if let Some(routing) = &self.routing {
-                    routing.webhooks.removed(session_id);
-                }
-                tracing::info!(session_id = %session_id, logout = *logout, "session deleted");
+                endings.push(self.end_session(session_id, *logout));
             }
         }
         match step {
@@ -744,6 +736,38 @@ impl<D: SessionDriver> LocalSessions<D> {
                 applied.remove(session_id);
             }
         }
+    }
+
+    /// Stops the session (with `logout`, logs it out: see [`Supervisor::logout`]) and forgets
+    /// it, on a task that finishes even if the caller goes away.
+    fn end_session(&self, session_id: &str, logout: bool) -> tokio::task::JoinHandle<()> {
+        let supervisor = self.supervisor.clone();
+        let logins = self.logins.clone();
+        let states = self.states.clone();
+        let webhooks = self.routing.as_ref().map(|r| r.webhooks.clone());
+        let session_id = session_id.to_owned();
+        tokio::spawn(async move {
+            if logout {
+                // One more try after a blip (Redis, or the lock lost midway); a session
+                // another gateway holds is logged out there.
+                for attempt in 0..2 {
+                    let outcome = supervisor.logout(&session_id).await;
+                    if outcome.is_settled() || attempt == 1 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            } else {
+                supervisor.stop(&session_id).await;
+            }
+            logins.remove(&session_id);
+            // Its last status went out with the stop; re-sync and the gauges forget it.
+            states.remove(&session_id);
+            if let Some(webhooks) = webhooks {
+                webhooks.removed(&session_id);
+            }
+            tracing::info!(session_id = %session_id, logout, "session deleted");
+        })
     }
 
     fn configured_source(&self, session_id: &str) -> Option<&'static str> {
@@ -764,9 +788,12 @@ impl<D: SessionDriver> LocalSessions<D> {
             .map(|spec| (session_id.to_owned(), spec))
             .into_iter()
             .collect();
+        let mut endings = Vec::new();
         for step in plan(&before, &after) {
-            self.apply(&mut applied, &step).await;
+            self.apply(&mut applied, &step, &mut endings).await;
         }
+        drop(applied);
+        futures::future::join_all(endings).await;
     }
 
     async fn find(&self, session_id: &str) -> ManageResult<SessionSpec> {

@@ -442,3 +442,72 @@ async fn a_deleted_id_cannot_be_created_while_it_is_held() {
         Err(ManageError::Deleting)
     );
 }
+
+/// The sim driver, whose unlink of an idle session takes 5 s (a slow WhatsApp login).
+struct SlowUnlink(SimDriver);
+
+impl crate::session::SessionDriver for SlowUnlink {
+    async fn start(
+        &self,
+        session_id: &str,
+        events: EventSink,
+    ) -> Result<crate::session::RunningSession, crate::session::DriverError> {
+        self.0.start(session_id, events).await
+    }
+
+    async fn unlink(
+        &self,
+        _session_id: &str,
+        _fence: Option<&crate::session::credentials::Fence>,
+        _wait: Duration,
+    ) -> Result<crate::session::Unlink, crate::session::DriverError> {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        Ok(crate::session::Unlink::Unlinked)
+    }
+}
+
+/// Deleting a paused session connects it to unlink it, which takes seconds: meanwhile the
+/// gateway's other calls are not held up, and the delete returns once the device is unlinked.
+#[tokio::test(start_paused = true)]
+async fn a_slow_unlink_does_not_hold_up_other_calls() {
+    let driver = Arc::new(SlowUnlink(
+        SimDriver::new(SimConfig {
+            unpaired_share: 0.0,
+            ..SimConfig::default()
+        })
+        .unwrap(),
+    ));
+    let (events, mut rx) = EventSink::channel(4096);
+    let supervisor = Arc::new(Supervisor::new(driver, events));
+    let sessions = Arc::new(LocalSessions::new(
+        supervisor,
+        LoginDirectory::default(),
+        Arc::new(SessionStates::default()),
+        Vec::new(),
+        Arc::new(MemoryBook::default()),
+    ));
+    sessions.create(SessionSpec::qr("paused")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    sessions.set_paused("paused", true).await.unwrap();
+    while rx.try_recv().is_ok() {}
+
+    let began = tokio::time::Instant::now();
+    let delete = tokio::spawn({
+        let sessions = sessions.clone();
+        async move { sessions.delete("paused").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sessions.create(SessionSpec::qr("other")).await.unwrap();
+    sessions.set_paused("other", true).await.unwrap();
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "held up for {:?}",
+        began.elapsed()
+    );
+    delete.await.unwrap().unwrap();
+    assert!(
+        began.elapsed() >= Duration::from_secs(5),
+        "returns once unlinked"
+    );
+    assert_eq!(logged_out(&mut rx), ["paused"]);
+}
