@@ -9,7 +9,9 @@
 //!   and the calls' latency (p50/p99), then the seconds from the first call until the backend
 //!   has an `active` status for every session, and how the locks split them;
 //! - `delete`: the same number of `DELETE /v1/sessions/{id}`, then the seconds until the backend
-//!   has `logged_out` for every session and no session is locked any more.
+//!   has `logged_out` for every session and no session is locked any more. With
+//!   `--pause-before-delete` every session is paused first (`PATCH`, until none is locked), so
+//!   each delete connects a paused session only to unlink its device.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -38,6 +40,9 @@ pub struct SessionApiArgs {
     /// Use the gateway binary already in this profile dir.
     #[arg(long)]
     no_build: bool,
+    /// Pause every session before deleting them all (deletes of idle, paired sessions).
+    #[arg(long)]
+    pause_before_delete: bool,
 }
 
 pub fn run(args: SessionApiArgs) -> anyhow::Result<()> {
@@ -200,6 +205,37 @@ async fn measure(args: &SessionApiArgs, bin: &std::path::Path) -> anyhow::Result
     let seconds_to_all_active = t0.elapsed().as_secs_f64();
     let (on_a, on_b) = owners(&redis_client, &ids).await?;
 
+    let paused = if args.pause_before_delete {
+        let t = Instant::now();
+        let pauses = ids
+            .iter()
+            .map(|id| {
+                client
+                    .patch(a.url(&format!("/v1/sessions/{id}")))
+                    .bearer_auth(TOKEN)
+                    .json(&json!({"paused": true}))
+            })
+            .collect();
+        let (_, pause_failed) = drive(pauses, args.concurrency, 200).await;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (locked_a, locked_b) = owners(&redis_client, &ids).await?;
+            if locked_a + locked_b == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("pause: {} sessions still locked", locked_a + locked_b);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        json!({
+            "failed_calls": pause_failed,
+            "seconds_to_all_unlocked": (t.elapsed().as_secs_f64() * 100.0).round() / 100.0,
+        })
+    } else {
+        Value::Null
+    };
+
     // Delete.
     let t1 = Instant::now();
     let deletes = ids
@@ -225,6 +261,7 @@ async fn measure(args: &SessionApiArgs, bin: &std::path::Path) -> anyhow::Result
         "sessions": total,
         "concurrency": args.concurrency,
         "gateways": 2,
+        "pause_before_delete": paused,
         "create": {
             "calls_per_second": (total as f64 / create_seconds).round(),
             "call_latency_ms": latency(create_ms),

@@ -841,23 +841,22 @@ async fn unlink_under<D: SessionDriver>(
     if let Err(err) = shared.credentials.wipe(id, &fence).await {
         tracing::warn!(session_id = %id, %err, "wiping credentials after unlinking failed");
     }
-    match unlinked {
-        Ok(super::Unlink::Unlinked) => {
-            // The backend last heard `inactive` (paused); now it is final.
-            if let Ok(sink) = shared.gate_sink() {
-                let logged_out = StatusEvent::new(
-                    &**id,
-                    SessionStatus::LoggedOut,
-                    Priority::High,
-                    Some(LOGOUT_REQUESTED.to_owned()),
-                );
-                if sink.emit(logged_out).await.is_ok() {
-                    // Through the gate while the lease still vouches for it.
-                    shared.gate_barrier().await;
-                }
-            }
-            Logout::Unlinked
+    // The backend last heard `inactive` (paused); now it is final, as for a running session
+    // that logs out: the session is gone and a new pairing is needed, whatever the phone says.
+    if let Ok(sink) = shared.gate_sink() {
+        let logged_out = StatusEvent::new(
+            &**id,
+            SessionStatus::LoggedOut,
+            Priority::High,
+            Some(LOGOUT_REQUESTED.to_owned()),
+        );
+        if sink.emit(logged_out).await.is_ok() {
+            // Through the gate while the lease still vouches for it.
+            shared.gate_barrier().await;
         }
+    }
+    match unlinked {
+        Ok(super::Unlink::Unlinked) => Logout::Unlinked,
         Ok(super::Unlink::NotLinked) => Logout::NothingToUnlink,
         Err(reason) => Logout::Failed(reason),
     }
@@ -1588,7 +1587,7 @@ mod tests {
         };
         credentials.save_paired("s", &fence).await.unwrap();
         let store = Arc::new(LocalLockStore::new());
-        let (events, _rx) = EventSink::channel(16);
+        let (events, mut rx) = EventSink::channel(16);
         let mut opts = options(store.clone(), "a", SupervisorConfig::default());
         opts.credentials = credentials.clone();
         let supervisor = Supervisor::with_options(driver.clone(), events, opts);
@@ -1605,6 +1604,11 @@ mod tests {
             "no logout without a login"
         );
         assert_eq!(credentials.load("s").await.unwrap(), None);
+        // The backend hears the session is gone all the same.
+        let Ok(GatewayEvent::Status(last)) = rx.try_recv() else {
+            panic!("a final status");
+        };
+        assert_eq!(last.status, SessionStatus::LoggedOut);
     }
 
     /// Paired credentials, a supervisor whose driver never logs in, and the lock store.
