@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -518,7 +519,13 @@ pub struct LocalSessions<D: SessionDriver> {
     /// Sessions applied here whose spec names a webhook: answers [`SessionManager::has_webhook`]
     /// without Redis (a status change must not be refused, nor misrouted, in a Redis outage).
     with_webhook: Mutex<std::collections::HashSet<String>>,
+    /// Ends under way (see [`LocalSessions::end_session`]), by session id: the next incarnation
+    /// of an id waits for the previous one's end, and a delete's wipe follows its logout.
+    ending: Mutex<HashMap<String, Ending>>,
 }
+
+/// A session's end, awaitable by several.
+type Ending = futures::future::Shared<BoxFuture<'static, ()>>;
 
 impl<D: SessionDriver> LocalSessions<D> {
     pub fn new(
@@ -543,6 +550,7 @@ impl<D: SessionDriver> LocalSessions<D> {
             routing: None,
             deferred: Default::default(),
             with_webhook: Mutex::default(),
+            ending: Mutex::default(),
         }
     }
 
@@ -684,8 +692,19 @@ impl<D: SessionDriver> LocalSessions<D> {
         &self,
         applied: &mut HashMap<String, SessionSpec>,
         step: &Step,
-        endings: &mut Vec<tokio::task::JoinHandle<()>>,
+        endings: &mut Vec<Ending>,
     ) {
+        if let Step::Run(spec) | Step::Pause(spec) = step
+            && self.ending_of(&spec.session_id).is_some()
+        {
+            // The previous incarnation of this id is still ending (logging out, say): starting
+            // now would have that end stop this one or forget its login and route. Not recorded
+            // as applied; the follow loop applies it once the end is done.
+            self.deferred
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(session_id = %spec.session_id, "session waits for its previous end");
+            return;
+        }
         {
             let mut with_webhook = self.with_webhook.lock().expect("webhook set lock");
             match step {
@@ -725,7 +744,12 @@ impl<D: SessionDriver> LocalSessions<D> {
                 self.supervisor.pause(&spec.session_id).await;
             }
             Step::End { session_id, logout } => {
-                endings.push(self.end_session(session_id, *logout));
+                let ending = self.end_session(session_id, *logout);
+                self.ending
+                    .lock()
+                    .expect("endings lock")
+                    .insert(session_id.clone(), ending.clone());
+                endings.push(ending);
             }
         }
         match step {
@@ -738,15 +762,22 @@ impl<D: SessionDriver> LocalSessions<D> {
         }
     }
 
+    /// The end of `session_id` under way, if any (forgetting those that are done).
+    fn ending_of(&self, session_id: &str) -> Option<Ending> {
+        let mut ending = self.ending.lock().expect("endings lock");
+        ending.retain(|_, end| end.peek().is_none());
+        ending.get(session_id).cloned()
+    }
+
     /// Stops the session (with `logout`, logs it out: see [`Supervisor::logout`]) and forgets
     /// it, on a task that finishes even if the caller goes away.
-    fn end_session(&self, session_id: &str, logout: bool) -> tokio::task::JoinHandle<()> {
+    fn end_session(&self, session_id: &str, logout: bool) -> Ending {
         let supervisor = self.supervisor.clone();
         let logins = self.logins.clone();
         let states = self.states.clone();
         let webhooks = self.routing.as_ref().map(|r| r.webhooks.clone());
         let session_id = session_id.to_owned();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if logout {
                 // One more try after a blip (Redis, or the lock lost midway); a session
                 // another gateway holds is logged out there.
@@ -767,7 +798,12 @@ impl<D: SessionDriver> LocalSessions<D> {
                 webhooks.removed(&session_id);
             }
             tracing::info!(session_id = %session_id, logout, "session deleted");
-        })
+        });
+        async move {
+            let _ = task.await;
+        }
+        .boxed()
+        .shared()
     }
 
     fn configured_source(&self, session_id: &str) -> Option<&'static str> {
@@ -1000,7 +1036,21 @@ impl<D: SessionDriver + 'static> SessionManager for LocalSessions<D> {
                 return Err(ManageError::NotFound);
             }
             self.apply_change(session_id, None).await;
-            tokio::spawn(wipe_when_released(self.book.clone(), session_id.to_owned()));
+            // The end may be the follow loop's (it saw the delete first). The wipe comes after
+            // it, whether or not this call is still awaited, so the logout finds the keys.
+            let ending = self.ending_of(session_id);
+            let book = self.book.clone();
+            let id = session_id.to_owned();
+            let after = ending.clone();
+            tokio::spawn(async move {
+                if let Some(ending) = after {
+                    ending.await;
+                }
+                wipe_when_released(book, id).await;
+            });
+            if let Some(ending) = ending {
+                ending.await;
+            }
             Ok(())
         })
     }

@@ -511,3 +511,94 @@ async fn a_slow_unlink_does_not_hold_up_other_calls() {
     );
     assert_eq!(logged_out(&mut rx), ["paused"]);
 }
+
+/// A session created again under the same id while its previous incarnation is still being
+/// unlinked waits for that end (refused while the delete's hold lasts, then started), and the
+/// old end does not stop the new one or forget its login.
+#[tokio::test(start_paused = true)]
+async fn a_new_incarnation_waits_for_the_previous_end() {
+    let driver = Arc::new(SlowUnlink(
+        SimDriver::new(SimConfig {
+            unpaired_share: 0.0,
+            ..SimConfig::default()
+        })
+        .unwrap(),
+    ));
+    let (events, _rx) = EventSink::channel(4096);
+    let supervisor = Arc::new(Supervisor::new(driver, events));
+    let sessions = Arc::new(LocalSessions::new(
+        supervisor,
+        LoginDirectory::default(),
+        Arc::new(SessionStates::default()),
+        Vec::new(),
+        Arc::new(MemoryBook::default()),
+    ));
+    sessions.create(SessionSpec::qr("x")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    sessions.set_paused("x", true).await.unwrap();
+    let delete = tokio::spawn({
+        let sessions = sessions.clone();
+        async move { sessions.delete("x").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        matches!(
+            sessions.create(SessionSpec::qr("x")).await,
+            Err(ManageError::Deleting)
+        ),
+        "refused while the old incarnation is being unlinked"
+    );
+    delete.await.unwrap().unwrap();
+    // The wipe after the end lets the id go.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    sessions.create(SessionSpec::qr("x")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(sessions.supervisor().running().await, ["x"]);
+    assert!(sessions.supervisor().is_running("x").await);
+}
+
+/// Another gateway took the delete and this one's follow loop is unlinking the paused session
+/// when the id is created again: the new incarnation starts only after that end, which would
+/// otherwise stop it or forget its login.
+#[tokio::test(start_paused = true)]
+async fn a_create_during_a_followed_delete_starts_after_the_end() {
+    let driver = Arc::new(SlowUnlink(
+        SimDriver::new(SimConfig {
+            unpaired_share: 0.0,
+            ..SimConfig::default()
+        })
+        .unwrap(),
+    ));
+    let (events, _rx) = EventSink::channel(4096);
+    let supervisor = Arc::new(Supervisor::new(driver, events));
+    let book = Arc::new(MemoryBook::default());
+    let sessions = Arc::new(LocalSessions::new(
+        supervisor,
+        LoginDirectory::default(),
+        Arc::new(SessionStates::default()),
+        Vec::new(),
+        book.clone(),
+    ));
+    sessions.create(SessionSpec::qr("x")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    sessions.set_paused("x", true).await.unwrap();
+    // The other gateway's delete, as this one reads it from the shared book.
+    book.set_hold("x", Hold::Deleted).await.unwrap();
+    book.remove("x").await.unwrap();
+    let follow = tokio::spawn({
+        let sessions = sessions.clone();
+        async move { sessions.reconcile(false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    book.wipe_deleted("x").await.unwrap();
+    sessions.create(SessionSpec::qr("x")).await.unwrap();
+    assert!(
+        sessions.supervisor().running().await.is_empty(),
+        "not started while its previous incarnation is being unlinked"
+    );
+    follow.await.unwrap().unwrap();
+    sessions.reconcile(false).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(sessions.supervisor().running().await, ["x"]);
+    assert!(sessions.supervisor().is_running("x").await);
+}

@@ -837,9 +837,14 @@ async fn unlink_under<D: SessionDriver>(
         // Another owner may exist from now on: the unlink's connection ends at once (dropped).
         () = lease.lost() => return Logout::Error("lost the session lock while unlinking".into()),
     };
-    // A deleted session's keys go, whatever became of the unlink.
-    if let Err(err) = shared.credentials.wipe(id, &fence).await {
-        tracing::warn!(session_id = %id, %err, "wiping credentials after unlinking failed");
+    // A deleted session's keys go, whatever became of the unlink. Until they have, the logout
+    // is not settled: whoever tries again finds them and reports the end once.
+    match shared.credentials.wipe(id, &fence).await {
+        Ok(Write::Written) => {}
+        Ok(Write::Fenced) => {
+            return Logout::Error("credentials taken over by a newer owner while unlinking".into());
+        }
+        Err(err) => return Logout::Error(format!("wiping the credentials: {err}")),
     }
     // The backend last heard `inactive` (paused); now it is final, as for a running session
     // that logs out: the session is gone and a new pairing is needed, whatever the phone says.
