@@ -634,6 +634,13 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     stop_http.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     follow.abort();
+    // A deleted session still logging out (a paused one unlinks in seconds) ends first, so its
+    // `logged_out` is flushed with the rest.
+    if !sessions.finish_ends(Duration::from_secs(15)).await {
+        tracing::warn!(
+            "deleted sessions still logging out at shutdown were cut short; their devices may stay linked"
+        );
+    }
     drop(sessions);
     // Sessions stop, their events flush, and only then are the locks released.
     supervisor

@@ -762,6 +762,22 @@ impl<D: SessionDriver> LocalSessions<D> {
         }
     }
 
+    /// Waits, at most `within`, for the ends under way (deleted sessions logging out), so their
+    /// last statuses reach the pipeline before it drains at shutdown. False if some did not end.
+    pub async fn finish_ends(&self, within: Duration) -> bool {
+        let ends: Vec<Ending> = self
+            .ending
+            .lock()
+            .expect("endings lock")
+            .values()
+            .filter(|end| end.peek().is_none())
+            .cloned()
+            .collect();
+        tokio::time::timeout(within, futures::future::join_all(ends))
+            .await
+            .is_ok()
+    }
+
     /// The end of `session_id` under way, if any (forgetting those that are done).
     fn ending_of(&self, session_id: &str) -> Option<Ending> {
         let mut ending = self.ending.lock().expect("endings lock");

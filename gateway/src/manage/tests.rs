@@ -497,6 +497,8 @@ async fn a_slow_unlink_does_not_hold_up_other_calls() {
         async move { sessions.delete("paused").await }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
+    // Shutdown waits for it, within bounds.
+    assert!(!sessions.finish_ends(Duration::from_millis(200)).await);
     sessions.create(SessionSpec::qr("other")).await.unwrap();
     sessions.set_paused("other", true).await.unwrap();
     assert!(
@@ -510,6 +512,10 @@ async fn a_slow_unlink_does_not_hold_up_other_calls() {
         "returns once unlinked"
     );
     assert_eq!(logged_out(&mut rx), ["paused"]);
+    assert!(
+        sessions.finish_ends(Duration::from_secs(1)).await,
+        "nothing left"
+    );
 }
 
 /// A session created again under the same id while its previous incarnation is still being
