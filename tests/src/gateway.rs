@@ -141,6 +141,23 @@ impl GatewayProcess {
         http_get(&self.url(path)).await
     }
 
+    /// Asserts that `/metrics` holds the sample line `sample` (name, labels and value); on
+    /// failure shows that family's lines.
+    pub async fn assert_metric(&self, sample: &str) {
+        let (_, metrics) = self.get("/metrics").await.expect("GET /metrics");
+        let family = sample.split(['{', ' ']).next().unwrap_or(sample);
+        assert!(
+            metrics.lines().any(|line| line == sample),
+            "{} has no `{sample}`:\n{}",
+            self.url("/metrics"),
+            metrics
+                .lines()
+                .filter(|line| line.starts_with(family))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -200,18 +200,7 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
     .await
     .unwrap();
     api.delete(id, &Default::default()).await.unwrap();
-    wait_until("deleted session gone", Duration::from_secs(30), || {
-        let api = api.clone();
-        async move {
-            match api.get_opt(id).await {
-                Ok(None) => Ok(()),
-                Ok(Some(s)) => Err(format!("still there, finalizers {:?}", s.finalizers())),
-                Err(e) => Err(e.to_string()),
-            }
-        }
-    })
-    .await
-    .unwrap();
+    wait_gone(&api, id, "deleted session gone").await;
     let left: Option<String> =
         fred::prelude::KeysInterface::get(&client_redis, format!("wa:{{{id}}}:creds"))
             .await
@@ -259,38 +248,36 @@ async fn sessions_connect_across_shards_and_survive_shard_loss_scale_up_and_drai
     .await
     .unwrap();
     api.delete(id, &Default::default()).await.unwrap();
-    wait_until(
-        "deleted paused session gone",
-        Duration::from_secs(30),
-        || {
-            let api = api.clone();
-            async move {
-                match api.get_opt(id).await {
-                    Ok(None) => Ok(()),
-                    Ok(Some(s)) => Err(format!("still there, annotations {:?}", s.annotations())),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-        },
-    )
-    .await
-    .unwrap();
+    wait_gone(&api, id, "deleted paused session gone").await;
     let keys: i64 =
         fred::prelude::KeysInterface::exists(&client_redis, format!("wa:{{{id}}}:creds"))
             .await
             .unwrap();
     assert_eq!(keys, 0, "credentials wiped");
     let gateway = gateways[shard].as_ref().expect("shard running");
-    let (_, metrics) = gateway.get("/metrics").await.unwrap();
-    assert!(
-        metrics.contains("whatsapp_gateway_session_logouts_total{result=\"unlinked\"} 1"),
-        "shard {shard} unlinked the paused session:\n{}",
-        metrics
-            .lines()
-            .filter(|l| l.contains("session_logouts"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    gateway
+        .assert_metric("whatsapp_gateway_session_logouts_total{result=\"unlinked\"} 1")
+        .await;
+}
+
+/// Waits until the resource `name` is gone (its finalizer removed).
+async fn wait_gone(api: &Api<WhatsappSession>, name: &str, what: &str) {
+    wait_until(what, Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            match api.get_opt(name).await {
+                Ok(None) => Ok(()),
+                Ok(Some(s)) => Err(format!(
+                    "still there, finalizers {:?}, annotations {:?}",
+                    s.finalizers(),
+                    s.annotations()
+                )),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .unwrap();
 }
 
 /// Waits until `shard` holds about its share (9/10 of total/shards) of Connected sessions and

@@ -98,6 +98,35 @@ async fn session_keys(redis: &Client, id: &str) -> Vec<String> {
     keys
 }
 
+/// Waits until no gateway holds the session's lock.
+async fn wait_unlocked(redis: &Client, id: &str, what: &str) {
+    wait_until(what, Duration::from_secs(15), || async {
+        match owner(redis, id).await {
+            None => Ok(()),
+            Some(holder) => Err(format!("held by {holder}")),
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// Waits until a deleted session's credentials and cache entries are gone: only the fencing
+/// counter and the hold stay.
+async fn wait_only_fence_and_hold(redis: &Client, id: &str, what: &str) {
+    let expected = [format!("wa:{{{id}}}:fence"), format!("wa:{{{id}}}:hold")];
+    wait_until(what, Duration::from_secs(15), || async {
+        let mut keys = session_keys(redis, id).await;
+        keys.sort();
+        if keys == expected {
+            Ok(())
+        } else {
+            Err(format!("{keys:?}"))
+        }
+    })
+    .await
+    .unwrap();
+}
+
 /// The session's hold (no gateway may take its lock): `paused`, `deleted` or none.
 async fn hold(redis: &Client, id: &str) -> Option<String> {
     redis.get(format!("wa:{{{id}}}:hold")).await.unwrap()
@@ -242,14 +271,7 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
     )
     .await;
     assert_eq!(paused, (200, json!({"sessionId": "api-1", "paused": true})));
-    wait_until("api-1 unlocked", Duration::from_secs(15), || async {
-        match owner(&client, "api-1").await {
-            None => Ok(()),
-            Some(holder) => Err(format!("held by {holder}")),
-        }
-    })
-    .await
-    .unwrap();
+    wait_unlocked(&client, "api-1", "api-1 unlocked").await;
     let (_, list) = call(&a, Method::GET, "/v1/sessions", None).await;
     assert_eq!(listed(&list, "api-1").unwrap()["paused"], true);
     // Held, so neither gateway takes it in the second before both follow the pause.
@@ -309,17 +331,7 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
     .unwrap();
     assert_eq!(owner(&client, "api-1").await, None);
     // Its credentials and cache entries go; only the fencing counter and the hold stay.
-    wait_until("api-1's keys wiped", Duration::from_secs(15), || async {
-        let mut keys = session_keys(&client, "api-1").await;
-        keys.sort();
-        if keys == ["wa:{api-1}:fence", "wa:{api-1}:hold"] {
-            Ok(())
-        } else {
-            Err(format!("{keys:?}"))
-        }
-    })
-    .await
-    .unwrap();
+    wait_only_fence_and_hold(&client, "api-1", "api-1's keys wiped").await;
     let (_, list) = call(&c, Method::GET, "/v1/sessions", None).await;
     assert!(listed(&list, "api-1").is_none(), "{list}");
     let (code, _) = call(&c, Method::DELETE, "/v1/sessions/api-1", None).await;
@@ -380,14 +392,7 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
     )
     .await;
     assert_eq!(paused.0, 200);
-    wait_until("api-1 unlocked again", Duration::from_secs(15), || async {
-        match owner(&client, "api-1").await {
-            None => Ok(()),
-            Some(holder) => Err(format!("held by {holder}")),
-        }
-    })
-    .await
-    .unwrap();
+    wait_unlocked(&client, "api-1", "api-1 unlocked again").await;
     let connects_before = connects(&receiver, "api-1");
     let deleted = call(&c, Method::DELETE, "/v1/sessions/api-1", None).await;
     assert_eq!(deleted.0, 202);
@@ -405,31 +410,9 @@ async fn standalone_sessions_created_over_http_run_once_persist_and_log_out_on_d
     .await
     .unwrap();
     assert_eq!(connects(&receiver, "api-1"), connects_before);
-    wait_until(
-        "api-1's keys wiped again",
-        Duration::from_secs(15),
-        || async {
-            let mut keys = session_keys(&client, "api-1").await;
-            keys.sort();
-            if keys == ["wa:{api-1}:fence", "wa:{api-1}:hold"] {
-                Ok(())
-            } else {
-                Err(format!("{keys:?}"))
-            }
-        },
-    )
-    .await
-    .unwrap();
-    let (_, metrics) = c.get("/metrics").await.unwrap();
-    assert!(
-        metrics.contains("whatsapp_gateway_session_logouts_total{result=\"unlinked\"} 1"),
-        "{}",
-        metrics
-            .lines()
-            .filter(|l| l.contains("session_logouts"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    wait_only_fence_and_hold(&client, "api-1", "api-1's keys wiped again").await;
+    c.assert_metric("whatsapp_gateway_session_logouts_total{result=\"unlinked\"} 1")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -414,6 +414,25 @@ impl RedisGateway {
         }
     }
 
+    /// Starts `id` and scans its first QR code with the fake phone.
+    async fn start_and_scan(&self, fake: &FakeWhatsapp, id: &str) {
+        self.supervisor.want(id);
+        wait_until(&format!("a QR for {id}"), Duration::from_secs(30), || {
+            let qr = self.pipeline.states.get(id).and_then(|s| s.latest_qr);
+            async move { qr.ok_or_else(|| "no QR yet".to_owned()) }
+        })
+        .await
+        .unwrap();
+        let code = self
+            .pipeline
+            .states
+            .get(id)
+            .and_then(|s| s.latest_qr)
+            .unwrap()
+            .code;
+        fake.scan(&code).await.unwrap();
+    }
+
     async fn stop(self) {
         self.supervisor
             .drain(
@@ -436,21 +455,7 @@ async fn a_paired_session_moves_to_another_gateway_without_a_new_scan() {
     let redis = test_support::RedisServer::start().await.unwrap();
     let first_backend = Receiver::start().await.unwrap();
     let first = RedisGateway::start("gw-a", &first_backend, &redis.url(), &fake).await;
-    first.supervisor.want(ID);
-    wait_until("a QR on gateway A", Duration::from_secs(30), || {
-        let qr = first.pipeline.states.get(ID).and_then(|s| s.latest_qr);
-        async move { qr.ok_or_else(|| "no QR yet".to_owned()) }
-    })
-    .await
-    .unwrap();
-    let code = first
-        .pipeline
-        .states
-        .get(ID)
-        .and_then(|s| s.latest_qr)
-        .unwrap()
-        .code;
-    fake.scan(&code).await.unwrap();
+    first.start_and_scan(&fake, ID).await;
     wait_until("connected on gateway A", Duration::from_secs(60), || {
         let syncs = fake.stats().post_connect_syncs.load(Relaxed);
         async move {
@@ -523,22 +528,7 @@ async fn deleting_a_paused_session_unlinks_its_device() {
     let redis = test_support::RedisServer::start().await.unwrap();
     let backend = Receiver::start().await.unwrap();
     let gateway = RedisGateway::start("gw-a", &backend, &redis.url(), &fake).await;
-    gateway.supervisor.want(ID);
-    wait_until("a QR", Duration::from_secs(30), || {
-        let qr = gateway.pipeline.states.get(ID).and_then(|s| s.latest_qr);
-        async move { qr.ok_or_else(|| "no QR yet".to_owned()) }
-    })
-    .await
-    .unwrap();
-    let code = gateway
-        .pipeline
-        .states
-        .get(ID)
-        .unwrap()
-        .latest_qr
-        .unwrap()
-        .code;
-    fake.scan(&code).await.unwrap();
+    gateway.start_and_scan(&fake, ID).await;
     wait_state_active(&gateway.pipeline.states, ID).await;
     let logins_before = fake.stats().logins.load(Relaxed);
     assert!(gateway.supervisor.pause(ID).await, "was running");

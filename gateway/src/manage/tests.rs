@@ -466,10 +466,14 @@ impl crate::session::SessionDriver for SlowUnlink {
     }
 }
 
-/// Deleting a paused session connects it to unlink it, which takes seconds: meanwhile the
-/// gateway's other calls are not held up, and the delete returns once the device is unlinked.
-#[tokio::test(start_paused = true)]
-async fn a_slow_unlink_does_not_hold_up_other_calls() {
+/// A gateway on `book` whose unlinks take 5 s, with `id` created, connected (paired) and paused.
+async fn paused_with_slow_unlink(
+    book: Arc<MemoryBook>,
+    id: &str,
+) -> (
+    Arc<LocalSessions<SlowUnlink>>,
+    tokio::sync::mpsc::Receiver<crate::events::GatewayEvent>,
+) {
     let driver = Arc::new(SlowUnlink(
         SimDriver::new(SimConfig {
             unpaired_share: 0.0,
@@ -477,18 +481,27 @@ async fn a_slow_unlink_does_not_hold_up_other_calls() {
         })
         .unwrap(),
     ));
-    let (events, mut rx) = EventSink::channel(4096);
+    let (events, rx) = EventSink::channel(4096);
     let supervisor = Arc::new(Supervisor::new(driver, events));
     let sessions = Arc::new(LocalSessions::new(
         supervisor,
         LoginDirectory::default(),
         Arc::new(SessionStates::default()),
         Vec::new(),
-        Arc::new(MemoryBook::default()),
+        book,
     ));
-    sessions.create(SessionSpec::qr("paused")).await.unwrap();
+    sessions.create(SessionSpec::qr(id)).await.unwrap();
     tokio::time::sleep(Duration::from_secs(10)).await;
-    sessions.set_paused("paused", true).await.unwrap();
+    sessions.set_paused(id, true).await.unwrap();
+    (sessions, rx)
+}
+
+/// Deleting a paused session connects it to unlink it, which takes seconds: meanwhile the
+/// gateway's other calls are not held up, and the delete returns once the device is unlinked.
+#[tokio::test(start_paused = true)]
+async fn a_slow_unlink_does_not_hold_up_other_calls() {
+    let (sessions, mut rx) =
+        paused_with_slow_unlink(Arc::new(MemoryBook::default()), "paused").await;
     while rx.try_recv().is_ok() {}
 
     let began = tokio::time::Instant::now();
@@ -523,25 +536,7 @@ async fn a_slow_unlink_does_not_hold_up_other_calls() {
 /// old end does not stop the new one or forget its login.
 #[tokio::test(start_paused = true)]
 async fn a_new_incarnation_waits_for_the_previous_end() {
-    let driver = Arc::new(SlowUnlink(
-        SimDriver::new(SimConfig {
-            unpaired_share: 0.0,
-            ..SimConfig::default()
-        })
-        .unwrap(),
-    ));
-    let (events, _rx) = EventSink::channel(4096);
-    let supervisor = Arc::new(Supervisor::new(driver, events));
-    let sessions = Arc::new(LocalSessions::new(
-        supervisor,
-        LoginDirectory::default(),
-        Arc::new(SessionStates::default()),
-        Vec::new(),
-        Arc::new(MemoryBook::default()),
-    ));
-    sessions.create(SessionSpec::qr("x")).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    sessions.set_paused("x", true).await.unwrap();
+    let (sessions, _rx) = paused_with_slow_unlink(Arc::new(MemoryBook::default()), "x").await;
     let delete = tokio::spawn({
         let sessions = sessions.clone();
         async move { sessions.delete("x").await }
@@ -568,26 +563,8 @@ async fn a_new_incarnation_waits_for_the_previous_end() {
 /// otherwise stop it or forget its login.
 #[tokio::test(start_paused = true)]
 async fn a_create_during_a_followed_delete_starts_after_the_end() {
-    let driver = Arc::new(SlowUnlink(
-        SimDriver::new(SimConfig {
-            unpaired_share: 0.0,
-            ..SimConfig::default()
-        })
-        .unwrap(),
-    ));
-    let (events, _rx) = EventSink::channel(4096);
-    let supervisor = Arc::new(Supervisor::new(driver, events));
     let book = Arc::new(MemoryBook::default());
-    let sessions = Arc::new(LocalSessions::new(
-        supervisor,
-        LoginDirectory::default(),
-        Arc::new(SessionStates::default()),
-        Vec::new(),
-        book.clone(),
-    ));
-    sessions.create(SessionSpec::qr("x")).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    sessions.set_paused("x", true).await.unwrap();
+    let (sessions, _rx) = paused_with_slow_unlink(book.clone(), "x").await;
     // The other gateway's delete, as this one reads it from the shared book.
     book.set_hold("x", Hold::Deleted).await.unwrap();
     book.remove("x").await.unwrap();

@@ -1584,18 +1584,10 @@ mod tests {
     /// and the credentials are wiped all the same (the session is deleted).
     #[tokio::test(start_paused = true)]
     async fn an_unlink_that_never_logs_in_gives_up_after_the_wait() {
-        let driver = Arc::new(TestDriver::default());
-        let credentials = Arc::new(MemoryCredentials::new());
-        let fence = Fence {
-            owner: "old:1".into(),
-            token: 1,
-        };
-        credentials.save_paired("s", &fence).await.unwrap();
-        let store = Arc::new(LocalLockStore::new());
-        let (events, mut rx) = EventSink::channel(16);
-        let mut opts = options(store.clone(), "a", SupervisorConfig::default());
-        opts.credentials = credentials.clone();
-        let supervisor = Supervisor::with_options(driver.clone(), events, opts);
+        let stuck = stuck_unlink().await;
+        let (supervisor, store, credentials) =
+            (&stuck.supervisor, &stuck.store, &stuck.credentials);
+        let mut rx = stuck.events;
         let begun = Instant::now();
         let outcome = supervisor.logout("s").await;
         assert!(
@@ -1605,7 +1597,7 @@ mod tests {
         assert_eq!(begun.elapsed(), SupervisorConfig::default().unlink_wait);
         assert!(store.holder("s").is_none());
         assert!(
-            driver.logged_out.lock().unwrap().is_empty(),
+            stuck.driver.logged_out.lock().unwrap().is_empty(),
             "no logout without a login"
         );
         assert_eq!(credentials.load("s").await.unwrap(), None);
@@ -1616,12 +1608,16 @@ mod tests {
         assert_eq!(last.status, SessionStatus::LoggedOut);
     }
 
-    /// Paired credentials, a supervisor whose driver never logs in, and the lock store.
-    async fn stuck_unlink() -> (
-        Arc<Supervisor<TestDriver>>,
-        Arc<LocalLockStore>,
-        Arc<MemoryCredentials>,
-    ) {
+    /// Paired credentials, and a supervisor whose driver never logs in.
+    struct Stuck {
+        supervisor: Arc<Supervisor<TestDriver>>,
+        driver: Arc<TestDriver>,
+        store: Arc<LocalLockStore>,
+        credentials: Arc<MemoryCredentials>,
+        events: mpsc::Receiver<GatewayEvent>,
+    }
+
+    async fn stuck_unlink() -> Stuck {
         let credentials = Arc::new(MemoryCredentials::new());
         let fence = Fence {
             owner: "old:1".into(),
@@ -1629,22 +1625,30 @@ mod tests {
         };
         credentials.save_paired("s", &fence).await.unwrap();
         let store = Arc::new(LocalLockStore::new());
-        let (events, _rx) = EventSink::channel(16);
+        let (sink, events) = EventSink::channel(16);
         let mut opts = options(store.clone(), "a", SupervisorConfig::default());
         opts.credentials = credentials.clone();
-        let supervisor = Arc::new(Supervisor::with_options(
-            Arc::new(TestDriver::default()),
+        let driver = Arc::new(TestDriver::default());
+        let supervisor = Arc::new(Supervisor::with_options(driver.clone(), sink, opts));
+        Stuck {
+            supervisor,
+            driver,
+            store,
+            credentials,
             events,
-            opts,
-        ));
-        (supervisor, store, credentials)
+        }
     }
 
     /// The caller of a logout goes away (an HTTP client hanging up on a DELETE): the unlink
     /// still ends within its bounds and gives the lock back, instead of renewing it forever.
     #[tokio::test(start_paused = true)]
     async fn an_abandoned_logout_still_releases_the_lock() {
-        let (supervisor, store, credentials) = stuck_unlink().await;
+        let Stuck {
+            supervisor,
+            store,
+            credentials,
+            ..
+        } = stuck_unlink().await;
         let abandoned = tokio::time::timeout(Duration::from_secs(1), supervisor.logout("s")).await;
         assert!(abandoned.is_err(), "still unlinking after 1 s");
         assert!(
@@ -1668,7 +1672,12 @@ mod tests {
     /// and leaves the credentials to whoever holds the lock now.
     #[tokio::test(start_paused = true)]
     async fn an_unlink_stops_when_its_lock_is_lost() {
-        let (supervisor, store, credentials) = stuck_unlink().await;
+        let Stuck {
+            supervisor,
+            store,
+            credentials,
+            ..
+        } = stuck_unlink().await;
         let begun = Instant::now();
         let logout = tokio::spawn({
             let supervisor = supervisor.clone();
