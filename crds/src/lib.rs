@@ -20,6 +20,11 @@ pub const DRAINING_ANNOTATION: &str = "whatsapp.gateway.dev/draining";
 /// Annotation the owning gateway sets on a deleted session once it logged out and wiped the
 /// credentials (value: the gateway pod); the operator then removes the finalizer.
 pub const CLEANED_ANNOTATION: &str = "whatsapp.gateway.dev/cleaned";
+/// Annotation the operator sets on a resource whose session id another, older resource already
+/// names (value: that resource, `namespace/name`). Such a resource is not run, and deleting it
+/// neither logs the account out nor wipes its credentials; it follows the older one's shard so
+/// the gateway that runs the id sees both.
+pub const CONFLICT_ANNOTATION: &str = "whatsapp.gateway.dev/id-conflict";
 /// Finalizer that makes deletion log out and wipe credentials first.
 pub const FINALIZER: &str = "whatsapp.gateway.dev/cleanup";
 /// Field managers for server-side apply, one per writer so each owns its own status fields.
@@ -32,6 +37,8 @@ pub mod condition {
     pub const AWAITING_SCAN: &str = "AwaitingScan";
     pub const CONNECTED: &str = "Connected";
     pub const READY: &str = "Ready";
+    /// Reason of a `False` Assigned condition: another resource names the same session id.
+    pub const REASON_SESSION_ID_CONFLICT: &str = "SessionIdConflict";
 }
 
 /// One WhatsApp account (one linked device) run by the gateway fleet.

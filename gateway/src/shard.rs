@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::Duration;
 
-use crds::{CLEANED_ANNOTATION, WhatsappSession};
+use crds::{CLEANED_ANNOTATION, CONFLICT_ANNOTATION, WhatsappSession};
 use crds::{
     DRAIN_ACK_ANNOTATION, DRAIN_ANNOTATION, DRAINING_ANNOTATION, GATEWAY_LEASE_LABEL, SHARD_LABEL,
 };
@@ -253,14 +253,27 @@ async fn reconcile<D: SessionDriver>(
     let mut wanted = HashSet::new();
     let mut drains = Vec::new();
     let mut deleted = HashSet::new();
-    for session in store.state() {
+    let sessions = store.state();
+    // Ids that a resource not being deleted still names (a conflict the operator set aside
+    // included: it follows its winner's shard, so both are seen here).
+    let named: HashSet<String> = sessions
+        .iter()
+        .filter(|s| s.metadata.deletion_timestamp.is_none())
+        .map(|s| s.session_id())
+        .collect();
+    for session in sessions {
         let id = session.session_id();
         let namespace = session.namespace().unwrap_or_default();
         let name = session.name_any();
-        let drain_requested = session.annotations().get(DRAIN_ANNOTATION) == Some(&settings.shard);
-        let acked = session.annotations().get(DRAIN_ACK_ANNOTATION) == Some(&settings.shard);
-        if drain_requested {
-            drains.push((id, namespace, name, acked));
+        let conflict = session.annotations().contains_key(CONFLICT_ANNOTATION);
+        if session.metadata.deletion_timestamp.is_some() && (conflict || named.contains(&id)) {
+            // Another resource still names the account (or this copy never ran it): no logout
+            // and no wipe; the operator removes the finalizer. If this one ran the id, the id is
+            // no longer wanted below and stops until the other is placed.
+            continue;
+        }
+        if conflict {
+            // An older resource names this session id: this one is not run.
             continue;
         }
         if session.metadata.deletion_timestamp.is_some() {
@@ -309,6 +322,14 @@ async fn reconcile<D: SessionDriver>(
             );
             continue;
         }
+        // After the deletion check: a session deleted during its handoff is still logged out
+        // here (the operator never moves a deleted session, so its drain would never end).
+        let drain_requested = session.annotations().get(DRAIN_ANNOTATION) == Some(&settings.shard);
+        let acked = session.annotations().get(DRAIN_ACK_ANNOTATION) == Some(&settings.shard);
+        if drain_requested {
+            drains.push((id, namespace, name, acked));
+            continue;
+        }
         if session.spec.paused {
             continue;
         }
@@ -317,7 +338,15 @@ async fn reconcile<D: SessionDriver>(
         let generation = session.metadata.generation;
         placements
             .entry(id.clone())
-            .and_modify(|p| p.generation = generation)
+            .and_modify(|p| {
+                p.generation = generation;
+                // The id now runs under another resource (a conflict that took over from a
+                // deleted one): its statuses go there.
+                if p.namespace != namespace || p.name != name {
+                    p.namespace.clone_from(&namespace);
+                    p.name.clone_from(&name);
+                }
+            })
             .or_insert_with(|| Placement {
                 namespace,
                 name,

@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod assign;
+pub mod conflict;
 pub mod membership;
 pub mod metrics;
 pub mod placement;

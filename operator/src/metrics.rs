@@ -35,6 +35,7 @@ pub struct OperatorMetrics {
     shard_sessions: Family<ShardLabel, Gauge>,
     live_shards: Gauge,
     draining_shards: Gauge,
+    id_conflicts: Gauge,
     pub is_leader: Gauge,
     known_shards: Mutex<Vec<String>>,
 }
@@ -48,6 +49,7 @@ impl OperatorMetrics {
             shard_sessions: Family::default(),
             live_shards: Gauge::default(),
             draining_shards: Gauge::default(),
+            id_conflicts: Gauge::default(),
             is_leader: Gauge::default(),
             known_shards: Mutex::default(),
         };
@@ -82,6 +84,11 @@ impl OperatorMetrics {
             m.draining_shards.clone(),
         );
         registry.register(
+            "whatsapp_operator_session_id_conflicts",
+            "Resources not run because an older resource names the same session id",
+            m.id_conflicts.clone(),
+        );
+        registry.register(
             "whatsapp_operator_is_leader",
             "1 while this replica leads",
             m.is_leader.clone(),
@@ -109,6 +116,10 @@ impl OperatorMetrics {
     pub fn set_shards(&self, live: usize, draining: usize) {
         self.live_shards.set(live as i64);
         self.draining_shards.set(draining as i64);
+    }
+
+    pub fn set_id_conflicts(&self, conflicts: usize) {
+        self.id_conflicts.set(conflicts as i64);
     }
 
     pub fn set_loads(&self, loads: &[(&str, usize)]) {

@@ -11,13 +11,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crds::{CLEANED_ANNOTATION, FINALIZER};
+use crds::{CLEANED_ANNOTATION, CONFLICT_ANNOTATION, FINALIZER};
 use crds::{
     DRAIN_ACK_ANNOTATION, DRAIN_ANNOTATION, GATEWAY_LEASE_LABEL, OPERATOR_FIELD_MANAGER,
     SHARD_LABEL,
 };
 use crds::{Phase, WhatsappSession};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
@@ -25,6 +25,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 
 use crate::assign::{AssignConfig, MoveReason, SessionState, assign};
+use crate::conflict::{self, Claim};
 use crate::membership::membership;
 use crate::metrics::OperatorMetrics;
 use crate::{Error, Result};
@@ -151,13 +152,19 @@ pub async fn place_once(
         .state()
         .into_iter()
         .partition(|s| s.metadata.deletion_timestamp.is_some());
+    // Session id -> a resource (not being deleted) that names it.
+    let named: HashMap<String, String> = snapshot
+        .iter()
+        .map(|s| (s.session_id(), session_key(s)))
+        .collect();
     for session in deleted {
         if session.finalizers().iter().any(|f| f == FINALIZER)
-            && let Err(err) = finalize(api, &session, &members, settings).await
+            && let Err(err) = finalize(api, &session, &members, settings, &named).await
         {
             tracing::warn!(%err, session = %session.name_any(), "cleanup of a deleted session failed; retrying");
         }
     }
+    let snapshot = set_conflicts_aside(api, snapshot, settings, metrics).await;
     if snapshot.is_empty() {
         return Ok(());
     }
@@ -193,6 +200,25 @@ pub async fn place_once(
         .zip(snapshot.iter())
         .collect();
     let mut writes = futures::stream::FuturesUnordered::new();
+    let moving: std::collections::HashSet<&str> =
+        assignment.moves.iter().map(|m| m.session).collect();
+    // A former conflict that now keeps its id (the older resource is gone) and stays on its
+    // shard: lift the mark so the gateway runs it.
+    for (key, session) in &by_key {
+        if annotation(session, CONFLICT_ANNOTATION).is_some()
+            && !moving.contains(key)
+            && let Some(shard) = session.labels().get(SHARD_LABEL)
+        {
+            let (api, session, shard) = (api.clone(), (*session).clone(), shard.clone());
+            writes.push(
+                async move {
+                    assign_to(&api, &session, &shard, true).await?;
+                    Ok(None)
+                }
+                .boxed(),
+            );
+        }
+    }
     for mv in &assignment.moves {
         let session = by_key[mv.session];
         let from_alive = mv
@@ -209,23 +235,29 @@ pub async fn place_once(
         let api = api.clone();
         let session = session.clone();
         let recorder = settings.recorder.clone();
-        writes.push(async move {
-            if handoff && annotation(&session, DRAIN_ACK_ANNOTATION) != Some(from.as_str()) {
-                if annotation(&session, DRAIN_ANNOTATION) != Some(from.as_str()) {
-                    request_drain(&api, &session, &from).await?;
+        writes.push(
+            async move {
+                if handoff && annotation(&session, DRAIN_ACK_ANNOTATION) != Some(from.as_str()) {
+                    if annotation(&session, DRAIN_ANNOTATION) != Some(from.as_str()) {
+                        request_drain(&api, &session, &from).await?;
+                    }
+                    return Ok::<Option<MoveReason>, Error>(None);
                 }
-                return Ok::<Option<MoveReason>, Error>(None);
+                // A former conflict's status says Failed: a first placement rewrites it too.
+                let write_status = reason != MoveReason::New
+                    || annotation(&session, CONFLICT_ANNOTATION).is_some();
+                assign_to(&api, &session, &to, write_status).await?;
+                // A first placement is visible in the label and status; a move between shards is
+                // worth an Event (`kubectl describe` shows why a session reconnected elsewhere).
+                if reason != MoveReason::New
+                    && let Some(recorder) = recorder
+                {
+                    publish_move(&recorder, &session, &from, &to, reason).await;
+                }
+                Ok(Some(reason))
             }
-            assign_to(&api, &session, &to, reason != MoveReason::New).await?;
-            // A first placement is visible in the label and status; a move between shards is
-            // worth an Event (`kubectl describe` shows why a session reconnected elsewhere).
-            if reason != MoveReason::New
-                && let Some(recorder) = recorder
-            {
-                publish_move(&recorder, &session, &from, &to, reason).await;
-            }
-            Ok(Some(reason))
-        });
+            .boxed(),
+        );
         // Bound the number of concurrent apiserver writes.
         if writes.len() >= 32
             && let Some(result) = writes.next().await
@@ -238,8 +270,6 @@ pub async fn place_once(
     }
     // A handoff that is no longer wanted (the session stays after all) must not leave the session
     // stopped on its shard: clear the drain request.
-    let moving: std::collections::HashSet<&str> =
-        assignment.moves.iter().map(|m| m.session).collect();
     for (key, session) in &by_key {
         if !moving.contains(key) && annotation(session, DRAIN_ANNOTATION).is_some() {
             let ns_api: Api<WhatsappSession> = Api::namespaced(
@@ -257,6 +287,147 @@ pub async fn place_once(
             {
                 tracing::warn!(%err, session = %key, "could not cancel a drain request");
             }
+        }
+    }
+    Ok(())
+}
+
+/// Finds resources whose session id an older resource already names ([`conflict::losers`]),
+/// marks them (not run, status Failed, a Warning Event) and returns the others, which are placed.
+async fn set_conflicts_aside(
+    api: &Api<WhatsappSession>,
+    sessions: Vec<Arc<WhatsappSession>>,
+    settings: &PlacementSettings,
+    metrics: &OperatorMetrics,
+) -> Vec<Arc<WhatsappSession>> {
+    let keys: Vec<String> = sessions.iter().map(|s| session_key(s)).collect();
+    let ids: Vec<String> = sessions.iter().map(|s| s.session_id()).collect();
+    let claims: Vec<Claim<'_>> = sessions
+        .iter()
+        .zip(keys.iter().zip(&ids))
+        .map(|(s, (key, id))| Claim {
+            key,
+            session_id: id,
+            created_ms: s
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_millisecond()),
+        })
+        .collect();
+    let losers = conflict::losers(&claims);
+    metrics.set_id_conflicts(losers.len());
+    if losers.is_empty() {
+        return sessions;
+    }
+    let shard_of: HashMap<&str, Option<&str>> = sessions
+        .iter()
+        .zip(&keys)
+        .map(|(s, key)| {
+            (
+                key.as_str(),
+                s.labels().get(SHARD_LABEL).map(String::as_str),
+            )
+        })
+        .collect();
+    for (session, key) in sessions.iter().zip(&keys) {
+        if let Some(winner) = losers.get(key)
+            && let Err(err) =
+                mark_conflict(api, session, winner, shard_of[winner.as_str()], settings).await
+        {
+            tracing::warn!(%err, session = %key, "could not mark a session id conflict; retrying");
+        }
+    }
+    sessions
+        .into_iter()
+        .zip(keys)
+        .filter(|(_, key)| !losers.contains_key(key))
+        .map(|(s, _)| s)
+        .collect()
+}
+
+fn conflict_message(session_id: &str, winner: &str) -> String {
+    format!(
+        "session id {session_id} is already used by {winner}: this resource is not run until that \
+         one is deleted, and deleting this one leaves the account alone"
+    )
+}
+
+/// A conflict follows its winner's shard (so the gateway that runs the id sees both and never
+/// logs the account out for the copy) with a mark that keeps it from being run; its status
+/// says why.
+async fn mark_conflict(
+    api: &Api<WhatsappSession>,
+    session: &WhatsappSession,
+    winner: &str,
+    winner_shard: Option<&str>,
+    settings: &PlacementSettings,
+) -> Result<()> {
+    let ns_api: Api<WhatsappSession> = Api::namespaced(
+        api.clone().into_client(),
+        &session.namespace().unwrap_or_default(),
+    );
+    let name = session.name_any();
+    let shard = session.labels().get(SHARD_LABEL).map(String::as_str);
+    let handoff = annotation(session, DRAIN_ANNOTATION).is_some()
+        || annotation(session, DRAIN_ACK_ANNOTATION).is_some();
+    if annotation(session, CONFLICT_ANNOTATION) != Some(winner) || shard != winner_shard || handoff
+    {
+        // One write: the mark, the winner's shard, any handoff cancelled.
+        let patch = serde_json::json!({"metadata": {
+            "labels": {SHARD_LABEL: winner_shard},
+            "annotations": {CONFLICT_ANNOTATION: winner, DRAIN_ANNOTATION: null, DRAIN_ACK_ANNOTATION: null},
+        }});
+        ns_api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    let session_id = session.session_id();
+    let message = conflict_message(&session_id, winner);
+    let reported = session.status.as_ref().is_some_and(|status| {
+        status.phase == Some(Phase::Failed)
+            && status.conditions.iter().any(|c| {
+                c.type_ == crds::condition::ASSIGNED && c.message.as_deref() == Some(&message)
+            })
+    });
+    if reported {
+        return Ok(());
+    }
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let status = serde_json::json!({
+        "apiVersion": "whatsapp.gateway.dev/v1alpha1",
+        "kind": "WhatsappSession",
+        "status": {
+            "phase": Phase::Failed,
+            "observedGeneration": session.metadata.generation,
+            "conditions": [{
+                "type": crds::condition::ASSIGNED, "status": "False",
+                "reason": crds::condition::REASON_SESSION_ID_CONFLICT,
+                "message": message, "lastTransitionTime": now,
+            }],
+        }
+    });
+    ns_api
+        .patch_status(
+            &name,
+            &PatchParams::apply(OPERATOR_FIELD_MANAGER).force(),
+            &Patch::Apply(&status),
+        )
+        .await?;
+    tracing::warn!(session = %name, namespace = ?session.namespace(), %session_id, %winner, "session id already used by another resource: not run");
+    if let Some(recorder) = &settings.recorder {
+        let event = kube::runtime::events::Event {
+            type_: kube::runtime::events::EventType::Warning,
+            reason: crds::condition::REASON_SESSION_ID_CONFLICT.into(),
+            note: Some(message),
+            action: "Place".into(),
+            secondary: None,
+        };
+        if let Err(err) = recorder
+            .publish(&event, &kube::Resource::object_ref(session, &()))
+            .await
+        {
+            tracing::warn!(%err, "could not record the Event");
         }
     }
     Ok(())
@@ -345,7 +516,7 @@ async fn assign_to(
     }
     let patch = serde_json::json!({"metadata": {
         "labels": {SHARD_LABEL: to},
-        "annotations": {DRAIN_ANNOTATION: null, DRAIN_ACK_ANNOTATION: null},
+        "annotations": {DRAIN_ANNOTATION: null, DRAIN_ACK_ANNOTATION: null, CONFLICT_ANNOTATION: null},
         "finalizers": finalizers,
         "resourceVersion": session.resource_version(),
     }});
@@ -388,6 +559,7 @@ async fn finalize(
     session: &WhatsappSession,
     members: &crate::membership::Membership,
     settings: &PlacementSettings,
+    named: &HashMap<String, String>,
 ) -> Result<()> {
     let name = session.name_any();
     let namespace = session.namespace().unwrap_or_default();
@@ -407,7 +579,32 @@ async fn finalize(
             )
         })
         .unwrap_or_default();
+    let still_named = named.get(&session.session_id());
     let done = if !session.spec.logout_on_delete || cleaned {
+        true
+    } else if let Some(other) = still_named {
+        // The account is still wanted under another resource: an id is logged out and wiped
+        // only with the last resource that names it.
+        let note = format!(
+            "session id {} is still named by {other}: not logged out, credentials kept",
+            session.session_id()
+        );
+        tracing::info!(session = %name, note = %note, "finalizing without a logout");
+        if let Some(recorder) = &settings.recorder {
+            let event = kube::runtime::events::Event {
+                type_: kube::runtime::events::EventType::Normal,
+                reason: "CredentialsKept".into(),
+                note: Some(note),
+                action: "Finalize".into(),
+                secondary: None,
+            };
+            if let Err(err) = recorder
+                .publish(&event, &kube::Resource::object_ref(session, &()))
+                .await
+            {
+                tracing::warn!(%err, "could not record the Event");
+            }
+        }
         true
     } else if !shard_alive || waited >= settings.cleanup_timeout {
         let id = session.session_id();

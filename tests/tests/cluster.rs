@@ -325,3 +325,139 @@ async fn wait_filled(
         .map(|(n, (s, _))| (n, s.unwrap()))
         .collect()
 }
+
+/// Two resources naming one session id (the same name in two namespaces): the older keeps the
+/// account, the copy is set aside (not run, status Failed, a Warning Event, the operator's
+/// gauge), deleting the copy leaves the account alone, and deleting the older one hands the
+/// account to the copy without a logout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_resource_naming_a_session_id_is_set_aside_and_never_logs_the_account_out() {
+    const OTHER_NS: &str = "wa-e2e-team-b";
+    let plane = ControlPlane::start().await.unwrap();
+    let redis = RedisServer::start().await.unwrap();
+    let client = plane.client().await.unwrap();
+    setup(&client).await;
+    test_support::cluster::setup_in(&client, OTHER_NS).await;
+    let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
+    let copies: Api<WhatsappSession> = Api::namespaced(client.clone(), OTHER_NS);
+    let operator = start_operator(&plane).await;
+    let gateway = start_gateway(&plane, &redis, 0).await;
+    wait_operator_sees_shards(&operator, 1).await;
+    let redis_client = gateway::redis::connect(&redis.url()).await.unwrap();
+    let paired = || {
+        let redis = redis_client.clone();
+        async move {
+            let paired: bool =
+                fred::prelude::HashesInterface::hexists(&redis, "wa:{support}:creds", "paired")
+                    .await
+                    .unwrap();
+            paired
+        }
+    };
+
+    create_sessions(&api, ["support".to_string()]).await;
+    test_support::cluster::wait_phase(&api, "support", Phase::Connected, 60).await;
+    assert!(paired().await, "the sim session paired");
+
+    create_sessions(&copies, ["support".to_string()]).await;
+    test_support::cluster::wait_phase(&copies, "support", Phase::Failed, 30).await;
+    let copy = copies.get("support").await.unwrap();
+    let condition = copy
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == crds::condition::ASSIGNED)
+        .cloned()
+        .expect("Assigned condition");
+    assert_eq!(condition.status, "False");
+    assert_eq!(
+        condition.reason.as_deref(),
+        Some(crds::condition::REASON_SESSION_ID_CONFLICT)
+    );
+    assert!(
+        condition
+            .message
+            .as_deref()
+            .unwrap()
+            .contains(&format!("{NS}/support")),
+        "{condition:?}"
+    );
+    assert_eq!(
+        copy.annotations()
+            .get(crds::CONFLICT_ANNOTATION)
+            .map(String::as_str),
+        Some(format!("{NS}/support").as_str())
+    );
+    // It follows the original's shard, so that gateway sees both.
+    assert_eq!(
+        copy.labels().get(crds::SHARD_LABEL).map(String::as_str),
+        Some("0")
+    );
+    assert!(
+        copy.finalizers().is_empty(),
+        "a copy that never ran has no finalizer"
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), OTHER_NS);
+    wait_until("the conflict Event", Duration::from_secs(20), || {
+        let events = events.clone();
+        async move {
+            let list = events
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            list.items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some(crds::condition::REASON_SESSION_ID_CONFLICT))
+                .then_some(())
+                .ok_or_else(|| "none yet".to_owned())
+        }
+    })
+    .await
+    .unwrap();
+    operator
+        .assert_metric("whatsapp_operator_session_id_conflicts 1")
+        .await;
+
+    // Deleting the copy leaves the account alone.
+    copies.delete("support", &Default::default()).await.unwrap();
+    wait_gone(&copies, "support", "deleted copy gone").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        api.get("support").await.unwrap().status.unwrap().phase,
+        Some(Phase::Connected)
+    );
+    assert!(paired().await, "credentials kept");
+    gateway
+        .assert_metric("whatsapp_gateway_session_logouts_total{result=\"was_running\"} 0")
+        .await;
+
+    // A copy again; now the original goes: the copy takes the account over, still paired.
+    create_sessions(&copies, ["support".to_string()]).await;
+    test_support::cluster::wait_phase(&copies, "support", Phase::Failed, 30).await;
+    api.delete("support", &Default::default()).await.unwrap();
+    wait_gone(&api, "support", "deleted original gone").await;
+    test_support::cluster::wait_phase(&copies, "support", Phase::Connected, 60).await;
+    let copy = copies.get("support").await.unwrap();
+    assert!(
+        !copy.annotations().contains_key(crds::CONFLICT_ANNOTATION),
+        "{:?}",
+        copy.annotations()
+    );
+    assert!(
+        paired().await,
+        "the account was handed over, not logged out"
+    );
+    for result in ["was_running", "unlinked", "failed"] {
+        gateway
+            .assert_metric(&format!(
+                "whatsapp_gateway_session_logouts_total{{result=\"{result}\"}} 0"
+            ))
+            .await;
+    }
+    operator
+        .assert_metric("whatsapp_operator_session_id_conflicts 0")
+        .await;
+}
