@@ -461,3 +461,60 @@ async fn a_second_resource_naming_a_session_id_is_set_aside_and_never_logs_the_a
         .assert_metric("whatsapp_operator_session_id_conflicts 0")
         .await;
 }
+
+/// A session deleted during its handoff (drain requested and acknowledged, not yet relabelled)
+/// is still logged out by its shard. No operator runs here, so nothing relabels or finalizes:
+/// the test plays the operator's part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_deleted_during_its_handoff_is_still_logged_out() {
+    let plane = ControlPlane::start().await.unwrap();
+    let redis = RedisServer::start().await.unwrap();
+    let client = plane.client().await.unwrap();
+    setup(&client).await;
+    let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
+    let gateway = start_gateway(&plane, &redis, 0).await;
+    let mut session = WhatsappSession::new("moving", Default::default());
+    session
+        .labels_mut()
+        .insert(crds::SHARD_LABEL.into(), "0".into());
+    session.finalizers_mut().push(crds::FINALIZER.into());
+    api.create(&Default::default(), &session).await.unwrap();
+    test_support::cluster::wait_phase(&api, "moving", Phase::Connected, 60).await;
+
+    let patch = |annotations: serde_json::Value| {
+        kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": annotations}}))
+    };
+    api.patch(
+        "moving",
+        &Default::default(),
+        &patch(serde_json::json!({crds::DRAIN_ANNOTATION: "0"})),
+    )
+    .await
+    .unwrap();
+    let annotation = |key: &'static str| {
+        let api = api.clone();
+        async move {
+            api.get("moving")
+                .await
+                .map_err(|e| e.to_string())?
+                .annotations()
+                .get(key)
+                .cloned()
+                .ok_or_else(|| format!("no {key} yet"))
+        }
+    };
+    wait_until("drain acknowledged", Duration::from_secs(30), || {
+        annotation(crds::DRAIN_ACK_ANNOTATION)
+    })
+    .await
+    .unwrap();
+    api.delete("moving", &Default::default()).await.unwrap();
+    wait_until("cleaned by its shard", Duration::from_secs(30), || {
+        annotation(crds::CLEANED_ANNOTATION)
+    })
+    .await
+    .unwrap();
+    gateway
+        .assert_metric("whatsapp_gateway_session_logouts_total{result=\"unlinked\"} 1")
+        .await;
+}
