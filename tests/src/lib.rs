@@ -15,7 +15,7 @@ pub mod redis;
 pub mod tools;
 
 pub use control_plane::ControlPlane;
-pub use redis::RedisServer;
+pub use redis::{RedisCluster, RedisServer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -13,6 +13,8 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     child: Option<ChildGuard>,
     tls: Option<Tls>,
+    /// More redis-server arguments (cluster mode).
+    extra: Vec<String>,
 }
 
 /// PEM files for redis-server's TLS port (clients are not asked for certificates).
@@ -30,16 +32,16 @@ struct Tls {
 
 impl RedisServer {
     pub async fn start() -> Result<Self> {
-        Self::start_with(None).await
+        Self::start_with(None, Vec::new()).await
     }
 
     /// Also serves TLS on [`Self::tls_url`]'s port, with these files; the plain port stays open
     /// for readiness checks and inspection.
     pub async fn start_tls(files: TlsFiles) -> Result<Self> {
-        Self::start_with(Some(files)).await
+        Self::start_with(Some(files), Vec::new()).await
     }
 
-    async fn start_with(tls: Option<TlsFiles>) -> Result<Self> {
+    async fn start_with(tls: Option<TlsFiles>, extra: Vec<String>) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("wa-redis-").tempdir()?;
         let mut server = Self {
             port: free_port(),
@@ -49,6 +51,7 @@ impl RedisServer {
                 files,
                 port: free_port(),
             }),
+            extra,
         };
         // `free_port` lets the port go before redis-server binds it; if something else took it
         // in between, redis-server exits at once and another port is tried.
@@ -82,6 +85,7 @@ impl RedisServer {
             "--protected-mode".into(),
             "no".into(),
         ];
+        args.extend(self.extra.iter().cloned());
         if let Some(tls) = &self.tls {
             let path = |p: &std::path::Path| p.display().to_string();
             args.extend([
@@ -159,6 +163,70 @@ impl RedisServer {
     }
 }
 
+/// A Redis Cluster of `primaries` redis-servers (no replicas) on loopback, formed with
+/// `redis-cli --cluster create`; the slots are spread over all of them.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start(primaries: usize) -> Result<Self> {
+        let mut nodes = Vec::with_capacity(primaries);
+        for _ in 0..primaries {
+            let extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ];
+            nodes.push(
+                RedisServer::start_with(None, extra.iter().map(|a| a.to_string()).collect())
+                    .await?,
+            );
+        }
+        let cli = tools::redis_server()?.with_file_name("redis-cli");
+        let mut create = std::process::Command::new(&cli);
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()?;
+        if !out.status.success() {
+            return Err(crate::Error::NotReady {
+                what: "redis-cli --cluster create".into(),
+                secs: 0,
+                last: String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+            });
+        }
+        // Every node must know the whole slot map before clients are pointed at it.
+        for node in &nodes {
+            let port = node.port.to_string();
+            crate::wait_until("cluster_state:ok", Duration::from_secs(30), || {
+                let cli = cli.clone();
+                let port = port.clone();
+                async move {
+                    let out = std::process::Command::new(&cli)
+                        .args(["-p", &port, "cluster", "info"])
+                        .output()
+                        .map_err(|e| e.to_string())?;
+                    let info = String::from_utf8_lossy(&out.stdout).into_owned();
+                    info.contains("cluster_state:ok").then_some(()).ok_or(info)
+                }
+            })
+            .await?;
+        }
+        Ok(RedisCluster { nodes })
+    }
+
+    /// `redis-cluster://127.0.0.1:<first node>` (clients discover the others).
+    pub fn url(&self) -> String {
+        format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port)
+    }
+}
+
 async fn ping(port: u16) -> std::result::Result<(), String> {
     // Bounded: whatever else holds the port may accept and never answer.
     tokio::time::timeout(Duration::from_secs(1), ping_once(port))
@@ -200,6 +268,7 @@ mod tests {
                 .unwrap(),
             child: None,
             tls: None,
+            extra: Vec::new(),
         };
         let started = std::time::Instant::now();
         let err = server.spawn().await.unwrap_err();

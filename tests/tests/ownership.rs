@@ -22,7 +22,7 @@ use gateway::session::ownership::{
 use test_support::gateway::GatewayProcess;
 use test_support::history::assert_no_overlap;
 use test_support::receiver::{Receiver, unix_ms};
-use test_support::{RedisServer, wait_until};
+use test_support::{RedisCluster, RedisServer, wait_until};
 
 /// Lock TTL of the gateways under test. A lease is usable for about 0.62 × TTL after a renewal
 /// is sent and renewals run every TTL/3, so a process stalled for more than ~0.28 × TTL loses its
@@ -495,4 +495,54 @@ async fn a_killed_gateways_sessions_move_without_a_new_qr_code() {
             "{id} re-recorded by gw-b"
         );
     }
+}
+
+/// On a Redis Cluster (three primaries, the slots spread over them) each session's lock, fence
+/// and credentials sit on the slot of its `{id}` hash tag, so every Lua script must run on
+/// whichever node holds that slot. Scripts used to be loaded on one node only (`SCRIPT LOAD` is
+/// routed by the script's text), and about two thirds of the sessions never got their lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_run_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3).await.unwrap();
+    let receiver = Receiver::start().await.unwrap();
+    let env = [
+        ("WA_BACKEND_URL", receiver.url()),
+        ("WA_REDIS_URL", cluster.url()),
+        ("POD_NAME", "gw-cluster".to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let gw = GatewayProcess::start(
+        &[
+            "standalone",
+            "--simulate",
+            "30",
+            "--lock-ttl-ms",
+            TTL_MS,
+            "--qr-format",
+            "raw",
+        ],
+        &env,
+    )
+    .await
+    .unwrap();
+    wait_running(&gw, "30 sessions running on the cluster", |n| n == 30).await;
+    let client = gateway::redis::connect(&cluster.url()).await.unwrap();
+    for i in 0..30 {
+        let id = format!("sim-{i:05}");
+        let owner: Option<String> = client
+            .get(gateway::session::ownership::owner_key(&id))
+            .await
+            .unwrap();
+        assert!(
+            owner.is_some_and(|o| o.starts_with("gw-cluster")),
+            "{id} locked by the gateway\n{}",
+            tail(&gw.log())
+        );
+    }
+    assert_eq!(
+        metric(&gw, "whatsapp_gateway_lock_errors_total").await,
+        Ok(0.0),
+        "{}",
+        tail(&gw.log())
+    );
 }

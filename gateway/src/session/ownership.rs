@@ -189,7 +189,10 @@ end
 return 0
 ";
 
-/// A Lua script run with EVALSHA, loaded on first use and again after `NOSCRIPT` (Redis restarted).
+/// A Lua script run with EVALSHA; on `NOSCRIPT` (first use on a node, Redis restarted) it runs
+/// with EVAL, which caches it on the node that holds its keys. Not `SCRIPT LOAD` again: on a
+/// Redis Cluster that command is routed by the script's text to one fixed node, so the script
+/// never reached the nodes that hold most sessions' slots.
 pub(crate) struct LuaScript {
     src: &'static str,
     sha: tokio::sync::OnceCell<String>,
@@ -218,8 +221,7 @@ impl LuaScript {
             .await
         {
             Err(err) if err.details().starts_with("NOSCRIPT") => {
-                let _: String = client.script_load(self.src).await?;
-                client.evalsha(sha.as_str(), keys, args).await
+                client.eval(self.src, keys, args).await
             }
             other => other,
         }
