@@ -24,6 +24,8 @@ log() { echo "[provision $(date +%H:%M:%S)] $*" >&2; }
 
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+# redis-cli forms the Redis Cluster of the cluster test (Debian ships it in redis-tools).
+command -v redis-cli >/dev/null || need_apt+=(redis-tools)
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v openssl >/dev/null || need_apt+=(openssl)
