@@ -61,6 +61,13 @@ fn error(code: StatusCode, error: &str) -> Response {
     (code, axum::Json(json!({ "error": error }))).into_response()
 }
 
+/// The token of an `Authorization: Bearer <token>` header; the scheme is case-insensitive
+/// (RFC 7235), so `bearer` and `BEARER` clients are not refused a valid token.
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// Compares without an early exit, so response time does not leak how much of a guess matched.
 fn same_token(given: &[u8], expected: &[u8]) -> bool {
     given.len() == expected.len()
@@ -112,8 +119,7 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(bearer_token);
         if !given.is_some_and(|g| same_token(g.as_bytes(), token.as_bytes())) {
             let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized");
             response.headers_mut().insert(
@@ -447,6 +453,15 @@ mod tests {
         fn has_webhook<'a>(&'a self, id: &'a str) -> BoxFuture<'a, bool> {
             Box::pin(async move { id == "hooked" })
         }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
     }
 
     #[tokio::test]

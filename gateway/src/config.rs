@@ -279,12 +279,17 @@ pub const REDIS_SCHEMES: [&str; 6] = [
 
 /// A secret as configured, without surrounding whitespace: a Kubernetes Secret made from a file
 /// usually ends in a newline, and the backend (Laravel's `trim`) compares the trimmed value.
-/// Empty means none.
-fn trimmed_secret(value: Option<&str>) -> Option<String> {
-    value
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(String::from)
+/// Set but blank is an error: it is almost always a Secret key or a shell variable that came out
+/// empty, and taking it for "none" would open the API or send unsigned requests unannounced.
+fn trimmed_secret(value: Option<&str>, field: &'static str) -> Result<Option<String>> {
+    match value.map(str::trim) {
+        None => Ok(None),
+        Some("") => Err(Error::config(
+            field,
+            "is set but empty; unset it to run without one",
+        )),
+        Some(secret) => Ok(Some(secret.to_owned())),
+    }
 }
 
 /// `url` with any password replaced by `***`, for logs and error messages.
@@ -378,7 +383,10 @@ impl CommonArgs {
                 }
                 Some(BackendSettings {
                     base_url,
-                    secret: trimmed_secret(self.backend_secret.as_deref()),
+                    secret: trimmed_secret(
+                        self.backend_secret.as_deref(),
+                        "--backend-secret / WA_BACKEND_SECRET",
+                    )?,
                     ..endpoints.clone()
                 })
             }
@@ -485,7 +493,7 @@ impl CommonArgs {
             None => None,
         };
         Ok(Settings {
-            api_token: trimmed_secret(self.api_token.as_deref()),
+            api_token: trimmed_secret(self.api_token.as_deref(), "--api-token / WA_API_TOKEN")?,
             cache,
             session_lookup_path,
             listen: SocketAddr::new(ip, self.port),
@@ -633,9 +641,17 @@ mod tests {
 
     #[test]
     fn secrets_are_trimmed_and_blank_means_none() {
-        assert_eq!(trimmed_secret(Some("s3cret\n")), Some("s3cret".into()));
-        assert_eq!(trimmed_secret(Some("  \n")), None);
-        assert_eq!(trimmed_secret(None), None);
+        assert_eq!(
+            trimmed_secret(Some("s3cret\n"), "f").unwrap(),
+            Some("s3cret".into())
+        );
+        assert!(
+            trimmed_secret(Some("  \n"), "--api-token / WA_API_TOKEN")
+                .unwrap_err()
+                .to_string()
+                .contains("--api-token / WA_API_TOKEN")
+        );
+        assert_eq!(trimmed_secret(None, "f").unwrap(), None);
     }
 
     #[test]
@@ -719,6 +735,11 @@ mod tests {
             (&["--bind", "localhost:80"][..], "WA_BIND"),
             (&["--log-format", "xml"][..], "WA_LOG_FORMAT"),
             (&["--lock-ttl-ms", "100"][..], "WA_LOCK_TTL_MS"),
+            (&["--api-token", " "][..], "WA_API_TOKEN"),
+            (
+                &["--backend-url", "http://x", "--backend-secret", ""][..],
+                "WA_BACKEND_SECRET",
+            ),
             (
                 &["--max-connect-attempts", "0"][..],
                 "WA_MAX_CONNECT_ATTEMPTS",

@@ -67,6 +67,16 @@ impl Args {
                 reason: "must be greater than 0".into(),
             });
         }
+        if self.cleanup_timeout_s == 0 {
+            // 0 would wipe a deleted session's credentials at once, before its gateway could
+            // log it out: the device would stay linked on the phone.
+            return Err(Error::Config {
+                field: "--cleanup-timeout-s / WA_CLEANUP_TIMEOUT_S",
+                reason:
+                    "must be greater than 0 (the time a gateway gets to log a deleted session out)"
+                        .into(),
+            });
+        }
         if self.release.is_empty() {
             return Err(Error::Config {
                 field: "--release / WA_RELEASE",

@@ -658,6 +658,9 @@ async fn helm_install_and_upgrade_on_a_real_apiserver() {
         pdb.spec.unwrap().max_unavailable,
         Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
     );
+    // Every API call the binaries make is allowed to the chart's service accounts (the other
+    // tests run the binaries as cluster admin, so a missing verb would only show in production).
+    assert_service_accounts_may_do_what_the_binaries_do(&client).await;
     let services: Api<Service> = Api::namespaced(client.clone(), "wa-system");
     services.get("wa-operator").await.expect("operator Service");
     // No redis.url: the chart runs its own Redis, and both binaries are pointed at it.
@@ -799,4 +802,83 @@ async fn helm_install_and_upgrade_on_a_real_apiserver() {
     assert!(err.to_string().contains("/gateway/driver"), "{err}");
     let history = plane.helm(&["history", "wa", "-n", "wa-system"]).unwrap();
     assert!(!history.contains("failed"), "{history}");
+}
+
+/// Asks the apiserver's RBAC authorizer (SubjectAccessReview) about each call the gateway and
+/// the operator make, as the service account the chart gives each.
+async fn assert_service_accounts_may_do_what_the_binaries_do(client: &kube::Client) {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    const SESSIONS: (&str, &str, &str) = ("whatsapp.gateway.dev", "whatsappsessions", "");
+    const STATUS: (&str, &str, &str) = ("whatsapp.gateway.dev", "whatsappsessions", "status");
+    const LEASES: (&str, &str, &str) = ("coordination.k8s.io", "leases", "");
+    const SECRETS: (&str, &str, &str) = ("", "secrets", "");
+    const EVENTS: (&str, &str, &str) = ("events.k8s.io", "events", "");
+    // (service account, verb, resource, namespace: "" for cluster-wide)
+    let calls = [
+        // shard.rs: its shard's sessions, drain acknowledgements and `cleaned`; status.rs.
+        ("wa-gateway", "list", SESSIONS, ""),
+        ("wa-gateway", "watch", SESSIONS, ""),
+        ("wa-gateway", "patch", SESSIONS, "tenant-a"),
+        ("wa-gateway", "patch", STATUS, "tenant-a"),
+        // Its own Lease: heartbeat by apply, deleted on exit.
+        ("wa-gateway", "get", LEASES, "wa-system"),
+        ("wa-gateway", "create", LEASES, "wa-system"),
+        ("wa-gateway", "patch", LEASES, "wa-system"),
+        ("wa-gateway", "delete", LEASES, "wa-system"),
+        // secrets.rs: a session's webhook key, in the session's namespace.
+        ("wa-gateway", "get", SECRETS, "tenant-a"),
+        // placement.rs: every session, labels, finalizers, handoff annotations, status.
+        ("wa-operator", "list", SESSIONS, ""),
+        ("wa-operator", "watch", SESSIONS, ""),
+        ("wa-operator", "patch", SESSIONS, "tenant-a"),
+        ("wa-operator", "patch", STATUS, "tenant-a"),
+        // The gateways' Leases and its own leader-election Lease.
+        ("wa-operator", "list", LEASES, "wa-system"),
+        ("wa-operator", "watch", LEASES, "wa-system"),
+        ("wa-operator", "get", LEASES, "wa-system"),
+        ("wa-operator", "create", LEASES, "wa-system"),
+        ("wa-operator", "patch", LEASES, "wa-system"),
+        ("wa-operator", "update", LEASES, "wa-system"),
+        // Move, conflict and finalize Events on sessions.
+        ("wa-operator", "create", EVENTS, "tenant-a"),
+    ];
+    let reviews: Api<SubjectAccessReview> = Api::all(client.clone());
+    let mut refused = Vec::new();
+    for (account, verb, (group, resource, subresource), namespace) in calls {
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(format!("system:serviceaccount:wa-system:{account}")),
+                groups: Some(vec![
+                    "system:serviceaccounts".into(),
+                    "system:serviceaccounts:wa-system".into(),
+                    "system:authenticated".into(),
+                ]),
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some(verb.into()),
+                    group: Some(group.into()),
+                    resource: Some(resource.into()),
+                    subresource: (!subresource.is_empty()).then(|| subresource.into()),
+                    namespace: (!namespace.is_empty()).then(|| namespace.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let answer = reviews
+            .create(&Default::default(), &review)
+            .await
+            .expect("SubjectAccessReview");
+        if !answer.status.is_some_and(|s| s.allowed) {
+            refused.push(format!(
+                "{account}: {verb} {group}/{resource}/{subresource} in {namespace:?}"
+            ));
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "refused by the chart's RBAC: {refused:#?}"
+    );
 }
