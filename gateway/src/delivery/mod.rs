@@ -434,7 +434,10 @@ impl Delivery {
                         self.add_backlog(endpoint, n as i64);
                     }
                     Ok(_) => {}
-                    Err(err) => tracing::warn!(%err, "could not read the spill backlog from Redis"),
+                    // The drainer checks the stream again while idle (see `SPILL_RECHECK`).
+                    Err(err) => {
+                        tracing::warn!(%err, "could not read the spill backlog from Redis; retried while draining")
+                    }
                 }
             }
         }
@@ -699,9 +702,38 @@ impl Delivery {
         }
     }
 
+    /// The counter is only ever corrected downward by the drainer (when it reads nothing), so
+    /// entries it never counted would stay in Redis unseen while new batches pass them: after a
+    /// failed `recover_backlog`, or an XADD that timed out but was applied (the batch also went
+    /// to memory). An idle drainer compares with the stream's length now and then.
+    async fn recheck_stored(&self, endpoint: Endpoint) {
+        let Some(redis) = &self.inner.redis else {
+            return;
+        };
+        // Read before XLEN: a batch spilled in between is then counted twice at worst, which
+        // the drainer corrects once it finds the stream shorter; never missed.
+        let counted = self.inner.backlog[slot(endpoint)].load(Ordering::Relaxed);
+        match redis.len(endpoint).await {
+            Ok(stored) => {
+                let held = stored as i64 + self.inner.memory.len(endpoint) as i64;
+                let missed = missed_backlog(counted, held);
+                if missed > 0 {
+                    tracing::warn!(
+                        endpoint = endpoint.as_str(),
+                        batches = held,
+                        "spill entries the backlog counter missed: draining them"
+                    );
+                    self.add_backlog(endpoint, missed);
+                }
+            }
+            Err(err) => tracing::debug!(%err, "could not check the spill stream's length"),
+        }
+    }
+
     /// Retries spilled batches of one endpoint, oldest first, until shutdown.
     async fn drain(&self, endpoint: Endpoint, shutdown: CancellationToken) {
         let mut backoff = self.inner.settings.retry.backoff();
+        let mut recheck = Every::new(SPILL_RECHECK);
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -711,6 +743,9 @@ impl Delivery {
                     _ = self.inner.wake_drainer[slot(endpoint)].notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = shutdown.cancelled() => return,
+                }
+                if self.inner.redis.is_some() && recheck.due(tokio::time::Instant::now()) {
+                    self.recheck_stored(endpoint).await;
                 }
                 continue;
             }
@@ -785,6 +820,40 @@ impl Delivery {
     }
 }
 
+/// How often an idle drainer checks the Redis stream for entries its counter missed (one XLEN).
+const SPILL_RECHECK: Duration = Duration::from_secs(10);
+
+/// What to add to the backlog counter, given what it says and what the spill holds: enough to
+/// match when it counts fewer, nothing otherwise (a count too high is corrected by the drainer
+/// when it reads nothing).
+fn missed_backlog(counted: i64, held: i64) -> i64 {
+    if held > counted.max(0) {
+        held - counted
+    } else {
+        0
+    }
+}
+
+/// True at most once per period, and on the first call.
+struct Every {
+    period: Duration,
+    next: Option<tokio::time::Instant>,
+}
+
+impl Every {
+    fn new(period: Duration) -> Self {
+        Every { period, next: None }
+    }
+
+    fn due(&mut self, now: tokio::time::Instant) -> bool {
+        if self.next.is_some_and(|next| now < next) {
+            return false;
+        }
+        self.next = Some(now + self.period);
+        true
+    }
+}
+
 impl BatchSink for Delivery {
     async fn deliver(&self, batch: Batch) {
         let lane = batch.lane;
@@ -808,5 +877,36 @@ impl BatchSink for Delivery {
                 tracing::error!(%err, lane = lane.as_str(), "could not render a batch; it is dropped")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missed_backlog_counts_only_what_the_counter_missed() {
+        assert_eq!(missed_backlog(0, 0), 0);
+        // `recover_backlog` failed at start: everything in the stream was missed.
+        assert_eq!(missed_backlog(0, 3), 3);
+        // An XADD that timed out but was applied: one more stored than counted.
+        assert_eq!(missed_backlog(2, 3), 1);
+        // A counter below zero (drift) ends at what is held.
+        assert_eq!(missed_backlog(-1, 1), 2);
+        // Too high is left to the drainer's read (it finds nothing and resets).
+        assert_eq!(missed_backlog(4, 1), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_spill_recheck_is_due_at_most_every_period() {
+        let mut every = Every::new(SPILL_RECHECK);
+        assert!(every.due(tokio::time::Instant::now()), "first idle poll");
+        for _ in 0..9 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            assert!(!every.due(tokio::time::Instant::now()));
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(every.due(tokio::time::Instant::now()));
+        assert!(!every.due(tokio::time::Instant::now()));
     }
 }
