@@ -27,7 +27,7 @@ use crate::batch::{Batch, BatchSink};
 pub use client::{BackendClient, BackendSettings};
 pub use render::{Endpoint, QrFormat, WireBatch, unix_ms_now};
 pub use retry::{Outcome, RetryPolicy};
-use spill::{MemorySpill, RedisSpill};
+use spill::{MemorySpill, RedisSpill, Refused};
 pub use webhooks::{RoutingSink, WebhookTarget, Webhooks};
 
 #[derive(Debug, Clone)]
@@ -76,6 +76,7 @@ pub struct LaneMetrics {
     delivery_latency: Family<LaneLabel, Histogram>,
     delivered_items: Family<LaneLabel, Counter>,
     expired_items: Counter,
+    shutdown_lost: Counter,
 }
 
 impl LaneMetrics {
@@ -89,6 +90,7 @@ impl LaneMetrics {
             }),
             delivered_items: Family::default(),
             expired_items: Counter::default(),
+            shutdown_lost: Counter::default(),
         };
         registry.register(
             "whatsapp_gateway_batch_size",
@@ -110,7 +112,17 @@ impl LaneMetrics {
             "QR items dropped from the spill because they expired before the backend took them",
             m.expired_items.clone(),
         );
+        registry.register(
+            "whatsapp_gateway_shutdown_lost_batches",
+            "Batches (backend or per-session webhooks) still held only in memory when the gateway stopped: lost",
+            m.shutdown_lost.clone(),
+        );
         m
+    }
+
+    /// Counts batches a stop loses (held only in memory).
+    pub(crate) fn count_shutdown_lost(&self, batches: u64) {
+        self.shutdown_lost.inc_by(batches);
     }
 }
 
@@ -243,6 +255,9 @@ struct Inner {
     queued: bool,
     /// For logs and dead letters: which webhook (redacted URL); None for the backend.
     destination: Option<String>,
+    /// Cancelled when the gateway starts to stop: a failed batch is spilled at once (hot retries
+    /// could outlast the grace) and a full memory spill no longer makes senders wait.
+    shutting_down: CancellationToken,
 }
 
 /// The batcher's sink. Cheap to clone.
@@ -336,6 +351,7 @@ impl Delivery {
                 on_delivered: None,
                 queued: destination.is_some(),
                 destination,
+                shutting_down: CancellationToken::new(),
             }),
         };
         // The backlog series exist (at 0) from the start, for dashboards and `absent()` alerts.
@@ -360,6 +376,46 @@ impl Delivery {
             .into_iter()
             .map(|endpoint| self.inner.memory.len(endpoint))
             .sum()
+    }
+
+    /// Starts the shutdown: from now on a batch that fails once is spilled instead of retried on
+    /// the hot path, and the spill takes batches past its memory bound instead of waiting for a
+    /// drainer. The drainers keep running until their own token is cancelled.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.cancel();
+    }
+
+    /// Waits until the drainers have emptied the memory spill (whatever the caller's deadline
+    /// allows: a backend that stays down keeps it full).
+    pub async fn wait_memory_drained(&self) {
+        while self.memory_backlog() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Ends the shutdown: the memory spill takes nothing more, and the batches it still holds
+    /// are lost with the process. Logs them at error level, counts them in
+    /// `whatsapp_gateway_shutdown_lost_batches` and returns how many.
+    pub fn close(&self) -> usize {
+        let lost = self.inner.memory.close();
+        if lost > 0 {
+            tracing::error!(
+                batches = lost,
+                destination = self.inner.destination.as_deref().unwrap_or("backend"),
+                "stopping with batches held only in memory: they are lost"
+            );
+            self.inner.metrics.lanes.count_shutdown_lost(lost as u64);
+        }
+        lost
+    }
+
+    /// Batches spilled to Redis and not delivered yet (they resume on the next start); 0
+    /// without Redis.
+    pub fn redis_backlog(&self) -> i64 {
+        if self.inner.redis.is_none() {
+            return 0;
+        }
+        (self.backlog() - self.memory_backlog() as i64).max(0)
     }
 
     /// A webhook batch its destination's queue could not take: logged and counted as a dead
@@ -650,21 +706,42 @@ impl Delivery {
         }
         let mut batch = batch;
         loop {
-            match self.inner.memory.try_append(batch) {
+            // Once stopping, the drainers may be gone: waiting for room could last forever, and
+            // the excess is bounded by the deliveries in flight.
+            let appended = if self.inner.shutting_down.is_cancelled() && !self.inner.queued {
+                self.inner.memory.append_unbounded(batch)
+            } else {
+                self.inner.memory.try_append(batch)
+            };
+            match appended {
                 Ok(()) => break,
-                Err(back) if self.inner.queued => {
+                Err(Refused::Closed(back)) => {
+                    // After `close`: counted here, as `close` counted what it held.
+                    tracing::error!(
+                        endpoint = endpoint.as_str(),
+                        batch_id = %back.batch_id,
+                        items = back.items.len(),
+                        "batch spilled after the shutdown ended: lost"
+                    );
+                    self.inner.metrics.lanes.count_shutdown_lost(1);
+                    return;
+                }
+                Err(Refused::Full(back)) if self.inner.queued => {
                     // A webhook that stays down must not stall the batcher for everyone: past
                     // the memory bound its batches are dead-lettered (logged and counted).
                     self.dead_letter(&back, 0, "webhook queue full").await;
                     return;
                 }
-                Err(back) => {
+                Err(Refused::Full(back)) => {
                     batch = back;
                     tracing::warn!(
                         "in-memory spill is full: waiting for the backend (backpressure)"
                     );
                     self.inner.wake_drainer[slot(endpoint)].notify_one();
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        () = self.inner.shutting_down.cancelled() => {}
+                    }
                 }
             }
         }
@@ -693,8 +770,16 @@ impl Delivery {
                 return;
             }
             pending = failed;
-            if attempt < self.inner.settings.retry.hot_attempts {
-                tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))).await;
+            // Stopping: the spill keeps the batch (Redis across the restart; memory while the
+            // drainers have time left), where hot retries could outlast the grace.
+            if attempt >= self.inner.settings.retry.hot_attempts
+                || self.inner.shutting_down.is_cancelled()
+            {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))) => {}
+                () = self.inner.shutting_down.cancelled() => break,
             }
         }
         for batch in pending {
@@ -882,7 +967,12 @@ impl BatchSink for Delivery {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use prometheus_client::encoding::text::encode;
+
     use super::*;
+    use crate::events::{Priority, SessionStatus, StatusEvent};
 
     #[test]
     fn missed_backlog_counts_only_what_the_counter_missed() {
@@ -908,5 +998,137 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(every.due(tokio::time::Instant::now()));
         assert!(!every.due(tokio::time::Instant::now()));
+    }
+
+    /// A loopback backend answering 500 while `failing` is set and 200 otherwise; counts requests.
+    async fn backend(failing: Arc<AtomicBool>) -> (BackendClient, Arc<AtomicU64>) {
+        let hits = Arc::new(AtomicU64::new(0));
+        let counted = hits.clone();
+        let app = axum::Router::new().fallback(move || {
+            let failing = failing.clone();
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                if failing.load(Ordering::SeqCst) {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = BackendClient::new(BackendSettings {
+            base_url: url.parse().unwrap(),
+            qr_batch_path: "/qr/batch".into(),
+            status_batch_path: "/status/batch".into(),
+            legacy: false,
+            qr_path: "/qr".into(),
+            status_path: "/status".into(),
+            secret: None,
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        (client, hits)
+    }
+
+    fn status_batch(id: &str) -> WireBatch {
+        let batch = Batch {
+            lane: crate::batch::Lane::StatusHigh,
+            items: vec![StatusEvent::new(id, SessionStatus::Active, Priority::High, None).into()],
+            reason: crate::batch::FlushReason::Shutdown,
+        };
+        WireBatch::render(&batch, QrFormat::Raw).unwrap()
+    }
+
+    fn lost_metric(registry: &Registry) -> u64 {
+        let mut text = String::new();
+        encode(&mut text, registry).unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix("whatsapp_gateway_shutdown_lost_batches_total "))
+            .expect("metric registered")
+            .parse()
+            .unwrap()
+    }
+
+    /// Slow hot retries (2 s apart) and a memory spill of one batch, without Redis and without
+    /// drainers: once stopping, a failed batch is spilled after one attempt, a full spill does
+    /// not wait for room, and `close` counts what memory still holds.
+    #[tokio::test]
+    async fn stopping_spills_after_one_failure_never_waits_for_room_and_counts_the_loss() {
+        let (client, hits) = backend(Arc::new(AtomicBool::new(true))).await;
+        let mut registry = Registry::default();
+        let settings = DeliverySettings {
+            retry: RetryPolicy {
+                hot_attempts: 3,
+                min_delay: Duration::from_secs(2),
+                max_delay: Duration::from_secs(2),
+                factor: 1.0,
+            },
+            memory_spill_capacity: 1,
+            ..DeliverySettings::default()
+        };
+        let delivery = Delivery::new(Some(client), None, settings, &mut registry);
+        delivery.begin_shutdown();
+        let started = std::time::Instant::now();
+        delivery.deliver_wire(status_batch("a")).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "hot retries took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "one attempt");
+        assert_eq!(delivery.memory_backlog(), 1);
+        // The spill is full and no drainer runs: it must not wait.
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            delivery.deliver_wire(status_batch("b")),
+        )
+        .await
+        .expect("a full memory spill does not hold a stopping gateway");
+        assert_eq!(delivery.memory_backlog(), 2);
+        assert_eq!(delivery.close(), 2);
+        assert_eq!(lost_metric(&registry), 2);
+        // A batch that arrives after the end is counted too, not kept.
+        delivery.deliver_wire(status_batch("c")).await;
+        assert_eq!(lost_metric(&registry), 3);
+        assert_eq!(delivery.memory_backlog(), 2);
+    }
+
+    /// The drainers still run once stopping has begun, so a backend that recovers within the
+    /// grace gets what the memory spill holds.
+    #[tokio::test]
+    async fn drainers_empty_the_memory_spill_while_stopping() {
+        let failing = Arc::new(AtomicBool::new(true));
+        let (client, _hits) = backend(failing.clone()).await;
+        let mut registry = Registry::default();
+        let settings = DeliverySettings {
+            retry: RetryPolicy {
+                hot_attempts: 3,
+                min_delay: Duration::from_millis(20),
+                max_delay: Duration::from_millis(50),
+                factor: 2.0,
+            },
+            ..DeliverySettings::default()
+        };
+        let delivery = Delivery::new(Some(client), None, settings, &mut registry);
+        let drainers_stop = CancellationToken::new();
+        let drainers = delivery.spawn_drainers(drainers_stop.clone());
+        delivery.begin_shutdown();
+        delivery.deliver_wire(status_batch("a")).await;
+        assert_eq!(delivery.memory_backlog(), 1);
+        failing.store(false, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(5), delivery.wait_memory_drained())
+            .await
+            .expect("the drainer delivers the spilled batch");
+        assert_eq!(delivery.delivered_items(), 1);
+        assert_eq!(delivery.close(), 0);
+        assert_eq!(lost_metric(&registry), 0);
+        drainers_stop.cancel();
+        for drainer in drainers {
+            drainer.await.unwrap();
+        }
     }
 }
