@@ -871,10 +871,17 @@ impl Delivery {
                 if let Some(parts) = outcome {
                     // Still failing: keep it (unchanged order) and back off.
                     let _ = parts;
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    let mut delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    // Stopping: what memory holds is lost at the end of a short grace, so retry
+                    // when the stop begins and then at least every second.
+                    let stopping = self.inner.shutting_down.is_cancelled();
+                    if stopping {
+                        delay = delay.min(SHUTDOWN_RETRY);
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.cancelled() => return,
+                        _ = self.inner.shutting_down.cancelled(), if !stopping => {}
                     }
                     break;
                 }
@@ -904,6 +911,9 @@ impl Delivery {
         }
     }
 }
+
+/// Longest wait between a drainer's retries once the gateway is stopping.
+const SHUTDOWN_RETRY: Duration = Duration::from_secs(1);
 
 /// How often an idle drainer checks the Redis stream for entries its counter missed (one XLEN).
 const SPILL_RECHECK: Duration = Duration::from_secs(10);
@@ -1095,6 +1105,46 @@ mod tests {
         delivery.deliver_wire(status_batch("c")).await;
         assert_eq!(lost_metric(&registry), 3);
         assert_eq!(delivery.memory_backlog(), 2);
+    }
+
+    /// A drainer backing off for long (the backend was down for a while) retries at once when
+    /// the stop begins, and then at least every second: the grace is short.
+    #[tokio::test]
+    async fn a_backing_off_drainer_retries_at_once_when_stopping_begins() {
+        let failing = Arc::new(AtomicBool::new(true));
+        let (client, hits) = backend(failing.clone()).await;
+        let mut registry = Registry::default();
+        let settings = DeliverySettings {
+            retry: RetryPolicy {
+                hot_attempts: 1,
+                min_delay: Duration::from_secs(20),
+                max_delay: Duration::from_secs(20),
+                factor: 1.0,
+            },
+            ..DeliverySettings::default()
+        };
+        let delivery = Delivery::new(Some(client), None, settings, &mut registry);
+        let drainers_stop = CancellationToken::new();
+        let drainers = delivery.spawn_drainers(drainers_stop.clone());
+        delivery.deliver_wire(status_batch("a")).await;
+        // The drainer's own attempt fails too; it backs off for 20 s.
+        tokio::time::timeout(Duration::from_secs(3), async {
+            while hits.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the drainer tries");
+        failing.store(false, Ordering::SeqCst);
+        delivery.begin_shutdown();
+        tokio::time::timeout(Duration::from_secs(3), delivery.wait_memory_drained())
+            .await
+            .expect("retried at once, not after the 20 s backoff");
+        assert_eq!(delivery.delivered_items(), 1);
+        drainers_stop.cancel();
+        for drainer in drainers {
+            drainer.await.unwrap();
+        }
     }
 
     /// The drainers still run once stopping has begun, so a backend that recovers within the
