@@ -682,6 +682,19 @@ impl Delivery {
         }
     }
 
+    /// Sends parts in order; on a transient failure returns what is left (the failed parts and
+    /// every later one).
+    async fn send_parts(&self, parts: Vec<WireBatch>) -> Option<Vec<WireBatch>> {
+        let mut parts = parts.into_iter();
+        while let Some(part) = parts.next() {
+            if let Some(mut left) = self.send_splitting(part).await {
+                left.extend(parts);
+                return Some(left);
+            }
+        }
+        None
+    }
+
     /// Puts a batch into the spill (Redis, or memory when Redis is absent or failing; when memory
     /// is full too, waits: backpressure up to the batcher).
     async fn spill(&self, batch: WireBatch) {
@@ -819,6 +832,7 @@ impl Delivery {
     async fn drain(&self, endpoint: Endpoint, shutdown: CancellationToken) {
         let mut backoff = self.inner.settings.retry.backoff();
         let mut recheck = Every::new(SPILL_RECHECK);
+        let mut progress: Option<Progress> = None;
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -863,14 +877,30 @@ impl Delivery {
                 continue;
             }
             for entry in entries {
-                let mut batch = entry.batch;
-                // Counted once the entry is done with: a failed attempt leaves the stored batch
-                // as it was, and the next attempt drops (and would count) the same items again.
-                let expired = batch.drop_expired(unix_ms_now());
-                let outcome = self.send_splitting(batch).await;
-                if let Some(parts) = outcome {
-                    // Still failing: keep it (unchanged order) and back off.
-                    let _ = parts;
+                // The stored batch stays as it was until it is done with; what an earlier
+                // attempt finished (parts delivered or dead-lettered after a split) is not
+                // redone, unless the process restarts in between.
+                let resumed =
+                    progress.take_if(|done| done.from_memory == from_memory && done.id == entry.id);
+                let (mut parts, mut expired) = match resumed {
+                    Some(done) => (done.left, done.expired),
+                    None => (vec![entry.batch], 0),
+                };
+                // Counted when the entry is acknowledged: until then a restart retries the stored
+                // batch, which drops (and would count) them again.
+                let now = unix_ms_now();
+                for part in &mut parts {
+                    expired += part.drop_expired(now);
+                }
+                let outcome = self.send_parts(parts).await;
+                if let Some(left) = outcome {
+                    // Still failing: keep what is left (unchanged order) and back off.
+                    progress = Some(Progress {
+                        from_memory,
+                        id: entry.id.clone(),
+                        left,
+                        expired,
+                    });
                     let mut delay = backoff.next().unwrap_or(Duration::from_secs(30));
                     // Stopping: what memory holds is lost at the end of a short grace, so retry
                     // when the stop begins and then at least every second.
@@ -910,6 +940,15 @@ impl Delivery {
             }
         }
     }
+}
+
+/// What is left of the spill entry a drainer is retrying, once an attempt finished some of it.
+struct Progress {
+    from_memory: bool,
+    id: String,
+    left: Vec<WireBatch>,
+    /// QR items dropped as expired so far.
+    expired: usize,
 }
 
 /// Longest wait between a drainer's retries once the gateway is stopping.
@@ -1026,10 +1065,15 @@ mod tests {
                 }
             }
         });
+        (serve(app).await, hits)
+    }
+
+    /// A client of a loopback server running `app`.
+    async fn serve(app: axum::Router) -> BackendClient {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = BackendClient::new(BackendSettings {
+        BackendClient::new(BackendSettings {
             base_url: url.parse().unwrap(),
             qr_batch_path: "/qr/batch".into(),
             status_batch_path: "/status/batch".into(),
@@ -1040,8 +1084,7 @@ mod tests {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
         })
-        .unwrap();
-        (client, hits)
+        .unwrap()
     }
 
     fn status_batch(id: &str) -> WireBatch {
@@ -1105,6 +1148,72 @@ mod tests {
         delivery.deliver_wire(status_batch("c")).await;
         assert_eq!(lost_metric(&registry), 3);
         assert_eq!(delivery.memory_backlog(), 2);
+    }
+
+    /// A spilled batch split on 413 whose parts end differently: `a` is refused (422, dead
+    /// letter), `b` accepted, `c` fails twice. The retries send `c` alone: `a` is not
+    /// dead-lettered again, nor `b` delivered (and counted) again.
+    #[tokio::test]
+    async fn a_retried_spill_entry_does_not_redo_its_finished_parts() {
+        let c_failures = Arc::new(AtomicU64::new(0));
+        let failures = c_failures.clone();
+        let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+            let failures = failures.clone();
+            async move {
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let ids: Vec<String> = body["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|item| item["sessionId"].as_str().unwrap().to_owned())
+                    .collect();
+                match ids.as_slice() {
+                    [_, _, ..] => axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    [id] if id == "a" => axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                    [id] if id == "c" && failures.fetch_add(1, Ordering::SeqCst) < 2 => {
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                    }
+                    _ => axum::http::StatusCode::OK,
+                }
+            }
+        });
+        let client = serve(app).await;
+        let mut registry = Registry::default();
+        let settings = DeliverySettings {
+            retry: RetryPolicy {
+                hot_attempts: 1,
+                min_delay: Duration::from_millis(20),
+                max_delay: Duration::from_millis(50),
+                factor: 2.0,
+            },
+            ..DeliverySettings::default()
+        };
+        let delivery = Delivery::new(Some(client), None, settings, &mut registry);
+        let batch = Batch {
+            lane: crate::batch::Lane::StatusHigh,
+            items: ["a", "b", "c"]
+                .into_iter()
+                .map(|id| StatusEvent::new(id, SessionStatus::Active, Priority::High, None).into())
+                .collect(),
+            reason: crate::batch::FlushReason::Immediate,
+        };
+        delivery
+            .spill(WireBatch::render(&batch, QrFormat::Raw).unwrap())
+            .await;
+        let drainers_stop = CancellationToken::new();
+        let drainers = delivery.spawn_drainers(drainers_stop.clone());
+        tokio::time::timeout(Duration::from_secs(5), delivery.wait_memory_drained())
+            .await
+            .expect("drained");
+        assert_eq!(c_failures.load(Ordering::SeqCst), 3);
+        assert_eq!(delivery.dead_letters(), 1, "a is dead-lettered once");
+        assert_eq!(delivery.dead_letter_items(), 1);
+        assert_eq!(delivery.delivered_items(), 2, "b and c, each once");
+        assert_eq!(delivery.backlog(), 0);
+        drainers_stop.cancel();
+        for drainer in drainers {
+            drainer.await.unwrap();
+        }
     }
 
     /// A drainer backing off for long (the backend was down for a while) retries at once when
