@@ -210,7 +210,11 @@ pub struct Pipeline {
     batcher: BatcherTask,
     router: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
+    /// Stops the drainers (and the re-sync loop).
     cancel: CancellationToken,
+    /// Stops the re-sync loop alone: it holds a batcher handle, so it must end before the
+    /// batcher's last flush, while the drainers keep going.
+    stop_resync: CancellationToken,
 }
 
 impl Pipeline {
@@ -270,12 +274,13 @@ impl Pipeline {
         let (events, rx) = EventSink::channel(settings.batch.input_capacity);
         let cache = cache.map(|cache| (cache, settings.identity.clone()));
         let router = tokio::spawn(route_events(rx, handle.clone(), states.clone(), cache));
+        let stop_resync = cancel.child_token();
         if let Some(interval) = settings.resync_interval {
             background.push(tokio::spawn(resync_loop(
                 interval,
                 handle.clone(),
                 states.clone(),
-                cancel.clone(),
+                stop_resync.clone(),
             )));
         }
         drop(handle);
@@ -289,6 +294,7 @@ impl Pipeline {
             router,
             background,
             cancel,
+            stop_resync,
         })
     }
 
@@ -302,7 +308,9 @@ impl Pipeline {
     }
 
     /// Stops the given sessions, flushes every pending event and waits (up to `grace`) for the
-    /// backend or the spill to take them.
+    /// backend or the spill to take them. Batches still held only in memory at the end are lost
+    /// with the process: logged at error level and counted
+    /// (`whatsapp_gateway_shutdown_lost_batches`).
     pub async fn shutdown(self, sessions: Vec<RunningSession>, grace: Duration) {
         let Pipeline {
             delivery,
@@ -312,26 +320,51 @@ impl Pipeline {
             router,
             background,
             cancel,
+            stop_resync,
             ..
         } = self;
-        let work = async move {
-            futures::future::join_all(sessions.into_iter().map(RunningSession::stop)).await;
-            drop(events);
-            // The router ends once every sink clone is gone; then the batcher's last handle drops
-            // and it flushes with reason `shutdown`.
-            let _ = router.await;
-            cancel.cancel();
-            batcher.join().await;
-            webhooks.drain().await;
-            for task in background {
-                let _ = task.await;
+        // A batch failing from now on is spilled after one attempt: hot retries (up to three
+        // request timeouts) could outlast the grace.
+        delivery.begin_shutdown();
+        let work = {
+            let delivery = delivery.clone();
+            async move {
+                futures::future::join_all(sessions.into_iter().map(RunningSession::stop)).await;
+                drop(events);
+                // The router ends once every sink clone is gone, and the re-sync loop on its
+                // token; then the batcher's last handle drops and it flushes with reason
+                // `shutdown`, while the drainers still run.
+                let _ = router.await;
+                stop_resync.cancel();
+                batcher.join().await;
+                webhooks.drain().await;
+                // Without Redis (or with Redis failing) the memory spill is all there is: the
+                // drainers get the rest of the grace to empty it.
+                delivery.wait_memory_drained().await;
             }
         };
-        if tokio::time::timeout(grace, work).await.is_err() {
-            tracing::warn!(
-                backlog = delivery.backlog(),
-                "graceful shutdown timed out; spilled batches resume on next start"
-            );
+        let finished = tokio::time::timeout(grace, work).await.is_ok();
+        cancel.cancel();
+        for task in background {
+            // A drainer in the middle of a request would hold the stop up to a request
+            // timeout; what it holds stays in the spill (Redis) or is counted below (memory).
+            task.abort();
+            let _ = task.await;
+        }
+        let lost = delivery.close();
+        let in_redis = delivery.redis_backlog();
+        match (finished, in_redis > 0) {
+            (true, false) => {}
+            (true, true) => tracing::info!(
+                backlog = in_redis,
+                "batches spilled to Redis resume on next start"
+            ),
+            (false, false) => tracing::warn!(lost, "graceful shutdown timed out"),
+            (false, true) => tracing::warn!(
+                lost,
+                backlog = in_redis,
+                "graceful shutdown timed out; batches spilled to Redis resume on next start"
+            ),
         }
     }
 }
@@ -765,6 +798,87 @@ pub async fn run(cli: crate::config::Cli) -> Result<()> {
 mod tests {
     use super::*;
     use crate::events::{Priority, QrEvent, StatusEvent};
+
+    /// A loopback backend that answers 500 to its first `failures` requests, then 200.
+    async fn flaky_backend(failures: u64) -> crate::delivery::BackendSettings {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let seen = Arc::new(AtomicU64::new(0));
+        let app = axum::Router::new().fallback(move || {
+            let seen = seen.clone();
+            async move {
+                if seen.fetch_add(1, Ordering::SeqCst) < failures {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        crate::delivery::BackendSettings {
+            base_url: url.parse().unwrap(),
+            qr_batch_path: "/qr/batch".into(),
+            status_batch_path: "/status/batch".into(),
+            legacy: false,
+            qr_path: "/qr".into(),
+            status_path: "/status".into(),
+            secret: None,
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn settings(backend: crate::delivery::BackendSettings) -> Settings {
+        Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            redis_url: None,
+            backend: Some(backend.clone()),
+            webhook_endpoints: backend,
+            delivery: crate::delivery::DeliverySettings::default(),
+            batch: crate::batch::BatchConfig::default(),
+            resync_interval: Some(Duration::from_secs(300)),
+            identity: "test".into(),
+            log_json: false,
+            api_token: None,
+            cache: crate::cache::CacheSettings::default(),
+            session_lookup_path: None,
+            lock_ttl: Duration::from_secs(30),
+            max_connect_attempts: 1,
+            driver: DriverChoice::Sim,
+        }
+    }
+
+    /// Without Redis, the last flush meets a backend that fails three times (as many as the hot
+    /// attempts) and then recovers: the batch waits in memory and the drainers, still running
+    /// after the flush, deliver it within the grace instead of it being dropped silently.
+    #[tokio::test]
+    async fn shutdown_drains_the_memory_spill_after_the_last_flush() {
+        let settings = settings(flaky_backend(3).await);
+        let mut registry = Registry::default();
+        let pipeline = Pipeline::start(&settings, None, &mut registry, None)
+            .await
+            .unwrap();
+        let delivery = pipeline.delivery.clone();
+        pipeline
+            .event_sink()
+            .emit(StatusEvent::new(
+                "s",
+                SessionStatus::Active,
+                Priority::High,
+                None,
+            ))
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        pipeline.shutdown(Vec::new(), Duration::from_secs(10)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "within the grace"
+        );
+        assert_eq!(delivery.delivered_items(), 1, "delivered, not lost");
+        assert_eq!(delivery.memory_backlog(), 0);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_removed_sessions_late_events_do_not_bring_it_back() {

@@ -11,6 +11,8 @@
 //!   delivered, in order. A newer normal-priority status of a session drops its unsent older one
 //!   and queues at the back, unless the older one is `logged_out` or `banned`.
 //! - A newer QR of a session takes its unsent older one's place and keeps the earlier deadline.
+//! - An item never replaces a newer unsent one of its session (a re-sync repeat snapshotted
+//!   before a newer event was queued): status by `at`, QR by `seq` and expiry. It is dropped.
 //! - QR codes that expired before they could be sent are dropped and counted (all policies).
 //! - Queues are bounded per stream; when one is full the batcher stops reading its input.
 

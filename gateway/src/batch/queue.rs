@@ -76,6 +76,12 @@ impl PendingQueue {
             let position = (index - self.first_index) as usize;
             let slot = &mut self.slots[position];
             if let Some(old) = slot.event.as_ref().filter(|old| is_replaceable(old)) {
+                if is_older(&event, old) {
+                    // A re-sync repeat snapshotted before a newer event of the session was
+                    // queued: the newer one stays, the repeat is dropped.
+                    stats.on_superseded(Lane::of(&event));
+                    return;
+                }
                 stats.on_superseded(Lane::of(old));
                 match supersede {
                     Supersede::InPlace => {
@@ -189,6 +195,21 @@ fn is_replaceable(event: &GatewayEvent) -> bool {
         GatewayEvent::Status(status) => {
             status.priority == Priority::Normal && !status.status.must_not_be_superseded()
         }
+    }
+}
+
+/// Whether `incoming` is known to be older than the unsent `queued` of the same session. Live
+/// events arrive in order; only re-sync repeats (which keep their original `at`, `seq` and
+/// expiry) can arrive after something newer. A status is ordered by `at`, as the backend orders
+/// it. A QR only when both its `seq` and its expiry say so: `seq` starts again at 1 with each
+/// pairing cycle, so a lower `seq` with a later expiry is a newer cycle.
+fn is_older(incoming: &GatewayEvent, queued: &GatewayEvent) -> bool {
+    match (incoming, queued) {
+        (GatewayEvent::Status(incoming), GatewayEvent::Status(queued)) => incoming.at < queued.at,
+        (GatewayEvent::Qr(incoming), GatewayEvent::Qr(queued)) => {
+            incoming.seq < queued.seq && incoming.valid_until <= queued.valid_until
+        }
+        _ => false,
     }
 }
 

@@ -422,6 +422,60 @@ async fn newer_qr_replaces_unsent_older_and_keeps_its_deadline() {
     task.shutdown().await;
 }
 
+/// Re-sync snapshots a session's status and submits it later; a newer status routed in between
+/// must not be replaced by that older repeat.
+#[tokio::test(start_paused = true)]
+async fn older_status_repeat_does_not_replace_newer_unsent_status() {
+    let (sink, handle, task) = start(BatchConfig::adaptive());
+    let GatewayEvent::Status(mut repeat) = normal("a", SessionStatus::Connecting) else {
+        unreachable!()
+    };
+    let newer = normal("a", SessionStatus::QrPending);
+    let GatewayEvent::Status(newer_status) = &newer else {
+        unreachable!()
+    };
+    repeat.at = newer_status.at - chrono::Duration::seconds(1);
+    handle.submit(newer).await.unwrap();
+    handle.submit(repeat.into()).await.unwrap();
+    sleep(Duration::from_secs(2)).await;
+    let statuses: Vec<_> = sink
+        .batches()
+        .into_iter()
+        .flat_map(|(_, batch)| batch.items)
+        .map(|event| match event {
+            GatewayEvent::Status(status) => status.status,
+            GatewayEvent::Qr(_) => panic!("QR in status batch"),
+        })
+        .collect();
+    assert_eq!(statuses, [SessionStatus::QrPending]);
+    assert_eq!(task.stats().superseded(Lane::StatusNormal), 1);
+    assert_eq!(task.stats().pending(Lane::StatusNormal), 0);
+    task.shutdown().await;
+}
+
+/// A repeat of an older QR (lower seq, no later expiry) does not take a newer unsent one's place.
+#[tokio::test(start_paused = true)]
+async fn older_qr_repeat_does_not_replace_newer_unsent_qr() {
+    let (sink, handle, task) = start(BatchConfig::adaptive());
+    let older = qr("a", 2, Duration::from_secs(20));
+    sleep(Duration::from_secs(5)).await;
+    handle
+        .submit(qr("a", 3, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    handle.submit(older).await.unwrap();
+    sleep(Duration::from_secs(2)).await;
+    let seqs: Vec<_> = sink
+        .batches()
+        .iter()
+        .flat_map(|(_, batch)| batch.items.iter().map(qr_seq))
+        .collect();
+    assert_eq!(seqs, [3]);
+    assert_eq!(task.stats().superseded(Lane::Qr), 1);
+    assert_eq!(task.stats().pending(Lane::Qr), 0);
+    task.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn expired_qr_is_dropped_and_counted() {
     let (sink, handle, task) = start(BatchConfig::adaptive());

@@ -30,6 +30,9 @@ pub const SIGNATURE_HEADER: &str = "X-Signature-256";
 pub const TIMESTAMP_HEADER: &str = "X-Signature-Timestamp";
 pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 
+/// Bytes of an error answer's body kept (for logs and dead letters).
+const ERROR_BODY_MAX: usize = 512;
+
 #[derive(Debug, Clone)]
 pub struct BackendClient {
     http: reqwest::Client,
@@ -138,9 +141,7 @@ impl BackendClient {
                 let text = if (200..300).contains(&code) {
                     String::new()
                 } else {
-                    // Bounded: a misbehaving backend may answer with anything.
-                    let bytes = response.bytes().await.unwrap_or_default();
-                    String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned()
+                    read_capped(response, ERROR_BODY_MAX).await
                 };
                 Outcome::from_status(code, text)
             }
@@ -150,6 +151,23 @@ impl BackendClient {
             },
         }
     }
+}
+
+/// The first `cap` bytes of a body. Reads chunk by chunk and stops there: a misbehaving backend
+/// may answer with an endless body, which must neither fill memory nor hold the request until
+/// its timeout. Dropping the response closes the connection.
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> String {
+    let mut kept = Vec::new();
+    while kept.len() < cap {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let take = chunk.len().min(cap - kept.len());
+                kept.extend_from_slice(&chunk[..take]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&kept).into_owned()
 }
 
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
@@ -165,6 +183,8 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
+    use futures::StreamExt;
+
     use super::*;
 
     #[test]
@@ -179,5 +199,57 @@ mod tests {
             sign("s3cret", 1_700_000_001, br#"{"a":1}"#),
             sign("s3cret", 1_700_000_000, br#"{"a":1}"#)
         );
+    }
+
+    /// A backend answering 500 with a body that never ends (1 MiB, then it stalls) must neither
+    /// be buffered in full nor hold the request until its timeout.
+    #[tokio::test]
+    async fn an_endless_error_body_is_read_only_up_to_a_cap() {
+        let app = axum::Router::new().fallback(|| async {
+            let chunks = (0..16)
+                .map(|_| Ok::<_, std::io::Error>(axum::body::Bytes::from(vec![b'x'; 64 * 1024])));
+            let body = futures::stream::iter(chunks).chain(futures::stream::pending());
+            (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                axum::body::Body::from_stream(body),
+            )
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = BackendClient::new(BackendSettings {
+            base_url: url.parse().unwrap(),
+            qr_batch_path: "/qr/batch".into(),
+            status_batch_path: "/status/batch".into(),
+            legacy: false,
+            qr_path: "/qr".into(),
+            status_path: "/status".into(),
+            secret: None,
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        let batch = WireBatch {
+            batch_id: "b".into(),
+            endpoint: Endpoint::Status,
+            lane: "status_high".into(),
+            items: vec![],
+        };
+        let started = std::time::Instant::now();
+        let outcome = client.send(&batch).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "returned after {:?}",
+            started.elapsed()
+        );
+        let Outcome::Transient {
+            code: Some(500),
+            error,
+        } = outcome
+        else {
+            panic!("expected a transient 500, got {outcome:?}");
+        };
+        assert_eq!(error.len(), ERROR_BODY_MAX);
+        assert!(error.bytes().all(|b| b == b'x'));
     }
 }

@@ -27,7 +27,7 @@ use crate::batch::{Batch, BatchSink};
 pub use client::{BackendClient, BackendSettings};
 pub use render::{Endpoint, QrFormat, WireBatch, unix_ms_now};
 pub use retry::{Outcome, RetryPolicy};
-use spill::{MemorySpill, RedisSpill};
+use spill::{MemorySpill, RedisSpill, Refused};
 pub use webhooks::{RoutingSink, WebhookTarget, Webhooks};
 
 #[derive(Debug, Clone)]
@@ -76,6 +76,7 @@ pub struct LaneMetrics {
     delivery_latency: Family<LaneLabel, Histogram>,
     delivered_items: Family<LaneLabel, Counter>,
     expired_items: Counter,
+    shutdown_lost: Counter,
 }
 
 impl LaneMetrics {
@@ -89,6 +90,7 @@ impl LaneMetrics {
             }),
             delivered_items: Family::default(),
             expired_items: Counter::default(),
+            shutdown_lost: Counter::default(),
         };
         registry.register(
             "whatsapp_gateway_batch_size",
@@ -110,7 +112,17 @@ impl LaneMetrics {
             "QR items dropped from the spill because they expired before the backend took them",
             m.expired_items.clone(),
         );
+        registry.register(
+            "whatsapp_gateway_shutdown_lost_batches",
+            "Batches (backend or per-session webhooks) still held only in memory when the gateway stopped: lost",
+            m.shutdown_lost.clone(),
+        );
         m
+    }
+
+    /// Counts batches a stop loses (held only in memory).
+    pub(crate) fn count_shutdown_lost(&self, batches: u64) {
+        self.shutdown_lost.inc_by(batches);
     }
 }
 
@@ -243,6 +255,9 @@ struct Inner {
     queued: bool,
     /// For logs and dead letters: which webhook (redacted URL); None for the backend.
     destination: Option<String>,
+    /// Cancelled when the gateway starts to stop: a failed batch is spilled at once (hot retries
+    /// could outlast the grace) and a full memory spill no longer makes senders wait.
+    shutting_down: CancellationToken,
 }
 
 /// The batcher's sink. Cheap to clone.
@@ -336,6 +351,7 @@ impl Delivery {
                 on_delivered: None,
                 queued: destination.is_some(),
                 destination,
+                shutting_down: CancellationToken::new(),
             }),
         };
         // The backlog series exist (at 0) from the start, for dashboards and `absent()` alerts.
@@ -360,6 +376,46 @@ impl Delivery {
             .into_iter()
             .map(|endpoint| self.inner.memory.len(endpoint))
             .sum()
+    }
+
+    /// Starts the shutdown: from now on a batch that fails once is spilled instead of retried on
+    /// the hot path, and the spill takes batches past its memory bound instead of waiting for a
+    /// drainer. The drainers keep running until their own token is cancelled.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.cancel();
+    }
+
+    /// Waits until the drainers have emptied the memory spill (whatever the caller's deadline
+    /// allows: a backend that stays down keeps it full).
+    pub async fn wait_memory_drained(&self) {
+        while self.memory_backlog() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Ends the shutdown: the memory spill takes nothing more, and the batches it still holds
+    /// are lost with the process. Logs them at error level, counts them in
+    /// `whatsapp_gateway_shutdown_lost_batches` and returns how many.
+    pub fn close(&self) -> usize {
+        let lost = self.inner.memory.close();
+        if lost > 0 {
+            tracing::error!(
+                batches = lost,
+                destination = self.inner.destination.as_deref().unwrap_or("backend"),
+                "stopping with batches held only in memory: they are lost"
+            );
+            self.inner.metrics.lanes.count_shutdown_lost(lost as u64);
+        }
+        lost
+    }
+
+    /// Batches spilled to Redis and not delivered yet (they resume on the next start); 0
+    /// without Redis.
+    pub fn redis_backlog(&self) -> i64 {
+        if self.inner.redis.is_none() {
+            return 0;
+        }
+        (self.backlog() - self.memory_backlog() as i64).max(0)
     }
 
     /// A webhook batch its destination's queue could not take: logged and counted as a dead
@@ -434,7 +490,10 @@ impl Delivery {
                         self.add_backlog(endpoint, n as i64);
                     }
                     Ok(_) => {}
-                    Err(err) => tracing::warn!(%err, "could not read the spill backlog from Redis"),
+                    // The drainer checks the stream again while idle (see `SPILL_RECHECK`).
+                    Err(err) => {
+                        tracing::warn!(%err, "could not read the spill backlog from Redis; retried while draining")
+                    }
                 }
             }
         }
@@ -623,6 +682,19 @@ impl Delivery {
         }
     }
 
+    /// Sends parts in order; on a transient failure returns what is left (the failed parts and
+    /// every later one).
+    async fn send_parts(&self, parts: Vec<WireBatch>) -> Option<Vec<WireBatch>> {
+        let mut parts = parts.into_iter();
+        while let Some(part) = parts.next() {
+            if let Some(mut left) = self.send_splitting(part).await {
+                left.extend(parts);
+                return Some(left);
+            }
+        }
+        None
+    }
+
     /// Puts a batch into the spill (Redis, or memory when Redis is absent or failing; when memory
     /// is full too, waits: backpressure up to the batcher).
     async fn spill(&self, batch: WireBatch) {
@@ -647,21 +719,42 @@ impl Delivery {
         }
         let mut batch = batch;
         loop {
-            match self.inner.memory.try_append(batch) {
+            // Once stopping, the drainers may be gone: waiting for room could last forever, and
+            // the excess is bounded by the deliveries in flight.
+            let appended = if self.inner.shutting_down.is_cancelled() && !self.inner.queued {
+                self.inner.memory.append_unbounded(batch)
+            } else {
+                self.inner.memory.try_append(batch)
+            };
+            match appended {
                 Ok(()) => break,
-                Err(back) if self.inner.queued => {
+                Err(Refused::Closed(back)) => {
+                    // After `close`: counted here, as `close` counted what it held.
+                    tracing::error!(
+                        endpoint = endpoint.as_str(),
+                        batch_id = %back.batch_id,
+                        items = back.items.len(),
+                        "batch spilled after the shutdown ended: lost"
+                    );
+                    self.inner.metrics.lanes.count_shutdown_lost(1);
+                    return;
+                }
+                Err(Refused::Full(back)) if self.inner.queued => {
                     // A webhook that stays down must not stall the batcher for everyone: past
                     // the memory bound its batches are dead-lettered (logged and counted).
                     self.dead_letter(&back, 0, "webhook queue full").await;
                     return;
                 }
-                Err(back) => {
+                Err(Refused::Full(back)) => {
                     batch = back;
                     tracing::warn!(
                         "in-memory spill is full: waiting for the backend (backpressure)"
                     );
                     self.inner.wake_drainer[slot(endpoint)].notify_one();
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        () = self.inner.shutting_down.cancelled() => {}
+                    }
                 }
             }
         }
@@ -690,8 +783,16 @@ impl Delivery {
                 return;
             }
             pending = failed;
-            if attempt < self.inner.settings.retry.hot_attempts {
-                tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))).await;
+            // Stopping: the spill keeps the batch (Redis across the restart; memory while the
+            // drainers have time left), where hot retries could outlast the grace.
+            if attempt >= self.inner.settings.retry.hot_attempts
+                || self.inner.shutting_down.is_cancelled()
+            {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))) => {}
+                () = self.inner.shutting_down.cancelled() => break,
             }
         }
         for batch in pending {
@@ -699,9 +800,39 @@ impl Delivery {
         }
     }
 
+    /// The counter is only ever corrected downward by the drainer (when it reads nothing), so
+    /// entries it never counted would stay in Redis unseen while new batches pass them: after a
+    /// failed `recover_backlog`, or an XADD that timed out but was applied (the batch also went
+    /// to memory). An idle drainer compares with the stream's length now and then.
+    async fn recheck_stored(&self, endpoint: Endpoint) {
+        let Some(redis) = &self.inner.redis else {
+            return;
+        };
+        // Read before XLEN: a batch spilled in between is then counted twice at worst, which
+        // the drainer corrects once it finds the stream shorter; never missed.
+        let counted = self.inner.backlog[slot(endpoint)].load(Ordering::Relaxed);
+        match redis.len(endpoint).await {
+            Ok(stored) => {
+                let held = stored as i64 + self.inner.memory.len(endpoint) as i64;
+                let missed = missed_backlog(counted, held);
+                if missed > 0 {
+                    tracing::warn!(
+                        endpoint = endpoint.as_str(),
+                        batches = held,
+                        "spill entries the backlog counter missed: draining them"
+                    );
+                    self.add_backlog(endpoint, missed);
+                }
+            }
+            Err(err) => tracing::debug!(%err, "could not check the spill stream's length"),
+        }
+    }
+
     /// Retries spilled batches of one endpoint, oldest first, until shutdown.
     async fn drain(&self, endpoint: Endpoint, shutdown: CancellationToken) {
         let mut backoff = self.inner.settings.retry.backoff();
+        let mut recheck = Every::new(SPILL_RECHECK);
+        let mut progress: Option<Progress> = None;
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -711,6 +842,9 @@ impl Delivery {
                     _ = self.inner.wake_drainer[slot(endpoint)].notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = shutdown.cancelled() => return,
+                }
+                if self.inner.redis.is_some() && recheck.due(tokio::time::Instant::now()) {
+                    self.recheck_stored(endpoint).await;
                 }
                 continue;
             }
@@ -743,18 +877,41 @@ impl Delivery {
                 continue;
             }
             for entry in entries {
-                let mut batch = entry.batch;
-                // Counted once the entry is done with: a failed attempt leaves the stored batch
-                // as it was, and the next attempt drops (and would count) the same items again.
-                let expired = batch.drop_expired(unix_ms_now());
-                let outcome = self.send_splitting(batch).await;
-                if let Some(parts) = outcome {
-                    // Still failing: keep it (unchanged order) and back off.
-                    let _ = parts;
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                // The stored batch stays as it was until it is done with; what an earlier
+                // attempt finished (parts delivered or dead-lettered after a split) is not
+                // redone, unless the process restarts in between.
+                let resumed =
+                    progress.take_if(|done| done.from_memory == from_memory && done.id == entry.id);
+                let (mut parts, mut expired) = match resumed {
+                    Some(done) => (done.left, done.expired),
+                    None => (vec![entry.batch], 0),
+                };
+                // Counted when the entry is acknowledged: until then a restart retries the stored
+                // batch, which drops (and would count) them again.
+                let now = unix_ms_now();
+                for part in &mut parts {
+                    expired += part.drop_expired(now);
+                }
+                let outcome = self.send_parts(parts).await;
+                if let Some(left) = outcome {
+                    // Still failing: keep what is left (unchanged order) and back off.
+                    progress = Some(Progress {
+                        from_memory,
+                        id: entry.id.clone(),
+                        left,
+                        expired,
+                    });
+                    let mut delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    // Stopping: what memory holds is lost at the end of a short grace, so retry
+                    // when the stop begins and then at least every second.
+                    let stopping = self.inner.shutting_down.is_cancelled();
+                    if stopping {
+                        delay = delay.min(SHUTDOWN_RETRY);
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.cancelled() => return,
+                        _ = self.inner.shutting_down.cancelled(), if !stopping => {}
                     }
                     break;
                 }
@@ -785,6 +942,52 @@ impl Delivery {
     }
 }
 
+/// What is left of the spill entry a drainer is retrying, once an attempt finished some of it.
+struct Progress {
+    from_memory: bool,
+    id: String,
+    left: Vec<WireBatch>,
+    /// QR items dropped as expired so far.
+    expired: usize,
+}
+
+/// Longest wait between a drainer's retries once the gateway is stopping.
+const SHUTDOWN_RETRY: Duration = Duration::from_secs(1);
+
+/// How often an idle drainer checks the Redis stream for entries its counter missed (one XLEN).
+const SPILL_RECHECK: Duration = Duration::from_secs(10);
+
+/// What to add to the backlog counter, given what it says and what the spill holds: enough to
+/// match when it counts fewer, nothing otherwise (a count too high is corrected by the drainer
+/// when it reads nothing).
+fn missed_backlog(counted: i64, held: i64) -> i64 {
+    if held > counted.max(0) {
+        held - counted
+    } else {
+        0
+    }
+}
+
+/// True at most once per period, and on the first call.
+struct Every {
+    period: Duration,
+    next: Option<tokio::time::Instant>,
+}
+
+impl Every {
+    fn new(period: Duration) -> Self {
+        Every { period, next: None }
+    }
+
+    fn due(&mut self, now: tokio::time::Instant) -> bool {
+        if self.next.is_some_and(|next| now < next) {
+            return false;
+        }
+        self.next = Some(now + self.period);
+        true
+    }
+}
+
 impl BatchSink for Delivery {
     async fn deliver(&self, batch: Batch) {
         let lane = batch.lane;
@@ -807,6 +1010,284 @@ impl BatchSink for Delivery {
             Err(err) => {
                 tracing::error!(%err, lane = lane.as_str(), "could not render a batch; it is dropped")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+    use crate::events::{Priority, SessionStatus, StatusEvent};
+
+    #[test]
+    fn missed_backlog_counts_only_what_the_counter_missed() {
+        assert_eq!(missed_backlog(0, 0), 0);
+        // `recover_backlog` failed at start: everything in the stream was missed.
+        assert_eq!(missed_backlog(0, 3), 3);
+        // An XADD that timed out but was applied: one more stored than counted.
+        assert_eq!(missed_backlog(2, 3), 1);
+        // A counter below zero (drift) ends at what is held.
+        assert_eq!(missed_backlog(-1, 1), 2);
+        // Too high is left to the drainer's read (it finds nothing and resets).
+        assert_eq!(missed_backlog(4, 1), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_spill_recheck_is_due_at_most_every_period() {
+        let mut every = Every::new(SPILL_RECHECK);
+        assert!(every.due(tokio::time::Instant::now()), "first idle poll");
+        for _ in 0..9 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            assert!(!every.due(tokio::time::Instant::now()));
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(every.due(tokio::time::Instant::now()));
+        assert!(!every.due(tokio::time::Instant::now()));
+    }
+
+    /// A loopback backend answering 500 while `failing` is set and 200 otherwise; counts requests.
+    async fn backend(failing: Arc<AtomicBool>) -> (BackendClient, Arc<AtomicU64>) {
+        let hits = Arc::new(AtomicU64::new(0));
+        let counted = hits.clone();
+        let app = axum::Router::new().fallback(move || {
+            let failing = failing.clone();
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                if failing.load(Ordering::SeqCst) {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        });
+        (serve(app).await, hits)
+    }
+
+    /// A client of a loopback server running `app`.
+    async fn serve(app: axum::Router) -> BackendClient {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        BackendClient::new(BackendSettings {
+            base_url: url.parse().unwrap(),
+            qr_batch_path: "/qr/batch".into(),
+            status_batch_path: "/status/batch".into(),
+            legacy: false,
+            qr_path: "/qr".into(),
+            status_path: "/status".into(),
+            secret: None,
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+        })
+        .unwrap()
+    }
+
+    fn status_batch(id: &str) -> WireBatch {
+        let batch = Batch {
+            lane: crate::batch::Lane::StatusHigh,
+            items: vec![StatusEvent::new(id, SessionStatus::Active, Priority::High, None).into()],
+            reason: crate::batch::FlushReason::Shutdown,
+        };
+        WireBatch::render(&batch, QrFormat::Raw).unwrap()
+    }
+
+    fn lost_metric(registry: &Registry) -> u64 {
+        let mut text = String::new();
+        encode(&mut text, registry).unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix("whatsapp_gateway_shutdown_lost_batches_total "))
+            .expect("metric registered")
+            .parse()
+            .unwrap()
+    }
+
+    /// Slow hot retries (2 s apart) and a memory spill of one batch, without Redis and without
+    /// drainers: once stopping, a failed batch is spilled after one attempt, a full spill does
+    /// not wait for room, and `close` counts what memory still holds.
+    #[tokio::test]
+    async fn stopping_spills_after_one_failure_never_waits_for_room_and_counts_the_loss() {
+        let (client, hits) = backend(Arc::new(AtomicBool::new(true))).await;
+        let mut registry = Registry::default();
+        let settings = DeliverySettings {
+            retry: RetryPolicy {
+                hot_attempts: 3,
+                min_delay: Duration::from_secs(2),
+                max_delay: Duration::from_secs(2),
+                factor: 1.0,
+            },
+            memory_spill_capacity: 1,
+            ..DeliverySettings::default()
+        };
+        let delivery = Delivery::new(Some(client), None, settings, &mut registry);
+        delivery.begin_shutdown();
+        let started = std::time::Instant::now();
+        delivery.deliver_wire(status_batch("a")).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "hot retries took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "one attempt");
+        assert_eq!(delivery.memory_backlog(), 1);
+        // The spill is full and no drainer runs: it must not wait.
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            delivery.deliver_wire(status_batch("b")),
+        )
+        .await
+        .expect("a full memory spill does not hold a stopping gateway");
+        assert_eq!(delivery.memory_backlog(), 2);
+        assert_eq!(delivery.close(), 2);
+        assert_eq!(lost_metric(&registry), 2);
+        // A batch that arrives after the end is counted too, not kept.
+        delivery.deliver_wire(status_batch("c")).await;
+        assert_eq!(lost_metric(&registry), 3);
+        assert_eq!(delivery.memory_backlog(), 2);
+    }
+
+    /// A spilled batch split on 413 whose parts end differently: `a` is refused (422, dead
+    /// letter), `b` accepted, `c` fails twice. The retries send `c` alone: `a` is not
+    /// dead-lettered again, nor `b` delivered (and counted) again.
+    #[tokio::test]
+    async fn a_retried_spill_entry_does_not_redo_its_finished_parts() {
+        let c_failures = Arc::new(AtomicU64::new(0));
+        let failures = c_failures.clone();
+        let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+            let failures = failures.clone();
+            async move {
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let ids: Vec<String> = body["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|item| item["sessionId"].as_str().unwrap().to_owned())
+                    .collect();
+                match ids.as_slice() {
+                    [_, _, ..] => axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    [id] if id == "a" => axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                    [id] if id == "c" && failures.fetch_add(1, Ordering::SeqCst) < 2 => {
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                    }
+                    _ => axum::http::StatusCode::OK,
+                }
+            }
+        });
+        let client = serve(app).await;
+        let mut registry = Registry::default();
+        let settings = DeliverySettings {
+            retry: RetryPolicy {
+                hot_attempts: 1,
+                min_delay: Duration::from_millis(20),
+                max_delay: Duration::from_millis(50),
+                factor: 2.0,
+            },
+            ..DeliverySettings::default()
+        };
+        let delivery = Delivery::new(Some(client), None, settings, &mut registry);
+        let batch = Batch {
+            lane: crate::batch::Lane::StatusHigh,
+            items: ["a", "b", "c"]
+                .into_iter()
+                .map(|id| StatusEvent::new(id, SessionStatus::Active, Priority::High, None).into())
+                .collect(),
+            reason: crate::batch::FlushReason::Immediate,
+        };
+        delivery
+            .spill(WireBatch::render(&batch, QrFormat::Raw).unwrap())
+            .await;
+        let drainers_stop = CancellationToken::new();
+        let drainers = delivery.spawn_drainers(drainers_stop.clone());
+        tokio::time::timeout(Duration::from_secs(5), delivery.wait_memory_drained())
+            .await
+            .expect("drained");
+        assert_eq!(c_failures.load(Ordering::SeqCst), 3);
+        assert_eq!(delivery.dead_letters(), 1, "a is dead-lettered once");
+        assert_eq!(delivery.dead_letter_items(), 1);
+        assert_eq!(delivery.delivered_items(), 2, "b and c, each once");
+        assert_eq!(delivery.backlog(), 0);
+        drainers_stop.cancel();
+        for drainer in drainers {
+            drainer.await.unwrap();
+        }
+    }
+
+    /// A drainer backing off for long (the backend was down for a while) retries at once when
+    /// the stop begins, and then at least every second: the grace is short.
+    #[tokio::test]
+    async fn a_backing_off_drainer_retries_at_once_when_stopping_begins() {
+        let failing = Arc::new(AtomicBool::new(true));
+        let (client, hits) = backend(failing.clone()).await;
+        let mut registry = Registry::default();
+        let settings = DeliverySettings {
+            retry: RetryPolicy {
+                hot_attempts: 1,
+                min_delay: Duration::from_secs(20),
+                max_delay: Duration::from_secs(20),
+                factor: 1.0,
+            },
+            ..DeliverySettings::default()
+        };
+        let delivery = Delivery::new(Some(client), None, settings, &mut registry);
+        let drainers_stop = CancellationToken::new();
+        let drainers = delivery.spawn_drainers(drainers_stop.clone());
+        delivery.deliver_wire(status_batch("a")).await;
+        // The drainer's own attempt fails too; it backs off for 20 s.
+        tokio::time::timeout(Duration::from_secs(3), async {
+            while hits.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the drainer tries");
+        failing.store(false, Ordering::SeqCst);
+        delivery.begin_shutdown();
+        tokio::time::timeout(Duration::from_secs(3), delivery.wait_memory_drained())
+            .await
+            .expect("retried at once, not after the 20 s backoff");
+        assert_eq!(delivery.delivered_items(), 1);
+        drainers_stop.cancel();
+        for drainer in drainers {
+            drainer.await.unwrap();
+        }
+    }
+
+    /// The drainers still run once stopping has begun, so a backend that recovers within the
+    /// grace gets what the memory spill holds.
+    #[tokio::test]
+    async fn drainers_empty_the_memory_spill_while_stopping() {
+        let failing = Arc::new(AtomicBool::new(true));
+        let (client, _hits) = backend(failing.clone()).await;
+        let mut registry = Registry::default();
+        let settings = DeliverySettings {
+            retry: RetryPolicy {
+                hot_attempts: 3,
+                min_delay: Duration::from_millis(20),
+                max_delay: Duration::from_millis(50),
+                factor: 2.0,
+            },
+            ..DeliverySettings::default()
+        };
+        let delivery = Delivery::new(Some(client), None, settings, &mut registry);
+        let drainers_stop = CancellationToken::new();
+        let drainers = delivery.spawn_drainers(drainers_stop.clone());
+        delivery.begin_shutdown();
+        delivery.deliver_wire(status_batch("a")).await;
+        assert_eq!(delivery.memory_backlog(), 1);
+        failing.store(false, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(5), delivery.wait_memory_drained())
+            .await
+            .expect("the drainer delivers the spilled batch");
+        assert_eq!(delivery.delivered_items(), 1);
+        assert_eq!(delivery.close(), 0);
+        assert_eq!(lost_metric(&registry), 0);
+        drainers_stop.cancel();
+        for drainer in drainers {
+            drainer.await.unwrap();
         }
     }
 }

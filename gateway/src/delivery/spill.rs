@@ -167,8 +167,25 @@ fn dead_cap() -> XCap {
 #[derive(Debug)]
 pub struct MemorySpill {
     capacity: usize,
-    queues: Mutex<[VecDeque<(u64, WireBatch)>; 2]>,
+    queues: Mutex<Queues>,
     next_id: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Queues {
+    by_endpoint: [VecDeque<(u64, WireBatch)>; 2],
+    /// Set at the end of a shutdown: what is held then is counted as lost, and nothing more is
+    /// taken (it would be lost uncounted).
+    closed: bool,
+}
+
+/// Why the memory spill handed a batch back.
+#[derive(Debug)]
+pub enum Refused {
+    /// At capacity: the caller may wait for the drainer (backpressure).
+    Full(WireBatch),
+    /// Closed by the shutdown: the batch cannot be kept.
+    Closed(WireBatch),
 }
 
 fn slot(endpoint: Endpoint) -> usize {
@@ -182,17 +199,30 @@ impl MemorySpill {
     pub fn new(capacity: usize) -> Self {
         MemorySpill {
             capacity,
-            queues: Mutex::new([VecDeque::new(), VecDeque::new()]),
+            queues: Mutex::default(),
             next_id: 0.into(),
         }
     }
 
     /// Appends unless full; a full queue hands the batch back so the caller can wait (backpressure).
-    pub fn try_append(&self, batch: WireBatch) -> std::result::Result<(), WireBatch> {
+    pub fn try_append(&self, batch: WireBatch) -> std::result::Result<(), Refused> {
+        self.append(batch, true)
+    }
+
+    /// Appends even past the capacity. For shutdown, when no drainer may be left to make room:
+    /// the excess is bounded by the deliveries in flight.
+    pub fn append_unbounded(&self, batch: WireBatch) -> std::result::Result<(), Refused> {
+        self.append(batch, false)
+    }
+
+    fn append(&self, batch: WireBatch, bounded: bool) -> std::result::Result<(), Refused> {
         let mut queues = self.queues.lock().expect("spill lock");
-        let queue = &mut queues[slot(batch.endpoint)];
-        if queue.len() >= self.capacity {
-            return Err(batch);
+        if queues.closed {
+            return Err(Refused::Closed(batch));
+        }
+        let queue = &mut queues.by_endpoint[slot(batch.endpoint)];
+        if bounded && queue.len() >= self.capacity {
+            return Err(Refused::Full(batch));
         }
         let id = self
             .next_id
@@ -201,9 +231,17 @@ impl MemorySpill {
         Ok(())
     }
 
+    /// Takes no more batches; returns how many it holds (both endpoints). Under the same lock as
+    /// appends, so every batch is either counted here or refused with `Closed`.
+    pub fn close(&self) -> usize {
+        let mut queues = self.queues.lock().expect("spill lock");
+        queues.closed = true;
+        queues.by_endpoint.iter().map(VecDeque::len).sum()
+    }
+
     pub fn oldest(&self, endpoint: Endpoint, count: usize) -> Vec<SpilledBatch> {
         let queues = self.queues.lock().expect("spill lock");
-        queues[slot(endpoint)]
+        queues.by_endpoint[slot(endpoint)]
             .iter()
             .take(count)
             .map(|(id, batch)| SpilledBatch {
@@ -215,11 +253,11 @@ impl MemorySpill {
 
     pub fn ack(&self, endpoint: Endpoint, id: &str) {
         let mut queues = self.queues.lock().expect("spill lock");
-        queues[slot(endpoint)].retain(|(i, _)| i.to_string() != id);
+        queues.by_endpoint[slot(endpoint)].retain(|(i, _)| i.to_string() != id);
     }
 
     pub fn len(&self, endpoint: Endpoint) -> usize {
-        self.queues.lock().expect("spill lock")[slot(endpoint)].len()
+        self.queues.lock().expect("spill lock").by_endpoint[slot(endpoint)].len()
     }
 }
 
@@ -257,6 +295,24 @@ mod tests {
         spill.ack(Endpoint::Qr, &oldest[0].id);
         assert_eq!(spill.len(Endpoint::Qr), 1);
         assert_eq!(spill.len(Endpoint::Status), 1);
+    }
+
+    #[test]
+    fn memory_spill_takes_past_capacity_only_when_asked_and_nothing_once_closed() {
+        let spill = MemorySpill::new(1);
+        spill.try_append(batch(Endpoint::Qr, "a")).unwrap();
+        assert!(matches!(
+            spill.try_append(batch(Endpoint::Qr, "b")),
+            Err(Refused::Full(_))
+        ));
+        spill.append_unbounded(batch(Endpoint::Qr, "b")).unwrap();
+        spill.try_append(batch(Endpoint::Status, "s")).unwrap();
+        assert_eq!(spill.close(), 3);
+        assert!(matches!(
+            spill.append_unbounded(batch(Endpoint::Qr, "c")),
+            Err(Refused::Closed(_))
+        ));
+        assert_eq!(spill.len(Endpoint::Qr), 2);
     }
 
     #[test]

@@ -605,10 +605,11 @@ impl Webhooks {
         }
         let left = self.at_risk();
         if left > 0 {
-            tracing::warn!(
+            tracing::error!(
                 batches = left,
                 "webhook batches not delivered before shutdown (held in memory: lost)"
             );
+            self.lanes.count_shutdown_lost(left as u64);
         }
         // Every destination's token is a child of this one; the sweeper stops too.
         self.shutdown.cancel();
