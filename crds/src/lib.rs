@@ -63,6 +63,8 @@ pub mod condition {
 #[serde(rename_all = "camelCase")]
 pub struct WhatsappSessionSpec {
     /// Stable id of the session in the backend and in Redis keys; defaults to metadata.name. Immutable.
+    /// Unique across the cluster: a resource naming an id that an older resource already names is
+    /// not run (phase Failed, reason SessionIdConflict), and deleting it leaves the account alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"))]
     pub session_id: Option<String>,

@@ -37,9 +37,32 @@ async fn metrics(State(state): State<HttpState>) -> Response {
         .into_response()
 }
 
+/// The checks `/readyz` makes, by the names `?exclude=` takes.
+const READINESS_CHECKS: [&str; 2] = ["redis", "backend"];
+
 /// Ready when Redis (if configured) answers and the backend's last answer was not a failure.
 /// A degraded gateway keeps working (memory spill, local state), but says so here.
-async fn readyz(State(state): State<HttpState>) -> Response {
+///
+/// `?exclude=redis&exclude=backend` leaves checks out of the answer's code (the body still
+/// reports them), as kube-apiserver's `/readyz?exclude=` does. The chart's readiness probe
+/// excludes both: every gateway shares one Redis and one backend, so failing the probe in their
+/// outage would only empty the Service (the `/v1` API, which keeps answering from its cache) and
+/// block node drains through the disruption budget, without routing anything to a healthier pod.
+async fn readyz(State(state): State<HttpState>, uri: axum::http::Uri) -> Response {
+    let mut excluded = Vec::new();
+    for pair in uri.query().unwrap_or_default().split('&') {
+        match pair.split_once('=') {
+            Some(("exclude", check)) if READINESS_CHECKS.contains(&check) => excluded.push(check),
+            None if pair.is_empty() => {}
+            _ => {
+                let body = serde_json::json!({
+                    "error": "bad_query",
+                    "detail": format!("`{pair}`: only exclude={} are understood", READINESS_CHECKS.join(" / exclude=")),
+                });
+                return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+            }
+        }
+    }
     let redis = match &state.redis {
         None => "not_configured",
         Some(client) if crate::redis::is_up(client).await => "ok",
@@ -50,7 +73,8 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     } else {
         "failing"
     };
-    let ready = redis != "unreachable" && backend == "ok";
+    let ready = (redis != "unreachable" || excluded.contains(&"redis"))
+        && (backend == "ok" || excluded.contains(&"backend"));
     let body = serde_json::json!({
         "status": if ready { "ready" } else { "degraded" },
         "redis": redis,

@@ -253,6 +253,7 @@ async fn reconcile<D: SessionDriver>(
     let mut wanted = HashSet::new();
     let mut drains = Vec::new();
     let mut deleted = HashSet::new();
+    let mut starts = Vec::new();
     let sessions = store.state();
     // Ids that a resource not being deleted still names (a conflict the operator set aside
     // included: it follows its winner's shard, so both are seen here).
@@ -363,12 +364,20 @@ async fn reconcile<D: SessionDriver>(
             supervisor.stop(&id).await;
             continue;
         }
-        match supervisor.ensure_running(&id).await {
-            Ok(true) => tracing::debug!(session_id = %id, "session started"),
-            Ok(false) => {}
-            Err(err) => tracing::warn!(%err, session_id = %id, "session did not start"),
-        }
+        starts.push(id);
     }
+    // Side by side: each start waits for its first outcome (a login may take seconds), and a
+    // shard that takes on a thousand sessions must not start them one after the other. The
+    // supervisor's connection-attempt limit bounds what really runs at once.
+    futures::stream::iter(starts)
+        .for_each_concurrent(STARTS_IN_FLIGHT, |id| async move {
+            match supervisor.ensure_running(&id).await {
+                Ok(true) => tracing::debug!(session_id = %id, "session started"),
+                Ok(false) => {}
+                Err(err) => tracing::warn!(%err, session_id = %id, "session did not start"),
+            }
+        })
+        .await;
     // Handoffs side by side: a scale-up asks a shard to drain a fifth of its sessions at once,
     // and one stop-and-acknowledge after the other took 100 ms or more each.
     futures::stream::iter(drains)
@@ -423,6 +432,9 @@ fn forget(id: &str, states: &SessionStates, routing: &WebhookRouting, logins: &L
     routing.webhooks.removed(id);
     logins.remove(id);
 }
+
+/// Sessions a reconcile starts at once (each waits for its first outcome).
+const STARTS_IN_FLIGHT: usize = 64;
 
 /// A deleted resource's clean-up task; `done` once it settled.
 struct Deletion {

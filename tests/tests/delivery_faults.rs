@@ -402,6 +402,16 @@ async fn redis_going_away_degrades_readiness_and_recovers() {
         200,
         "alive while degraded"
     );
+    // The chart's readiness probe leaves the shared dependencies out: the pod stays in its
+    // Service (its /v1 API answers from the cache) while /readyz reports the outage.
+    let (code, body) = gw
+        .get("/readyz?exclude=redis&exclude=backend")
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("unreachable"), "{body}");
+    assert_eq!(gw.get("/readyz?exclude=redis").await.unwrap().0, 200);
+    assert_eq!(gw.get("/readyz?exclude=radis").await.unwrap().0, 400);
     let before = receiver.received().len();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(

@@ -948,6 +948,10 @@ async fn worker<D: SessionDriver>(
                 Err(err) => {
                     drop(attempt);
                     tracing::warn!(session_id = %id, %err, "could not take the session lock");
+                    // Retried in the background, like a lock held elsewhere: whoever waits for
+                    // the first outcome (a shard's reconcile) must not wait out its timeout for
+                    // each session while Redis is unreachable.
+                    ctl.settle(First::Held);
                     ctl.sleep(shared.backoff(failures)).await;
                     failures = failures.saturating_add(1);
                     continue;
@@ -1359,6 +1363,36 @@ mod tests {
         );
         // The lock is kept across restarts: one acquisition.
         assert_eq!(store.fence("s"), 1);
+        supervisor.stop_all().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lock_error_does_not_hold_up_ensure_running() {
+        let driver = Arc::new(TestDriver::default());
+        let (events, _rx) = EventSink::channel(16);
+        let store = Arc::new(LocalLockStore::new());
+        store.set_failing(true);
+        let supervisor = Supervisor::with_options(
+            driver.clone(),
+            events,
+            options(store.clone(), "a", SupervisorConfig::default()),
+        );
+        let asked = Instant::now();
+        for i in 0..10 {
+            assert!(!supervisor.ensure_running(&format!("s{i}")).await.unwrap());
+        }
+        // It took 10 × the first-outcome wait (5 s each) before.
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            asked.elapsed()
+        );
+        // Retried in the background once Redis answers again.
+        store.set_failing(false);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        for i in 0..10 {
+            assert!(supervisor.is_running(&format!("s{i}")).await, "s{i}");
+        }
         supervisor.stop_all().await;
     }
 
