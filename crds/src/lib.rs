@@ -128,7 +128,7 @@ pub enum LoginMethod {
 #[serde(rename_all = "camelCase")]
 pub struct Webhook {
     /// Base URL of the backend for this session (the batch paths are appended).
-    #[schemars(regex(pattern = r"^https?://"))]
+    #[schemars(regex(pattern = r"^https?://[^\s/?#]+([/?#]\S*)?$"))]
     pub url: String,
     /// Secret holding the HMAC key.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -312,6 +312,14 @@ impl Pipeline {
     /// with the process: logged at error level and counted
     /// (`whatsapp_gateway_shutdown_lost_batches`).
     pub async fn shutdown(self, sessions: Vec<RunningSession>, grace: Duration) {
+        self.shutdown_by(sessions, tokio::time::Instant::now() + grace)
+            .await
+    }
+
+    /// [`Pipeline::shutdown`] with the grace ending at `deadline`, for a caller that set its own
+    /// before (the standalone drain): the loss accounting at the end must run before the caller
+    /// gives up on this future.
+    pub async fn shutdown_by(self, sessions: Vec<RunningSession>, deadline: tokio::time::Instant) {
         let Pipeline {
             delivery,
             webhooks,
@@ -343,7 +351,7 @@ impl Pipeline {
                 delivery.wait_memory_drained().await;
             }
         };
-        let finished = tokio::time::timeout(grace, work).await.is_ok();
+        let finished = tokio::time::timeout_at(deadline, work).await.is_ok();
         cancel.cancel();
         for task in background {
             // A drainer in the middle of a request would hold the stop up to a request
@@ -584,10 +592,10 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         Some(client) => Arc::new(RedisBook::new(client.clone())),
         None => Arc::new(MemoryBook::default()),
     };
-    let routing = crate::secrets::WebhookRouting {
-        webhooks: pipeline.webhooks.clone(),
-        resolver: crate::secrets::WebhookResolver::dir(args.secrets_dir.clone()),
-    };
+    let routing = crate::secrets::WebhookRouting::new(
+        pipeline.webhooks.clone(),
+        crate::secrets::WebhookResolver::dir(args.secrets_dir.clone()),
+    );
     // A configured session whose webhook cannot be resolved would never start: refuse it now.
     for (spec, source) in &configured {
         if let Some(webhook) = &spec.webhook
@@ -676,11 +684,11 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     }
     drop(sessions);
     // Sessions stop, their events flush, and only then are the locks released.
+    // The pipeline's own grace ends a little before the drain's, so its last step (counting
+    // and logging what only memory held) runs before the drain stops waiting for it.
+    let flush_by = tokio::time::Instant::now() + SHUTDOWN_GRACE - Duration::from_millis(500);
     supervisor
-        .drain(
-            SHUTDOWN_GRACE,
-            pipeline.shutdown(Vec::new(), SHUTDOWN_GRACE),
-        )
+        .drain(SHUTDOWN_GRACE, pipeline.shutdown_by(Vec::new(), flush_by))
         .await;
     stop.cancel();
     // The writer makes one last attempt at pending cache writes; do not wait long for it.

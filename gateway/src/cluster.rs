@@ -41,7 +41,7 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
         ));
     }
     let logins = LoginDirectory::default();
-    let shard_settings = ShardSettings {
+    let mut shard_settings = ShardSettings {
         release: args.release.clone(),
         namespace: args.namespace.clone(),
         pod: settings.identity.clone(),
@@ -51,6 +51,7 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
         status_qps: args.status_qps,
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
         logins: logins.clone(),
+        names: None,
     };
     crate::app::announce_backend(&settings);
     let client = kube::Client::try_default().await?;
@@ -64,6 +65,7 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
     // sessions from memory, others from the cache tiers, then from the informer store.
     let (informer, informer_task) =
         InformerLookup::spawn(client.clone(), None, stop_background.clone());
+    shard_settings.names = Some(informer.clone());
     let manager = crate::manage::metered::Metered::new(
         crate::manage::kube::KubeSessions::new(
             client.clone(),
@@ -151,10 +153,10 @@ pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
         shard_settings,
         supervisor,
         states,
-        crate::secrets::WebhookRouting {
-            webhooks: pipeline.webhooks.clone(),
-            resolver: crate::secrets::WebhookResolver::kube(client.clone()),
-        },
+        crate::secrets::WebhookRouting::new(
+            pipeline.webhooks.clone(),
+            crate::secrets::WebhookResolver::kube(client.clone()),
+        ),
         shutdown,
     )
     .await?;

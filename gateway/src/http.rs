@@ -49,20 +49,15 @@ const READINESS_CHECKS: [&str; 2] = ["redis", "backend"];
 /// outage would only empty the Service (the `/v1` API, which keeps answering from its cache) and
 /// block node drains through the disruption budget, without routing anything to a healthier pod.
 async fn readyz(State(state): State<HttpState>, uri: axum::http::Uri) -> Response {
-    let mut excluded = Vec::new();
-    for pair in uri.query().unwrap_or_default().split('&') {
-        match pair.split_once('=') {
-            Some(("exclude", check)) if READINESS_CHECKS.contains(&check) => excluded.push(check),
-            None if pair.is_empty() => {}
-            _ => {
-                let body = serde_json::json!({
-                    "error": "bad_query",
-                    "detail": format!("`{pair}`: only exclude={} are understood", READINESS_CHECKS.join(" / exclude=")),
-                });
-                return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
-            }
-        }
-    }
+    // Like kube-apiserver, anything else in the query (an unknown check, `verbose`) is ignored:
+    // a probe must not fail for a parameter it did not need.
+    let excluded: Vec<&str> = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("exclude="))
+        .filter_map(|check| READINESS_CHECKS.iter().copied().find(|c| *c == check))
+        .collect();
     let redis = match &state.redis {
         None => "not_configured",
         Some(client) if crate::redis::is_up(client).await => "ok",

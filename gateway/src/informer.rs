@@ -101,10 +101,44 @@ fn indexed(session: &WhatsappSession) -> Arc<Indexed> {
 }
 
 /// The index, shared between the watch task and lookups.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Debug)]
 pub struct InformerLookup {
     index: Arc<RwLock<HashMap<String, Arc<Indexed>>>>,
+    /// Session id -> the resources (`namespace/name`) not being deleted that name it. Ids are
+    /// global and resources namespaced, so one id may have several (see the operator's conflict
+    /// handling); a gateway must not log an account out while another resource still names it.
+    names: Arc<RwLock<Names>>,
     ready: Option<watch::Receiver<bool>>,
+}
+
+type Names = HashMap<String, std::collections::BTreeSet<String>>;
+
+fn resource_key(session: &WhatsappSession) -> String {
+    format!(
+        "{}/{}",
+        session.metadata.namespace.as_deref().unwrap_or_default(),
+        session.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Records `session` in `names` (or takes it out once it is being deleted).
+fn name(names: &mut Names, session: &WhatsappSession) {
+    let id = session.session_id();
+    let key = resource_key(session);
+    if session.metadata.deletion_timestamp.is_none() {
+        names.entry(id).or_default().insert(key);
+    } else {
+        unname(names, &id, &key);
+    }
+}
+
+fn unname(names: &mut Names, id: &str, key: &str) {
+    if let Some(keys) = names.get_mut(id) {
+        keys.remove(key);
+        if keys.is_empty() {
+            names.remove(id);
+        }
+    }
 }
 
 impl InformerLookup {
@@ -122,16 +156,18 @@ impl InformerLookup {
         let (ready_tx, ready_rx) = watch::channel(false);
         let lookup = InformerLookup {
             index: Arc::default(),
+            names: Arc::default(),
             ready: Some(ready_rx),
         };
         let index = lookup.index.clone();
+        let names = lookup.names.clone();
         let task = tokio::spawn(async move {
             let mut events = watcher(api, watcher::Config::default())
                 .default_backoff()
                 .boxed();
             // A relist builds a fresh index and swaps it in whole, so sessions deleted while the
             // watch was down do not linger.
-            let mut relist: Option<HashMap<String, Arc<Indexed>>> = None;
+            let mut relist: Option<(HashMap<String, Arc<Indexed>>, Names)> = None;
             loop {
                 let event = tokio::select! {
                     () = stop.cancelled() => break,
@@ -139,27 +175,34 @@ impl InformerLookup {
                 };
                 let Some(event) = event else { break };
                 match event {
-                    Ok(watcher::Event::Init) => relist = Some(HashMap::new()),
+                    Ok(watcher::Event::Init) => relist = Some(Default::default()),
                     Ok(watcher::Event::InitApply(s)) => {
                         let entry = indexed(&s);
-                        relist
-                            .get_or_insert_with(HashMap::new)
-                            .insert(entry.view.session_id.clone(), entry);
+                        let (fresh, fresh_names) = relist.get_or_insert_with(Default::default);
+                        name(fresh_names, &s);
+                        fresh.insert(entry.view.session_id.clone(), entry);
                     }
                     Ok(watcher::Event::InitDone) => {
-                        let fresh = relist.take().unwrap_or_default();
+                        let (fresh, fresh_names) = relist.take().unwrap_or_default();
                         tracing::debug!(sessions = fresh.len(), "informer index (re)listed");
                         *index.write().expect("index lock") = fresh;
+                        *names.write().expect("names lock") = fresh_names;
                         let _ = ready_tx.send(true);
                     }
                     Ok(watcher::Event::Apply(s)) => {
                         let entry = indexed(&s);
+                        name(&mut names.write().expect("names lock"), &s);
                         index
                             .write()
                             .expect("index lock")
                             .insert(entry.view.session_id.clone(), entry);
                     }
                     Ok(watcher::Event::Delete(s)) => {
+                        unname(
+                            &mut names.write().expect("names lock"),
+                            &s.session_id(),
+                            &resource_key(&s),
+                        );
                         index.write().expect("index lock").remove(&s.session_id());
                     }
                     Err(err) => tracing::warn!(%err, "session informer: watch error (retrying)"),
@@ -199,6 +242,18 @@ impl InformerLookup {
             .read()
             .expect("index lock")
             .get(session_id)
+            .cloned()
+    }
+
+    /// A resource other than `namespace/name` that names `session_id` and is not being deleted.
+    pub fn named_elsewhere(&self, session_id: &str, namespace: &str, name: &str) -> Option<String> {
+        let key = format!("{namespace}/{name}");
+        self.names
+            .read()
+            .expect("names lock")
+            .get(session_id)?
+            .iter()
+            .find(|k| **k != key)
             .cloned()
     }
 
@@ -249,6 +304,43 @@ mod tests {
             ..Default::default()
         });
         s
+    }
+
+    #[test]
+    fn an_id_named_by_two_resources_is_named_elsewhere_until_the_other_is_deleted() {
+        let lookup = InformerLookup::default();
+        let mut a = WhatsappSession::new("support", Default::default());
+        a.metadata.namespace = Some("team-a".into());
+        let mut b = a.clone();
+        b.metadata.namespace = Some("team-b".into());
+        {
+            let mut names = lookup.names.write().unwrap();
+            name(&mut names, &a);
+            name(&mut names, &b);
+        }
+        assert_eq!(
+            lookup
+                .named_elsewhere("support", "team-a", "support")
+                .as_deref(),
+            Some("team-b/support")
+        );
+        b.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        name(&mut lookup.names.write().unwrap(), &b);
+        assert_eq!(lookup.named_elsewhere("support", "team-a", "support"), None);
+        assert_eq!(
+            lookup
+                .named_elsewhere("support", "team-b", "support")
+                .as_deref(),
+            Some("team-a/support")
+        );
+        unname(
+            &mut lookup.names.write().unwrap(),
+            "support",
+            "team-a/support",
+        );
+        assert!(lookup.names.read().unwrap().is_empty());
     }
 
     #[test]

@@ -160,9 +160,26 @@ impl WebhookResolver {
 pub struct WebhookRouting {
     pub webhooks: Arc<Webhooks>,
     pub resolver: WebhookResolver,
+    /// Sessions waiting for their webhook, with the reason last logged: each reason is logged
+    /// once (at warn), not at every reconcile.
+    waiting: Mutex<HashMap<String, String>>,
 }
 
 impl WebhookRouting {
+    pub fn new(webhooks: Arc<Webhooks>, resolver: WebhookResolver) -> Self {
+        WebhookRouting {
+            webhooks,
+            resolver,
+            waiting: Mutex::default(),
+        }
+    }
+
+    /// Forgets a session that no longer runs here.
+    pub fn forget(&self, id: &str) {
+        self.webhooks.removed(id);
+        self.waiting.lock().expect("waiting").remove(id);
+    }
+
     /// Points the session's batches at its webhook (or the gateway's backend). False when its
     /// webhook cannot be resolved yet and it has no route: it must not start, since its events
     /// would otherwise reach a backend it did not name.
@@ -174,12 +191,21 @@ impl WebhookRouting {
                 // Running already with its previous target: keep it until the new one resolves.
                 Err(_) if self.webhooks.keep_route(id) => return true,
                 Err(err) => {
-                    tracing::debug!(session_id = %id, %err, "session waits for its webhook");
+                    let mut waiting = self.waiting.lock().expect("waiting");
+                    if waiting.get(id) != Some(&err) {
+                        // A bad URL or a missing key is the user's to fix: say which, once.
+                        tracing::warn!(session_id = %id, namespace, %err, "session waits for its webhook");
+                        waiting.insert(id.to_owned(), err);
+                    }
+                    drop(waiting);
                     self.webhooks.hold(id);
                     return false;
                 }
             },
         };
+        if self.waiting.lock().expect("waiting").remove(id).is_some() {
+            tracing::info!(session_id = %id, "webhook resolved; the session may start");
+        }
         match self.webhooks.route(id, target.as_ref()).await {
             Ok(()) => true,
             Err(err) => {

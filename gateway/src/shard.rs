@@ -42,6 +42,10 @@ pub struct ShardSettings {
     pub drain_timeout: Duration,
     /// Filled from each session's `spec.login`, read by the driver at start.
     pub logins: crate::session::LoginDirectory,
+    /// Every resource of the cluster by session id (this shard's store holds only its own): a
+    /// deleted resource is not logged out while another resource still names its id, even
+    /// before the operator has set that other one aside onto this shard.
+    pub names: Option<crate::informer::InformerLookup>,
 }
 
 /// The shard ordinal of a pod named `<release>-gateway-<k>`.
@@ -267,10 +271,18 @@ async fn reconcile<D: SessionDriver>(
         let namespace = session.namespace().unwrap_or_default();
         let name = session.name_any();
         let conflict = session.annotations().contains_key(CONFLICT_ANNOTATION);
-        if session.metadata.deletion_timestamp.is_some() && (conflict || named.contains(&id)) {
-            // Another resource still names the account (or this copy never ran it): no logout
-            // and no wipe; the operator removes the finalizer. If this one ran the id, the id is
-            // no longer wanted below and stops until the other is placed.
+        if session.metadata.deletion_timestamp.is_some()
+            && (named.contains(&id)
+                || settings
+                    .names
+                    .as_ref()
+                    .and_then(|names| names.named_elsewhere(&id, &namespace, &name))
+                    .is_some())
+        {
+            // Another resource still names the account: no logout and no wipe; the operator
+            // removes the finalizer. If this one ran the id, the id is no longer wanted below and
+            // stops until the other is placed. (The last resource naming an id, a set-aside copy
+            // included, is logged out as usual.)
             continue;
         }
         if conflict {
@@ -346,6 +358,8 @@ async fn reconcile<D: SessionDriver>(
                 if p.namespace != namespace || p.name != name {
                     p.namespace.clone_from(&namespace);
                     p.name.clone_from(&name);
+                    // What was written went to the other resource: write it all again here.
+                    coalescer.forget(&id);
                 }
             })
             .or_insert_with(|| Placement {
@@ -429,7 +443,7 @@ async fn reconcile<D: SessionDriver>(
 /// (after the grace that lets its last events follow it) and its login.
 fn forget(id: &str, states: &SessionStates, routing: &WebhookRouting, logins: &LoginDirectory) {
     states.remove(id);
-    routing.webhooks.removed(id);
+    routing.forget(id);
     logins.remove(id);
 }
 

@@ -92,6 +92,7 @@ impl Args {
             cleanup_timeout: Duration::from_secs(self.cleanup_timeout_s),
             redis: None,
             recorder: None,
+            lease_sight: Default::default(),
         })
     }
 }

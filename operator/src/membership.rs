@@ -4,6 +4,12 @@
 //! ordinal `k`. A Lease is live while `renewTime + leaseDurationSeconds` is in the future; a live
 //! Lease annotated `whatsapp.gateway.dev/draining=true` is draining: its gateway is shutting down
 //! and hands its sessions over.
+//!
+//! Expiry is only judged on what the operator could see: after its Lease watch failed (an
+//! apiserver or etcd outage, a network blip), every Lease gets one more lease duration from the
+//! moment the watch was last broken. Otherwise the first pass after an outage longer than a
+//! Lease would find every shard but the first to renew gone and pile all sessions onto it, only
+//! to hand them back seconds later: every session reconnecting twice.
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -30,8 +36,14 @@ pub fn shard_of(release: &str, lease_name: &str) -> Option<String> {
         .then(|| ordinal.to_string())
 }
 
-/// Live and draining shards at `now`.
-pub fn membership(release: &str, leases: &[Lease], now: DateTime<Utc>) -> Membership {
+/// Live and draining shards at `now`; `blind_until`: when the operator last could not watch the
+/// Leases (see the module docs), if ever.
+pub fn membership(
+    release: &str,
+    leases: &[Lease],
+    now: DateTime<Utc>,
+    blind_until: Option<DateTime<Utc>>,
+) -> Membership {
     let mut out = Membership::default();
     for lease in leases {
         let Some(name) = lease.metadata.name.as_deref() else {
@@ -48,7 +60,10 @@ pub fn membership(release: &str, leases: &[Lease], now: DateTime<Utc>) -> Member
         };
         // Millisecond precision is plenty against a 15 s lease.
         let expires_ms = renewed.0.as_millisecond() + i64::from(duration) * 1000;
-        if expires_ms <= now.timestamp_millis() {
+        let unseen = blind_until.is_some_and(|blind| {
+            blind.timestamp_millis() + i64::from(duration) * 1000 > now.timestamp_millis()
+        });
+        if expires_ms <= now.timestamp_millis() && !unseen {
             continue;
         }
         let draining = lease
@@ -113,9 +128,38 @@ mod tests {
             lease("other-gateway-3", now, 15, false),
             lease("wa-operator-leader", now, 15, false),
         ];
-        let m = membership("wa", &leases, now);
+        let m = membership("wa", &leases, now, None);
         assert_eq!(m.live, ["0", "10"]);
         assert_eq!(m.draining, ["2"]);
+    }
+
+    #[test]
+    fn a_lease_is_not_judged_expired_on_what_the_operator_could_not_see() {
+        let now = Utc::now();
+        // Both renewed 20 s ago, before the apiserver went away; shard 1 renewed since.
+        let leases = [
+            lease(
+                "wa-gateway-0",
+                now - chrono::Duration::seconds(20),
+                15,
+                false,
+            ),
+            lease("wa-gateway-1", now, 15, false),
+        ];
+        let watch_back = now - chrono::Duration::seconds(3);
+        let m = membership("wa", &leases, now, Some(watch_back));
+        assert_eq!(
+            m.live,
+            ["0", "1"],
+            "one lease duration after the watch came back"
+        );
+        let later = now + chrono::Duration::seconds(13);
+        let m = membership("wa", &leases, later, Some(watch_back));
+        assert_eq!(
+            m.live,
+            ["1"],
+            "past it, a Lease that was not renewed is gone"
+        );
     }
 
     #[test]

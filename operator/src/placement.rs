@@ -49,6 +49,22 @@ pub struct PlacementSettings {
     pub redis: Option<fred::clients::Client>,
     /// Publishes Kubernetes Events on sessions.
     pub recorder: Option<Arc<kube::runtime::events::Recorder>>,
+    /// When the Lease watch was last broken (see [`crate::membership`]).
+    pub lease_sight: LeaseSight,
+}
+
+/// The last moment the operator could not watch the gateway Leases.
+#[derive(Clone, Default)]
+pub struct LeaseSight(Arc<std::sync::Mutex<Option<chrono::DateTime<chrono::Utc>>>>);
+
+impl LeaseSight {
+    fn blind_now(&self) {
+        *self.0.lock().expect("lease sight") = Some(chrono::Utc::now());
+    }
+
+    pub fn blind_until(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        *self.0.lock().expect("lease sight")
+    }
 }
 
 fn session_key(s: &WhatsappSession) -> String {
@@ -90,15 +106,27 @@ pub async fn run(
         .applied_objects()
         .boxed();
     let watch_tx = tx.clone();
+    let lease_sight = settings.lease_sight.clone();
     let watchers = tokio::spawn(async move {
         let mut merged = futures::stream::select(
-            session_events.map(|r| r.map(|_| ())),
-            lease_events.map(|r| r.map(|_| ())),
+            session_events.map(|r| (false, r.map(|_| ()))),
+            lease_events.map(|r| (true, r.map(|_| ()))),
         );
-        while let Some(event) = merged.next().await {
+        let mut leases_broken = false;
+        while let Some((is_lease, event)) = merged.next().await {
             if let Err(err) = event {
                 tracing::warn!(%err, "watch error (retrying with backoff)");
+                if is_lease {
+                    leases_broken = true;
+                    lease_sight.blind_now();
+                }
                 continue;
+            }
+            if is_lease && leases_broken {
+                // Back: Leases renewed while the watch was down now come in; none is judged
+                // expired before a lease duration from now.
+                leases_broken = false;
+                lease_sight.blind_now();
             }
             let _ = watch_tx.try_send(());
         }
@@ -146,7 +174,12 @@ pub async fn place_once(
     metrics: &OperatorMetrics,
 ) -> Result<()> {
     let leases: Vec<Lease> = leases.state().iter().map(|l| (**l).clone()).collect();
-    let members = membership(&settings.release, &leases, chrono::Utc::now());
+    let members = membership(
+        &settings.release,
+        &leases,
+        chrono::Utc::now(),
+        settings.lease_sight.blind_until(),
+    );
     metrics.set_shards(members.live.len(), members.draining.len());
     let (deleted, snapshot): (Vec<Arc<WhatsappSession>>, Vec<Arc<WhatsappSession>>) = sessions
         .state()
@@ -224,7 +257,9 @@ pub async fn place_once(
         let from_alive = mv
             .from
             .is_some_and(|f| live.contains(&f) || draining.contains(&f));
+        // A set-aside copy runs nowhere (gateways skip it): no handoff to wait for.
         let handoff = from_alive
+            && annotation(session, CONFLICT_ANNOTATION).is_none()
             && matches!(
                 mv.reason,
                 MoveReason::Draining | MoveReason::OverCap | MoveReason::Rebalance
@@ -371,12 +406,24 @@ async fn mark_conflict(
     let shard = session.labels().get(SHARD_LABEL).map(String::as_str);
     let handoff = annotation(session, DRAIN_ANNOTATION).is_some()
         || annotation(session, DRAIN_ACK_ANNOTATION).is_some();
-    if annotation(session, CONFLICT_ANNOTATION) != Some(winner) || shard != winner_shard || handoff
+    let finalized = session.finalizers().iter().any(|f| f == FINALIZER);
+    if annotation(session, CONFLICT_ANNOTATION) != Some(winner)
+        || shard != winner_shard
+        || handoff
+        || !finalized
     {
-        // One write: the mark, the winner's shard, any handoff cancelled.
+        // One write: the mark, the winner's shard, any handoff cancelled, and the finalizer, so
+        // that if this copy ends up the last resource naming the id, deleting it still logs the
+        // account out (while another names it, finalizing keeps the credentials).
+        let mut finalizers = session.finalizers().to_vec();
+        if !finalized {
+            finalizers.push(FINALIZER.to_string());
+        }
         let patch = serde_json::json!({"metadata": {
             "labels": {SHARD_LABEL: winner_shard},
             "annotations": {CONFLICT_ANNOTATION: winner, DRAIN_ANNOTATION: null, DRAIN_ACK_ANNOTATION: null},
+            "finalizers": finalizers,
+            "resourceVersion": session.resource_version(),
         }});
         ns_api
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))

@@ -395,9 +395,10 @@ async fn a_second_resource_naming_a_session_id_is_set_aside_and_never_logs_the_a
         copy.labels().get(crds::SHARD_LABEL).map(String::as_str),
         Some("0")
     );
-    assert!(
-        copy.finalizers().is_empty(),
-        "a copy that never ran has no finalizer"
+    assert_eq!(
+        copy.finalizers(),
+        [crds::FINALIZER],
+        "deleting it goes through the operator, which keeps the credentials"
     );
     let events: Api<k8s_openapi::api::events::v1::Event> =
         Api::namespaced(client.clone(), OTHER_NS);
@@ -460,6 +461,25 @@ async fn a_second_resource_naming_a_session_id_is_set_aside_and_never_logs_the_a
     operator
         .assert_metric("whatsapp_operator_session_id_conflicts 0")
         .await;
+
+    // A copy created and the original deleted at once, before the operator could set the copy
+    // aside onto the original's shard: the gateway still sees (through its cluster-wide
+    // informer) that another resource names the id, and keeps the account.
+    const THIRD_NS: &str = "wa-e2e-team-c";
+    test_support::cluster::setup_in(&client, THIRD_NS).await;
+    let thirds: Api<WhatsappSession> = Api::namespaced(client.clone(), THIRD_NS);
+    create_sessions(&thirds, ["support".to_string()]).await;
+    copies.delete("support", &Default::default()).await.unwrap();
+    wait_gone(&copies, "support", "deleted owner gone").await;
+    test_support::cluster::wait_phase(&thirds, "support", Phase::Connected, 60).await;
+    assert!(paired().await, "handed over again, not logged out");
+    for result in ["was_running", "unlinked", "failed"] {
+        gateway
+            .assert_metric(&format!(
+                "whatsapp_gateway_session_logouts_total{{result=\"{result}\"}} 0"
+            ))
+            .await;
+    }
 }
 
 /// A session deleted during its handoff (drain requested and acknowledged, not yet relabelled)

@@ -19,12 +19,15 @@ async fn operator_and_gateways_recover_their_watches_after_an_apiserver_restart(
     let client = plane.client().await.unwrap();
     setup(&client).await;
     let _operator = start_operator(&plane).await;
-    // Leases far longer than the outage (5 s down plus the apiserver's boot): this test is about
-    // watches coming back, and a Lease lapsing during the restart would be a real shard loss.
+    // Leases shorter than the outage (5 s down plus the apiserver's boot): every Lease lapses by
+    // the clock while nobody can renew or see it, and no shard may be taken for gone once the
+    // operator sees again. (With 1 s renewals both shards renew within a second of the
+    // apiserver's return, so this run does not hit the window where only one has; the unit test
+    // `a_lease_is_not_judged_expired_on_what_the_operator_could_not_see` covers that rule.)
     let bin = test_support::gateway::gateway_binary().unwrap();
     let args = [
         "--lease-duration-s",
-        "60",
+        "6",
         "--lease-renew-ms",
         "1000",
         "--lock-ttl-ms",
@@ -43,7 +46,7 @@ async fn operator_and_gateways_recover_their_watches_after_an_apiserver_restart(
     create_sessions(&api, (0..60).map(|i| format!("r-{i:03}"))).await;
     let before = wait_connected_on(&api, 60, &["0", "1"], 90).await;
 
-    // Down for 5 s (well within the 60 s gateway Leases used here, so no shard is declared dead).
+    // Down for 5 s, longer than the 6 s Leases with the apiserver's boot.
     plane
         .restart_apiserver(Duration::from_secs(5))
         .await
@@ -59,6 +62,14 @@ async fn operator_and_gateways_recover_their_watches_after_an_apiserver_restart(
     assert!(
         moved <= 6,
         "{moved} sessions moved although no shard went away"
+    );
+    let (_, metrics) = _operator.get("/metrics").await.unwrap();
+    let shard_gone = metrics
+        .lines()
+        .find(|l| l.starts_with("whatsapp_operator_moves_total{reason=\"shard_gone\"}"));
+    assert!(
+        shard_gone.is_none_or(|l| l.ends_with(" 0")),
+        "no shard was taken for gone: {shard_gone:?}"
     );
 
     let history = gateway::session::ownership::read_history(

@@ -411,7 +411,8 @@ async fn redis_going_away_degrades_readiness_and_recovers() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("unreachable"), "{body}");
     assert_eq!(gw.get("/readyz?exclude=redis").await.unwrap().0, 200);
-    assert_eq!(gw.get("/readyz?exclude=radis").await.unwrap().0, 400);
+    assert_eq!(gw.get("/readyz?exclude=radis").await.unwrap().0, 503);
+    assert_eq!(gw.get("/readyz?verbose").await.unwrap().0, 503);
     let before = receiver.received().len();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(

@@ -160,6 +160,7 @@ async fn sessions_spread_over_shards_within_cap_and_move_only_what_must() {
         cleanup_timeout: Duration::from_secs(30),
         redis: None,
         recorder: None,
+        lease_sight: Default::default(),
     };
     let placement = tokio::spawn(operator::placement::run(
         client.clone(),

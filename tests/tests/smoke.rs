@@ -255,6 +255,29 @@ async fn kubectl_apply_of_the_examples_works() {
         err.to_string().contains("spec.webhook.url") && err.to_string().contains("Required"),
         "{err}"
     );
+    // A webhook URL without a host (or with a space in it) is refused by the schema too, instead
+    // of leaving the session waiting for a webhook that can never be resolved.
+    for (name, url) in [
+        ("nohost", "https://"),
+        ("spaced", "https://shop example.com"),
+    ] {
+        let bad = plane.dir().join(format!("{name}.yaml"));
+        std::fs::write(
+            &bad,
+            format!("apiVersion: whatsapp.gateway.dev/v1alpha1\nkind: WhatsappSession\nmetadata:\n  name: {name}\nspec:\n  webhook:\n    url: \"{url}\"\n"),
+        )
+        .unwrap();
+        let err = plane
+            .kubectl(&[
+                "apply",
+                "-n",
+                "smoke-kubectl",
+                "-f",
+                &bad.display().to_string(),
+            ])
+            .expect_err("a webhook URL without a host is rejected");
+        assert!(err.to_string().contains("spec.webhook.url"), "{err}");
+    }
 
     let table = plane
         .kubectl(&["get", "wasession", "-n", "smoke-kubectl"])

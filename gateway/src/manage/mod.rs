@@ -41,12 +41,48 @@ pub struct SessionSpec {
     #[serde(default = "default_true")]
     pub logout_on_delete: bool,
     /// The resource's `spec.webhook`: this session's own backend and signing key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict_webhook"
+    )]
     pub webhook: Option<crds::Webhook>,
 }
 
 fn default_true() -> bool {
     true
+}
+
+/// `webhook` as the API reads it: unknown fields are refused here too (the resource's types
+/// accept them, since the apiserver prunes them), so a misspelt `secret_ref` is a 400 rather
+/// than a webhook silently sent unsigned.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StrictWebhook {
+    url: String,
+    #[serde(default)]
+    secret_ref: Option<StrictSecretRef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StrictSecretRef {
+    name: String,
+    key: String,
+}
+
+fn strict_webhook<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<crds::Webhook>, D::Error> {
+    Ok(
+        Option::<StrictWebhook>::deserialize(deserializer)?.map(|w| crds::Webhook {
+            url: w.url,
+            secret_ref: w.secret_ref.map(|r| crds::SecretKeyRef {
+                name: r.name,
+                key: r.key,
+            }),
+        }),
+    )
 }
 
 /// `login` of a [`SessionSpec`]; the same JSON as the resource's `spec.login`.

@@ -585,3 +585,29 @@ async fn a_create_during_a_followed_delete_starts_after_the_end() {
     assert_eq!(sessions.supervisor().running().await, ["x"]);
     assert!(sessions.supervisor().is_running("x").await);
 }
+
+#[test]
+fn unknown_webhook_fields_are_refused() {
+    let spec: SessionSpec = serde_json::from_value(serde_json::json!({
+        "sessionId": "s",
+        "webhook": {"url": "https://hooks.example", "secretRef": {"name": "n", "key": "k"}},
+    }))
+    .unwrap();
+    assert_eq!(spec.webhook.unwrap().secret_ref.unwrap().key, "k");
+    for (body, field) in [
+        (
+            serde_json::json!({"url": "https://hooks.example", "secret_ref": {"name": "n", "key": "k"}}),
+            "secret_ref",
+        ),
+        (
+            serde_json::json!({"url": "https://hooks.example", "secretRef": {"name": "n", "key": "k", "namespace": "x"}}),
+            "namespace",
+        ),
+    ] {
+        let err = serde_json::from_value::<SessionSpec>(
+            serde_json::json!({"sessionId": "s", "webhook": body}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains(field), "{err}");
+    }
+}
