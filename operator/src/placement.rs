@@ -272,7 +272,12 @@ pub async fn place_once(
         let recorder = settings.recorder.clone();
         writes.push(
             async move {
-                if handoff && annotation(&session, DRAIN_ACK_ANNOTATION) != Some(from.as_str()) {
+                // Acknowledged means for this request: an acknowledgement left over from a drain
+                // that was cancelled (or landed after its cancel) is not one, or the session
+                // would be relabelled while its shard still runs it.
+                let acked = annotation(&session, DRAIN_ACK_ANNOTATION) == Some(from.as_str())
+                    && annotation(&session, DRAIN_ANNOTATION) == Some(from.as_str());
+                if handoff && !acked {
                     if annotation(&session, DRAIN_ANNOTATION) != Some(from.as_str()) {
                         request_drain(&api, &session, &from).await?;
                     }
@@ -306,7 +311,10 @@ pub async fn place_once(
     // A handoff that is no longer wanted (the session stays after all) must not leave the session
     // stopped on its shard: clear the drain request.
     for (key, session) in &by_key {
-        if !moving.contains(key) && annotation(session, DRAIN_ANNOTATION).is_some() {
+        if !moving.contains(key)
+            && (annotation(session, DRAIN_ANNOTATION).is_some()
+                || annotation(session, DRAIN_ACK_ANNOTATION).is_some())
+        {
             let ns_api: Api<WhatsappSession> = Api::namespaced(
                 api.clone().into_client(),
                 &session.namespace().unwrap_or_default(),
@@ -497,7 +505,9 @@ async fn request_drain(
         api.clone().into_client(),
         &session.namespace().unwrap_or_default(),
     );
-    let patch = serde_json::json!({"metadata": {"annotations": {DRAIN_ANNOTATION: from}}});
+    // Any earlier acknowledgement goes with the new request: only the shard's answer to this
+    // one counts.
+    let patch = serde_json::json!({"metadata": {"annotations": {DRAIN_ANNOTATION: from, DRAIN_ACK_ANNOTATION: null}}});
     ns_api
         .patch(
             &session.name_any(),

@@ -359,3 +359,118 @@ async fn the_informer_index_answers_by_session_id_and_follows_changes() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// A drain acknowledgement left over from a cancelled drain (it landed after the cancel) is not
+/// an answer to a later request: the operator asks again and relabels only once the shard
+/// answers that request. Before, it relabelled at once while the shard still ran the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_drain_acknowledgement_does_not_move_a_session_without_a_fresh_one() {
+    const NS: &str = "stale-ack";
+    const RELEASE: &str = "wa-stale";
+    // A control plane of its own: an operator places every session of the cluster, so the
+    // other tests' operators must not see this one's sessions (nor this one theirs).
+    let plane = test_support::ControlPlane::start().await.unwrap();
+    let client = plane.client().await.unwrap();
+    test_support::cluster::setup_in(&client, NS).await;
+    let api: Api<WhatsappSession> = Api::namespaced(client.clone(), NS);
+    // Shard 0 is draining (its sessions must go to shard 1), shard 1 is live; no gateway runs.
+    let beats = {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
+        tokio::spawn(async move {
+            loop {
+                for (shard, draining) in [(0, "true"), (1, "false")] {
+                    let name = format!("{RELEASE}-gateway-{shard}");
+                    let now =
+                        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                    let lease = serde_json::json!({
+                        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": name, "labels": {GATEWAY_LEASE_LABEL: RELEASE},
+                                     "annotations": {crds::DRAINING_ANNOTATION: draining}},
+                        "spec": {"holderIdentity": name, "leaseDurationSeconds": 10, "renewTime": now},
+                    });
+                    let _ = leases
+                        .patch(
+                            &name,
+                            &PatchParams::apply("fake-gateway").force(),
+                            &Patch::Apply(&lease),
+                        )
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let mut session = WhatsappSession::new("moving", Default::default());
+    session.labels_mut().insert(SHARD_LABEL.into(), "0".into());
+    session
+        .annotations_mut()
+        .insert(DRAIN_ACK_ANNOTATION.into(), "0".into());
+    api.create(&PostParams::default(), &session).await.unwrap();
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(operator::metrics::OperatorMetrics::register(&mut registry));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let settings = PlacementSettings {
+        release: RELEASE.into(),
+        lease_namespace: NS.into(),
+        epsilon: 0.25,
+        resync: Duration::from_millis(500),
+        debounce: Duration::from_millis(200),
+        cleanup_timeout: Duration::from_secs(30),
+        redis: None,
+        recorder: None,
+        lease_sight: Default::default(),
+    };
+    let placement = tokio::spawn(operator::placement::run(
+        client.clone(),
+        settings,
+        metrics,
+        stop_rx,
+    ));
+    wait_until("a fresh drain request", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            let s = api.get("moving").await.map_err(|e| e.to_string())?;
+            let ann = s.annotations();
+            (ann.get(DRAIN_ANNOTATION).map(String::as_str) == Some("0")
+                && !ann.contains_key(DRAIN_ACK_ANNOTATION))
+            .then_some(())
+            .ok_or_else(|| format!("labels {:?}, annotations {ann:?}", s.labels()))
+        }
+    })
+    .await
+    .unwrap();
+    // Nobody answers it: the session stays on shard 0.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = api.get("moving").await.unwrap();
+    assert_eq!(
+        s.labels().get(SHARD_LABEL).map(String::as_str),
+        Some("0"),
+        "{:?}",
+        s.annotations()
+    );
+    // The shard answers: then it moves.
+    api.patch(
+        "moving",
+        &PatchParams::default(),
+        &Patch::Merge(
+            serde_json::json!({"metadata": {"annotations": {DRAIN_ACK_ANNOTATION: "0"}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    wait_until("moved to shard 1", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            let s = api.get("moving").await.map_err(|e| e.to_string())?;
+            (s.labels().get(SHARD_LABEL).map(String::as_str) == Some("1"))
+                .then_some(())
+                .ok_or_else(|| format!("labels {:?}", s.labels()))
+        }
+    })
+    .await
+    .unwrap();
+    stop_tx.send(true).unwrap();
+    let _ = placement.await;
+    beats.abort();
+}
