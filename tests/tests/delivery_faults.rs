@@ -196,11 +196,32 @@ async fn misbehaving_receiver_is_retried_split_and_dead_lettered_without_crash()
         (Mode::Garbage, 5),
         (Mode::Ok, 2),
         (Mode::MaxItems(1), 8),
-        (Mode::Status(422), 4),
     ] {
         receiver.set_mode(mode);
         tokio::time::sleep(Duration::from_secs(secs)).await;
     }
+    // Under the item limit until a split half got through: after the hangs the drainer may be
+    // in a backoff of up to a minute (30 s plus jitter), so a fixed 8 s window could pass
+    // without a single attempt.
+    let split_delivered = || {
+        let received = receiver.received();
+        async move {
+            received
+                .iter()
+                .any(|r| r.batch_id.ends_with("-a") || r.batch_id.ends_with("-b"))
+                .then_some(())
+                .ok_or_else(|| "no split half yet".to_owned())
+        }
+    };
+    wait_until(
+        "a split half delivered",
+        Duration::from_secs(90),
+        split_delivered,
+    )
+    .await
+    .unwrap();
+    receiver.set_mode(Mode::Status(422));
+    tokio::time::sleep(Duration::from_secs(4)).await;
     receiver.set_mode(Mode::Ok);
     wait_until("spill drained", Duration::from_secs(90), || {
         let backlog = delivery.backlog();
