@@ -20,6 +20,7 @@ use crds::{Phase, WhatsappSession};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -470,22 +471,43 @@ async fn mark_conflict(
         )
         .await?;
     tracing::warn!(session = %name, namespace = ?session.namespace(), %session_id, %winner, "session id already used by another resource: not run");
-    if let Some(recorder) = &settings.recorder {
-        let event = kube::runtime::events::Event {
-            type_: kube::runtime::events::EventType::Warning,
-            reason: crds::condition::REASON_SESSION_ID_CONFLICT.into(),
-            note: Some(message),
-            action: "Place".into(),
-            secondary: None,
-        };
-        if let Err(err) = recorder
-            .publish(&event, &kube::Resource::object_ref(session, &()))
-            .await
-        {
-            tracing::warn!(%err, "could not record the Event");
-        }
-    }
+    publish_event(
+        settings,
+        session,
+        EventType::Warning,
+        crds::condition::REASON_SESSION_ID_CONFLICT,
+        message,
+        "Place",
+    )
+    .await;
     Ok(())
+}
+
+/// Records an Event on the session, when the operator has a recorder; a failure is only logged.
+async fn publish_event(
+    settings: &PlacementSettings,
+    session: &WhatsappSession,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    action: &str,
+) {
+    let Some(recorder) = &settings.recorder else {
+        return;
+    };
+    let event = kube::runtime::events::Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(err) = recorder
+        .publish(&event, &kube::Resource::object_ref(session, &()))
+        .await
+    {
+        tracing::warn!(%err, "could not record the Event");
+    }
 }
 
 fn record(metrics: &OperatorMetrics, result: Result<Option<MoveReason>>) {
@@ -647,21 +669,15 @@ async fn finalize(
             session.session_id()
         );
         tracing::info!(session = %name, note = %note, "finalizing without a logout");
-        if let Some(recorder) = &settings.recorder {
-            let event = kube::runtime::events::Event {
-                type_: kube::runtime::events::EventType::Normal,
-                reason: "CredentialsKept".into(),
-                note: Some(note),
-                action: "Finalize".into(),
-                secondary: None,
-            };
-            if let Err(err) = recorder
-                .publish(&event, &kube::Resource::object_ref(session, &()))
-                .await
-            {
-                tracing::warn!(%err, "could not record the Event");
-            }
-        }
+        publish_event(
+            settings,
+            session,
+            EventType::Normal,
+            "CredentialsKept",
+            note,
+            "Finalize",
+        )
+        .await;
         true
     } else if !shard_alive || waited >= settings.cleanup_timeout {
         let id = session.session_id();
@@ -684,21 +700,15 @@ async fn finalize(
             ),
         };
         tracing::warn!(session = %name, reason, note = %note, "finalizing without the gateway");
-        if let Some(recorder) = &settings.recorder {
-            let event = kube::runtime::events::Event {
-                type_: kube::runtime::events::EventType::Warning,
-                reason: reason.into(),
-                note: Some(note),
-                action: "Finalize".into(),
-                secondary: None,
-            };
-            if let Err(err) = recorder
-                .publish(&event, &kube::Resource::object_ref(session, &()))
-                .await
-            {
-                tracing::warn!(%err, "could not record the Event");
-            }
-        }
+        publish_event(
+            settings,
+            session,
+            EventType::Warning,
+            reason,
+            note,
+            "Finalize",
+        )
+        .await;
         true
     } else {
         false
